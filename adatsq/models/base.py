@@ -1,0 +1,65 @@
+"""The adapter protocol: what adatsq needs from a model family, and the registry that finds one.
+
+An adapter binds one family (the reference DiT, a diffusers pipeline, a UMM's generation path) to the
+quantizer. Orchestrators only talk to this interface, so families stay small and never copy a driver.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adatsq.registry import Registry
+
+# Called after every denoising step with (step_index, latents); may return replacement latents
+# (Fisher probes inject noise this way) or None to keep them.
+StepCallback = Callable[[int, torch.Tensor], "torch.Tensor | None"]
+
+
+class ModelAdapter(ABC):
+    """One model family: which module is quantized, how its sampler runs, how it is saved."""
+
+    family: str  # registry name, stored in checkpoints so `adatsq.load` finds the adapter again
+
+    @abstractmethod
+    def denoiser(self) -> nn.Module:
+        """The transformer whose Linear layers are quantized; called once per step (per CFG batch)."""
+
+    @abstractmethod
+    def timestep_of(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
+        """The timestep value of one denoiser call (read by the forward pre-hook that picks segments)."""
+
+    @abstractmethod
+    def step_timesteps(self, num_steps: int) -> list[float]:
+        """The timestep values the sampler passes to the denoiser, in step order."""
+
+    @abstractmethod
+    def default_inputs(self, count: int, seed: int) -> list[Any]:
+        """Calibration / evaluation inputs (class labels, prompts) when the user gives none."""
+
+    @abstractmethod
+    def generate(
+        self,
+        inputs: Sequence[Any],
+        seed: int,
+        num_steps: int,
+        step_callback: StepCallback | None = None,
+    ) -> torch.Tensor:
+        """Run the full sampler for `inputs` from seed-determined noise; return final samples (float)."""
+
+    @abstractmethod
+    def save_base(self, directory: Path) -> None:
+        """Write what is needed to rebuild the unquantized model (configs, non-linear weights ok too)."""
+
+    @classmethod
+    @abstractmethod
+    def load_base(cls, directory: Path) -> ModelAdapter:
+        """Rebuild the adapter (with the float model) from a folder written by `save_base`."""
+
+
+ADAPTERS: Registry[type[ModelAdapter]] = Registry("model family")
