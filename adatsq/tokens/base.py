@@ -7,6 +7,7 @@ reference UMM) only talk to this interface, so a new reducer is one registered c
 
 from __future__ import annotations
 
+import importlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
@@ -200,5 +201,5 @@ def get_reducer(name: str, **options: object) -> TokenReducer:
 
 def _register_builtins() -> None:
     """Importing the modules registers their reducers; done lazily so base.py has no cycle with them."""
-    import adatsq.tokens.baselines  # noqa: F401
-    import adatsq.tokens.g2tr  # noqa: F401
+    for module in ("adatsq.tokens.g2tr", "adatsq.tokens.baselines"):
+        importlib.import_module(module)
