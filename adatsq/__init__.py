@@ -1,7 +1,34 @@
-"""adatsq: timestep-adaptive quantization for diffusion transformers, token reduction for UMMs."""
+"""adatsq: timestep-adaptive quantization for diffusion transformers, token reduction for UMMs.
+
+    import adatsq
+    qmodel = adatsq.quantize("reference", adatsq.load_recipe("recipes/reference/gptq-w4a8.yaml"))
+    qmodel.save("out/w4a8")
+    pipe = adatsq.load("out/w4a8")          # the diffusers-style pipeline, quantized
+    images = pipe(class_labels=[3, 7]).images
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 from adatsq.errors import AdatsqError
+from adatsq.recipe import Recipe, load_recipe
 
 __version__ = "0.1.0"
 
-__all__ = ["AdatsqError", "__version__"]
+
+def quantize(model: Any, recipe: Recipe, calibration: Any = None, **options: Any) -> Any:
+    """Quantize a model / pipeline / 'reference' with a recipe; returns a QuantizedModel (`.model`, `.save`)."""
+    from adatsq.engine import quantize as run
+
+    return run(model, recipe, calibration, **options)
+
+
+def load(directory: Any, **options: Any) -> Any:
+    """Load a checkpoint folder written by `adatsq quantize`: the pipeline (or model), ready to sample."""
+    from adatsq.checkpoint import load as run
+
+    return run(directory, **options)
+
+
+__all__ = ["AdatsqError", "Recipe", "__version__", "load", "load_recipe", "quantize"]

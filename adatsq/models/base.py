@@ -25,6 +25,7 @@ class ModelAdapter(ABC):
     """One model family: which module is quantized, how its sampler runs, how it is saved."""
 
     family: str  # registry name, stored in checkpoints so `adatsq.load` finds the adapter again
+    source: str | None = None  # how the user named the float model ("reference", a folder): eval reloads it
 
     @abstractmethod
     def denoiser(self) -> nn.Module:
@@ -42,6 +43,10 @@ class ModelAdapter(ABC):
     def default_inputs(self, count: int, seed: int) -> list[Any]:
         """Calibration / evaluation inputs (class labels, prompts) when the user gives none."""
 
+    def parse_inputs(self, lines: list[str]) -> list[Any]:
+        """Calibration inputs read from a file, one per line (prompts by default)."""
+        return lines
+
     @abstractmethod
     def generate(
         self,
@@ -54,12 +59,20 @@ class ModelAdapter(ABC):
 
     @abstractmethod
     def save_base(self, directory: Path) -> None:
-        """Write what is needed to rebuild the unquantized model (configs, non-linear weights ok too)."""
+        """Write what rebuilds the model around its denoiser: configs and the other components' weights.
+
+        The denoiser's own weights are NOT written here: the checkpoint's model.safetensors holds all of
+        them (quantized and not), so the base folder never doubles the checkpoint's size.
+        """
 
     @classmethod
     @abstractmethod
     def load_base(cls, directory: Path) -> ModelAdapter:
-        """Rebuild the adapter (with the float model) from a folder written by `save_base`."""
+        """Rebuild the adapter from `save_base`'s folder; the denoiser may come back uninitialised."""
+
+    def user_model(self) -> Any:
+        """What `adatsq.load` hands back: the pipeline when the family has one, else the denoiser."""
+        return self.denoiser()
 
 
 ADAPTERS: Registry[type[ModelAdapter]] = Registry("model family")

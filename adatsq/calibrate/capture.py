@@ -1,0 +1,107 @@
+"""Streaming capture of per-layer, per-segment activation statistics during calibration sampling.
+
+The hooks only call pure accumulators: activations are folded into float64 XᵀX sums as they pass and
+never stored, so memory is O(layers × segments × in_features²) whatever the number of samples.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from adatsq.errors import CalibrationError
+
+
+def accumulate_hessian(H: torch.Tensor, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Add the rows of `x` (any leading shape, last dim = in_features) to the XᵀX sum `H`."""
+    rows = x.reshape(-1, x.shape[-1]).to(torch.float64)
+    return H.addmm_(rows.T, rows), n + rows.shape[0]
+
+
+def accumulate_absmax(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Per-input-channel running max of |x| (what channel smoothing needs)."""
+    return torch.maximum(m, x.reshape(-1, x.shape[-1]).abs().amax(dim=0).to(m.dtype))
+
+
+@dataclass
+class LayerStats:
+    """Statistics of one Linear layer's inputs, one slot per timestep segment."""
+
+    xtx: torch.Tensor  # [G, in, in] float64 sums of XᵀX
+    tokens: torch.Tensor  # [G] int64 rows accumulated
+    absmax: torch.Tensor  # [G, in] float32 max |x| per channel
+
+    def hessian(self, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Σ_s w_s · XᵀX_s / n_s: per-segment means, weighted (Fisher) or averaged (weights=None)."""
+        filled = self.tokens > 0
+        if weights is None:
+            weights = filled.to(torch.float64) / filled.sum()
+        weights = weights.to(torch.float64)
+        if bool((weights[~filled] > 0).any()):
+            raise CalibrationError("a timestep segment with weight > 0 received no calibration tokens")
+        means = self.xtx[filled] / self.tokens[filled].to(torch.float64)[:, None, None]
+        return torch.einsum("s,sij->ij", weights[filled], means)
+
+    def segment_hessian(self, segment: int) -> torch.Tensor:
+        return self.xtx[segment] / max(int(self.tokens[segment]), 1)
+
+
+class StatsCapture:
+    """Forward pre-hooks on the given layers; `segment` / `step` are set by the denoiser's pre-hook."""
+
+    def __init__(self, layers: dict[str, nn.Linear], segments: int) -> None:
+        if not layers:
+            raise CalibrationError("no Linear layer was selected for calibration; check the recipe's targets")
+        self.layers = layers
+        self.segment = 0
+        self.step = 0
+        self.stats = {
+            name: LayerStats(
+                xtx=torch.zeros(segments, m.in_features, m.in_features, dtype=torch.float64),
+                tokens=torch.zeros(segments, dtype=torch.int64),
+                absmax=torch.zeros(segments, m.in_features),
+            )
+            for name, m in layers.items()
+        }
+        self._handles: list = []
+
+    def set_position(self, segment: int, step: int) -> None:
+        self.segment, self.step = segment, step
+
+    def __enter__(self) -> StatsCapture:
+        for name, module in self.layers.items():
+            self._handles.append(module.register_forward_pre_hook(self._hook_for(name)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook_for(self, name: str):
+        stats = self.stats[name]
+
+        def hook(module: nn.Module, args: tuple) -> None:
+            x = args[0].detach()
+            if not bool(torch.isfinite(x).all()):
+                raise CalibrationError(
+                    f"non-finite (NaN/inf) activations enter layer {name!r} at sampler step {self.step}; "
+                    "check the model's dtype / calibration inputs"
+                )
+            s = self.segment
+            _, n = accumulate_hessian(stats.xtx[s], 0, x)
+            stats.tokens[s] += n
+            stats.absmax[s] = accumulate_absmax(stats.absmax[s], x)
+
+        return hook
+
+    def check_filled(self) -> None:
+        """A phase that did nothing fails loudly: every layer must have seen tokens."""
+        empty = [name for name, st in self.stats.items() if int(st.tokens.sum()) == 0]
+        if empty:
+            raise CalibrationError(
+                f"{len(empty)} layer(s) never ran during calibration (e.g. {empty[0]!r}); "
+                "they are not on the sampling path: add them to the recipe's ignore list"
+            )

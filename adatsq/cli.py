@@ -1,0 +1,122 @@
+"""`adatsq` command line: quantize | eval | inspect (plan and tokens register their own subcommands).
+
+User errors (AdatsqError) print one line on stderr and exit with code 2; nothing else is caught.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from adatsq.errors import AdatsqError
+
+log = logging.getLogger("adatsq")
+
+# Subcommand builders: each adds its parser and sets `handler`; later features append here.
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+
+
+def command(builder: Callable[[argparse._SubParsersAction], None]):
+    COMMANDS.append(builder)
+    return builder
+
+
+@command
+def _quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("quantize", help="quantize a model with a recipe and write a checkpoint folder")
+    p.add_argument("model", help="'reference' (the shipped digits DiT) or a local diffusers pipeline folder")
+    p.add_argument("--recipe", required=True, help="YAML recipe, e.g. recipes/reference/gptq-w4a8.yaml")
+    p.add_argument("--out", required=True, type=Path, help="output checkpoint folder")
+    p.add_argument("--calib", type=Path, help="calibration inputs, one prompt / class label per line")
+    p.add_argument("--seed", type=int, help="calibration seed (overrides the recipe's)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(handler=run_quantize)
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from adatsq.calibrate.inputs import read_calibration
+    from adatsq.checkpoint import prepare_output
+    from adatsq.engine import quantize
+    from adatsq.models.resolve import adapter_for
+    from adatsq.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if args.seed is not None:
+        recipe = replace(recipe, calibration=replace(recipe.calibration, seed=args.seed))
+    if args.out.exists() and not args.overwrite:
+        prepare_output(args.out, overwrite=False)  # raises the one-line error before any work
+    adapter = adapter_for(args.model)
+    calibration = read_calibration(args.calib, adapter) if args.calib else None
+    qmodel = quantize(adapter, recipe, calibration)
+    qmodel.save(args.out, overwrite=args.overwrite)
+    report = json.loads((args.out / "report.json").read_text())
+    print(f"wrote {args.out}: {len(qmodel.layers)} layers quantized, {report['checkpoint_bytes']} bytes")
+    return 0
+
+
+@command
+def _eval(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="compare a quantized checkpoint with its float model")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--samples", type=int, default=100, help="samples from each model (default 100)")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    p.set_defaults(handler=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from adatsq.errors import ConfigError
+    from adatsq.eval.run import evaluate_checkpoint
+
+    if args.samples < 1:
+        raise ConfigError(f"--samples must be >= 1, got {args.samples}")
+    metrics = evaluate_checkpoint(args.checkpoint, samples=args.samples, seed=args.seed)
+    if args.json:
+        print(json.dumps(metrics))
+    else:
+        for key, value in metrics.items():
+            print(f"{key:>16}  {value:.4g}" if isinstance(value, float) else f"{key:>16}  {value}")
+    return 0
+
+
+@command
+def _inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("inspect", help="per-layer table of a checkpoint folder (or a plan.json)")
+    p.add_argument("path", type=Path)
+    p.set_defaults(handler=run_inspect)
+
+
+def run_inspect(args: argparse.Namespace) -> int:
+    from adatsq.inspect import inspect_path
+
+    print(inspect_path(args.path))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adatsq", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for builder in COMMANDS:
+        builder(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    try:
+        return args.handler(args)
+    except AdatsqError as err:
+        print(f"adatsq: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Human-readable tables of checkpoints (per layer: bits per segment, group, scheme, bytes) and plans."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from safetensors import safe_open
+
+from adatsq.checkpoint import WEIGHTS, read_config, variant_prefix
+from adatsq.errors import CheckpointError
+
+
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F16": 2, "BF16": 2, "I16": 2, "F32": 4, "I32": 4, "F64": 8, "I64": 8}
+
+
+def table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def tensor_bytes(path: Path) -> dict[str, int]:
+    """Stored bytes of every tensor, read from the safetensors header only."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            sizes = {}
+            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                view = f.get_slice(key)
+                count = 1
+                for dim in view.get_shape():
+                    count *= dim
+                sizes[key] = count * DTYPE_BYTES[view.get_dtype()]
+            return sizes
+    except Exception as err:  # safetensors raises several types for damaged files
+        raise CheckpointError(f"{path} is truncated or corrupted ({err}); re-run quantize") from None
+
+
+def inspect_checkpoint(directory: Path) -> str:
+    config = read_config(directory)
+    sizes = tensor_bytes(directory / WEIGHTS)
+    act = config["activation"]["bits"]
+    rows, quantized_bytes = [], 0
+    for name, layer in config["layers"].items():
+        prefixes = tuple(variant_prefix(name, b) for b in set(layer["bits"])) + (f"{name}.bias",)
+        nbytes = sum(size for key, size in sizes.items() if key.startswith(prefixes))
+        quantized_bytes += nbytes
+        scheme = f"{'sym' if layer['symmetric'] else 'asym'} W{'/'.join(map(str, layer['bits']))}" + (
+            f" A{act}" if act else ""
+        )
+        rows.append([name, "/".join(map(str, layer["bits"])), str(layer["group_size"] or "channel"), scheme,
+                     str(nbytes)])  # fmt: skip
+    total = sum(sizes.values())
+    summary = (
+        f"{config['method']} checkpoint of {config['model']['family']!r}: {len(rows)} quantized layers, "
+        f"{len(config['segments'])} timestep segment(s) over {config['num_steps']} steps; "
+        f"{quantized_bytes} bytes in quantized layers, {total - quantized_bytes} in the rest, {total} total"
+    )
+    return table(["layer", "bits/segment", "group", "scheme", "bytes"], rows) + "\n" + summary
+
+
+def inspect_path(path: Path) -> str:
+    if path.is_dir():
+        return inspect_checkpoint(path)
+    if path.suffix == ".json" and path.is_file():
+        from adatsq.plan.inspect import inspect_plan_file
+
+        return inspect_plan_file(path)
+    raise CheckpointError(f"{str(path)!r} is neither a checkpoint folder nor a plan/frontier .json file")

@@ -1,0 +1,107 @@
+"""Adapter of the shipped reference DiT (`adatsq quantize reference ...`)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adatsq.errors import CheckpointError, ConfigError
+from adatsq.models.base import ADAPTERS, ModelAdapter, StepCallback
+from adatsq.models.digits import NUM_CLASSES
+from adatsq.models.reference import (
+    REFERENCE_CONFIG,
+    DigitsPipeline,
+    ReferenceSampling,
+    build_scheduler,
+    build_transformer,
+    initial_noise,
+    reference_pipeline,
+    sample,
+)
+
+BASE_FILE = "reference_base.json"
+
+
+@ADAPTERS.register("reference")
+class ReferenceAdapter(ModelAdapter):
+    """Class labels in, 16×16 digit images out; sampled by the project's own loop (gradients allowed)."""
+
+    family = "reference"
+
+    def __init__(self, pipeline: DigitsPipeline | None = None, sampling: ReferenceSampling | None = None) -> None:
+        self.pipeline = pipeline if pipeline is not None else reference_pipeline()
+        self.sampling = sampling or ReferenceSampling()
+
+    def denoiser(self) -> nn.Module:
+        return self.pipeline.transformer
+
+    def user_model(self) -> DigitsPipeline:
+        return self.pipeline
+
+    def timestep_of(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
+        timestep = kwargs["timestep"] if "timestep" in kwargs else args[1]
+        return float(torch.as_tensor(timestep).reshape(-1)[0])
+
+    def step_timesteps(self, num_steps: int) -> list[float]:
+        scheduler = build_scheduler()
+        scheduler.set_timesteps(num_steps)
+        return [float(t) for t in scheduler.timesteps]
+
+    def default_inputs(self, count: int, seed: int) -> list[int]:
+        """Balanced class labels (every digit equally often), shuffled by `seed`."""
+        labels = torch.arange(count) % NUM_CLASSES
+        order = torch.randperm(count, generator=torch.Generator().manual_seed(seed))
+        return labels[order].tolist()
+
+    def parse_inputs(self, lines: list[str]) -> list[int]:
+        labels = []
+        for i, line in enumerate(lines, 1):
+            if not line.isdigit() or int(line) >= NUM_CLASSES:
+                raise ConfigError(
+                    f"calibration line {i}: {line!r} is not a class label; the reference model takes "
+                    f"digits 0..{NUM_CLASSES - 1}, one per line"
+                )
+            labels.append(int(line))
+        return labels
+
+    def generate(
+        self,
+        inputs: Sequence[int],
+        seed: int,
+        num_steps: int,
+        step_callback: StepCallback | None = None,
+    ) -> torch.Tensor:
+        latents = initial_noise(len(inputs), seed)
+        return sample(
+            self.pipeline.transformer,
+            build_scheduler(),
+            list(inputs),
+            latents,
+            num_steps,
+            self.sampling.guidance_scale,
+            step_callback,
+        )
+
+    def save_base(self, directory: Path) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        config = {
+            "transformer": dict(self.pipeline.transformer.config),
+            "guidance_scale": self.sampling.guidance_scale,
+            "num_steps": self.sampling.num_steps,
+        }
+        (directory / BASE_FILE).write_text(json.dumps(config, indent=2, default=list))
+
+    @classmethod
+    def load_base(cls, directory: Path) -> ReferenceAdapter:
+        path = directory / BASE_FILE
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing; the checkpoint folder is incomplete: re-run quantize")
+        config = json.loads(path.read_text())
+        transformer = build_transformer({k: v for k, v in config["transformer"].items() if k in REFERENCE_CONFIG})
+        pipeline = DigitsPipeline(transformer=transformer.eval(), scheduler=build_scheduler())
+        return cls(pipeline, ReferenceSampling(config["num_steps"], config["guidance_scale"]))

@@ -1,0 +1,94 @@
+"""Recipes: declarative YAML describing how to quantize a model, mapped onto frozen dataclasses."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from adatsq.config_io import from_mapping, to_mapping
+from adatsq.errors import ConfigError
+from adatsq.quant.scheme import ActScheme, WeightScheme
+
+METHODS = ("rtn", "gptq", "adatsq")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """How calibration runs the sampler: statistics are gathered through the whole denoising loop."""
+
+    samples: int = 64  # calibration inputs (class labels or prompts), each sampled from its own noise
+    steps: int = 20  # sampler steps during calibration: the schedule the checkpoint is tuned for
+    batch_size: int = 16
+    seed: int = 0
+    segments: int = 1  # contiguous timestep segments; 1 pools every step (plain GPTQ)
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "steps", "batch_size", "segments"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"calibration.{name} must be >= 1, got {getattr(self, name)}")
+        if self.segments > self.steps:
+            raise ConfigError(
+                f"calibration.segments ({self.segments}) cannot exceed calibration.steps ({self.steps})"
+            )
+
+
+@dataclass(frozen=True)
+class GPTQConfig:
+    """Solver knobs; defaults are the GPTQ reference implementation's."""
+
+    damping: float = 0.01  # fraction of mean(diag H) added to the diagonal; escalated on Cholesky failure
+    act_order: bool = True  # quantize columns by descending Hessian diagonal
+    block_size: int = 128  # lazy-update block width
+
+    def __post_init__(self) -> None:
+        if not 0 < self.damping < 1:
+            raise ConfigError(f"gptq.damping must be in (0, 1), got {self.damping}")
+        if self.block_size < 1:
+            raise ConfigError(f"gptq.block_size must be >= 1, got {self.block_size}")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Everything `adatsq quantize` needs besides the model and the calibration inputs."""
+
+    method: Literal["rtn", "gptq", "adatsq"]
+    weight: WeightScheme
+    activation: ActScheme = field(default_factory=ActScheme)
+    targets: tuple[str, ...] = (".*",)  # regexes (re.search) on module names of the denoiser's Linear layers
+    ignore: tuple[str, ...] = ()  # regexes of layers kept in full precision, applied after targets
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    gptq: GPTQConfig = field(default_factory=GPTQConfig)
+
+    def __post_init__(self) -> None:
+        for pattern in (*self.targets, *self.ignore):
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ConfigError(f"invalid regex {pattern!r} in targets/ignore: {err}") from None
+
+    def selects(self, name: str) -> bool:
+        """Whether a Linear layer called `name` is quantized by this recipe."""
+        return any(re.search(p, name) for p in self.targets) and not any(re.search(p, name) for p in self.ignore)
+
+    def to_dict(self) -> dict:
+        return to_mapping(self)
+
+
+def recipe_from_dict(data: object, where: str = "recipe") -> Recipe:
+    return from_mapping(Recipe, data, where)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read a YAML recipe; every unknown key or wrong type is a ConfigError naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe file {str(path)!r} not found; shipped recipes live in recipes/")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+    return recipe_from_dict(data, where=f"recipe {path.name}")
