@@ -1,0 +1,80 @@
+"""Bit-packing of unsigned codes, run on every QuantLinear forward (so fully vectorised).
+
+Layout: each row is a little-endian bitstream. Code ``j`` occupies bits ``[j*bits, (j+1)*bits)`` of the
+row, bit ``k`` of the row being bit ``k % 8`` of byte ``k // 8``. A row of ``C`` codes takes
+``ceil(C * bits / 8)`` bytes; unused high bits of the last byte are zero. For 2/4/8 bits a byte holds
+whole codes; for 3 and 6 bits codes are handled in chunks of 24 bits (8 or 4 codes in 3 bytes).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from adatsq.errors import ConfigError
+from adatsq.quant.scheme import WEIGHT_BITS
+
+
+def _chunk(bits: int) -> tuple[int, int]:
+    """(codes, bytes) per chunk: the smallest run of codes that ends on a byte boundary."""
+    if bits not in WEIGHT_BITS:
+        raise ConfigError(f"cannot pack {bits}-bit codes; allowed bits: {WEIGHT_BITS}")
+    codes = 8 // math.gcd(bits, 8)
+    return codes, codes * bits // 8
+
+
+def packed_cols(cols: int, bits: int) -> int:
+    """Bytes per packed row of `cols` codes."""
+    return -(-cols * bits // 8)
+
+
+def pack(codes: Tensor, bits: int) -> Tensor:
+    """uint8 codes [R, C] (each < 2**bits) -> uint8 [R, ceil(C*bits/8)]."""
+    k, nb = _chunk(bits)
+    if codes.dtype != torch.uint8 or codes.ndim != 2:
+        raise ValueError(f"pack expects uint8 [rows, cols]; got {codes.dtype} {tuple(codes.shape)}")
+    if codes.numel() and int(codes.max()) >= 2**bits:
+        raise ValueError(f"code {int(codes.max())} does not fit in {bits} bits")
+    rows, cols = codes.shape
+    n_chunks = -(-cols // k)
+    c = torch.zeros(rows, n_chunks * k, dtype=torch.uint8, device=codes.device)
+    c[:, :cols] = codes
+    if nb == 1:  # 2/4/8 bits: whole codes per byte; bit fields never overlap, so the sum is an OR
+        shifts = torch.arange(k, dtype=torch.uint8, device=codes.device) * bits
+        packed = (c.view(rows, n_chunks, k) << shifts).sum(dim=-1, dtype=torch.uint8)
+    else:  # 3/6 bits: a 24-bit int32 per chunk, then split into its 3 bytes
+        shifts = torch.arange(k, dtype=torch.int32, device=codes.device) * bits
+        value = (c.view(rows, n_chunks, k).to(torch.int32) << shifts).sum(dim=-1, dtype=torch.int32)
+        byte_shifts = torch.arange(nb, dtype=torch.int32, device=codes.device) * 8
+        packed = ((value[..., None] >> byte_shifts) & 0xFF).to(torch.uint8)
+    return packed.reshape(rows, n_chunks * nb)[:, : packed_cols(cols, bits)].contiguous()
+
+
+def unpack(packed: Tensor, bits: int, cols: int) -> Tensor:
+    """uint8 [R, ceil(cols*bits/8)] -> uint8 codes [R, cols]; the inverse of `pack`."""
+    k, nb = _chunk(bits)
+    rows = packed.shape[0]
+    if packed.dtype != torch.uint8 or tuple(packed.shape) != (rows, packed_cols(cols, bits)):
+        raise ValueError(
+            f"unpack expects uint8 [rows, {packed_cols(cols, bits)}] for {cols} {bits}-bit codes; "
+            f"got {packed.dtype} {tuple(packed.shape)}"
+        )
+    if bits == 8:
+        return packed
+    n_chunks = -(-cols // k)
+    p = packed
+    if n_chunks * nb != p.shape[1]:
+        p = torch.zeros(rows, n_chunks * nb, dtype=torch.uint8, device=packed.device)
+        p[:, : packed.shape[1]] = packed
+    mask = 2**bits - 1
+    if nb == 1:
+        shifts = torch.arange(k, dtype=torch.uint8, device=packed.device) * bits
+        codes = (p[:, :, None] >> shifts) & mask  # [R, n_chunks, k]
+    else:
+        byte_shifts = torch.arange(nb, dtype=torch.int32, device=packed.device) * 8
+        value = (p.view(rows, n_chunks, nb).to(torch.int32) << byte_shifts).sum(dim=-1, dtype=torch.int32)
+        shifts = torch.arange(k, dtype=torch.int32, device=packed.device) * bits
+        codes = ((value[..., None] >> shifts) & mask).to(torch.uint8)
+    return codes.reshape(rows, n_chunks * k)[:, :cols]

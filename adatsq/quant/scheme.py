@@ -1,0 +1,179 @@
+"""Quantization schemes and the quantization grid shared by RTN, GPTQ and the runtime layer.
+
+Grid conventions (one place, so RTN, GPTQ, checkpoints and QuantLinear agree bit for bit):
+
+* Codes are unsigned integers ``q`` in ``[0, 2**bits - 1]``; a weight is ``(q - zero) * scale``.
+* Asymmetric: the range ``[min(w, 0), max(w, 0)]`` is split into ``2**bits - 1`` steps and ``zero`` is the
+  rounded integer code of 0.0, so zero stays exactly representable (dead columns, padding).
+* Symmetric: ``zero`` is fixed at the mid code ``2**(bits - 1)`` and ``scale = 2 * absmax / (2**bits - 1)``
+  (the GPTQ / AutoGPTQ convention: all ``2**bits`` codes are usable, the most positive value clips
+  by half a step).
+* Zero points are stored as ``uint8`` (they are integers in ``[0, 2**bits - 1]``).
+* Scales are rounded to float16 when they are computed (and clamped to ``[SCALE_MIN, float16 max]``):
+  checkpoints and QuantLinear store them in float16, and rounding up front means GPTQ optimises (and
+  reports the loss of) exactly the weights that run.
+* Groups run along the input dimension: column ``j`` belongs to group ``j // group_size``; when
+  ``in_features`` is not a multiple of ``group_size`` the last group is partial (no error).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from adatsq.errors import ConfigError
+
+WEIGHT_BITS = (2, 3, 4, 6, 8)
+ACT_BITS = (4, 8)
+RECOMMENDED_GROUP_SIZES = (None, 32, 64, 128)
+SCALE_MIN = 2.0**-14  # smallest normal float16: smaller scales would lose precision when stored
+_SCALE_MAX = 65504.0  # largest float16
+
+
+@dataclass(frozen=True)
+class WeightScheme:
+    """How one weight matrix is quantized.
+
+    group_size: columns sharing one scale/zero along the input dimension; None = one per output channel.
+    Any positive int is accepted (32/64/128 are the usual choices); a partial last group is allowed.
+    """
+
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.bits, bool) or self.bits not in WEIGHT_BITS:
+            raise ConfigError(f"weight bits={self.bits!r} is not supported; allowed values: {WEIGHT_BITS}")
+        gs = self.group_size
+        if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or gs <= 0):
+            raise ConfigError(
+                f"group_size={gs!r} is invalid; use None (per output channel) or a positive int "
+                f"such as 32, 64 or 128"
+            )
+        if not isinstance(self.symmetric, bool):
+            raise ConfigError(f"symmetric={self.symmetric!r} must be True or False")
+
+
+@dataclass(frozen=True)
+class ActScheme:
+    """Activation fake-quantization: dynamic, per token (last dim), symmetric. bits=None turns it off."""
+
+    bits: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.bits is not None and (isinstance(self.bits, bool) or self.bits not in ACT_BITS):
+            raise ConfigError(
+                f"activation bits={self.bits!r} is not supported; allowed values: None (off) or {ACT_BITS}"
+            )
+
+
+def n_groups(in_features: int, group_size: int | None) -> int:
+    """Number of scale/zero columns for a weight with `in_features` inputs (last group may be partial)."""
+    return 1 if group_size is None else -(-in_features // group_size)
+
+
+def compute_qparams(W: Tensor, scheme: WeightScheme) -> tuple[Tensor, Tensor]:
+    """Min-max scale and integer zero point per row of `W` [rows, cols] -> (scale, zero), float32 [rows]."""
+    maxq = 2**scheme.bits - 1
+    W = W.detach().to(torch.float64)
+    if scheme.symmetric:
+        scale = 2.0 * W.abs().amax(dim=1) / maxq
+    else:
+        xmin = W.amin(dim=1).clamp(max=0.0)
+        scale = (W.amax(dim=1).clamp(min=0.0) - xmin) / maxq
+    scale = scale.clamp(SCALE_MIN, _SCALE_MAX).to(torch.float16).to(torch.float64)
+    if scheme.symmetric:
+        zero = torch.full_like(scale, float(2 ** (scheme.bits - 1)))
+    else:
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale.float(), zero.float()
+
+
+def quantize_codes(w: Tensor, scale: Tensor, zero: Tensor, bits: int) -> Tensor:
+    """Integer codes (same float dtype as `w`) of `w` on the grid (scale, zero); broadcasting as given."""
+    scale, zero = scale.to(w.dtype), zero.to(w.dtype)
+    return torch.clamp(torch.round(w / scale) + zero, 0, 2**bits - 1)
+
+
+def dequantize_codes(
+    codes: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    group_size: int | None,
+    g_idx: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """(codes - zero[group]) * scale[group] for codes [out, in] and scales/zeros [out, n_groups]."""
+    rows, cols = codes.shape
+    scales, zeros = scales.to(dtype), zeros.to(dtype)
+    if g_idx is None and (group_size is None or cols % group_size == 0):
+        n = scales.shape[1]  # fast path: a reshape instead of a gather
+        c = codes.to(dtype).view(rows, n, cols // n)  # [out, n_groups, group_size]
+        return ((c - zeros[:, :, None]) * scales[:, :, None]).view(rows, cols)
+    idx = g_idx if g_idx is not None else torch.arange(cols, device=codes.device) // group_size
+    return (codes.to(dtype) - zeros[:, idx]) * scales[:, idx]
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized matrix before packing: what RTN / GPTQ return and what QuantLinear packs.
+
+    codes: uint8 [out, in] in ORIGINAL column order; scales float32 [out, n_groups] (float16-exact);
+    zeros uint8 [out, n_groups] (mid code 2**(bits-1) when symmetric); g_idx: LongTensor [in] giving each
+    column's group, only when act-order made groups non-contiguous (else None: group = column // group_size).
+    """
+
+    codes: Tensor
+    scales: Tensor
+    zeros: Tensor
+    g_idx: Tensor | None
+    bits: int
+    group_size: int | None
+
+    def __post_init__(self) -> None:
+        rows, cols = self.codes.shape
+        expected = (rows, n_groups(cols, self.group_size))
+        if self.codes.dtype != torch.uint8 or tuple(self.scales.shape) != expected:
+            raise ConfigError(
+                f"QuantizedWeight: codes must be uint8 [out, in] and scales [out, n_groups]; got codes "
+                f"{self.codes.dtype} {tuple(self.codes.shape)}, scales {tuple(self.scales.shape)} "
+                f"(expected {expected})"
+            )
+        if self.zeros.shape != self.scales.shape:
+            raise ConfigError(f"zeros {tuple(self.zeros.shape)} must match scales {tuple(self.scales.shape)}")
+        if self.g_idx is not None and tuple(self.g_idx.shape) != (cols,):
+            raise ConfigError(f"g_idx must be a LongTensor [{cols}]; got {tuple(self.g_idx.shape)}")
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)  # type: ignore[return-value]
+
+    def group_index(self) -> Tensor:
+        """LongTensor [in]: the scale/zero column used by each input column."""
+        if self.g_idx is not None:
+            return self.g_idx
+        cols = self.codes.shape[1]
+        return torch.arange(cols) // (self.group_size or cols)
+
+    def dequantize(self) -> Tensor:
+        """The float32 [out, in] matrix these codes stand for."""
+        return dequantize_codes(self.codes, self.scales, self.zeros, self.group_size, self.g_idx)
+
+
+def quant_error(W: Tensor, Wq: Tensor, H: Tensor) -> float:
+    """tr((W - Wq) H (W - Wq)^T) in float64: the layer-output error GPTQ minimises (H = sum of x x^T)."""
+    D = W.detach().to(torch.float64) - Wq.detach().to(torch.float64)
+    return float(((D @ H.detach().to(torch.float64)) * D).sum())
+
+
+def fake_quant_activation(x: Tensor, act: ActScheme) -> Tensor:
+    """Dynamic per-token symmetric fake-quant (last dim): integers in [-qmax, qmax], qmax = 2**(b-1) - 1."""
+    if act.bits is None:
+        return x
+    qmax = 2 ** (act.bits - 1) - 1
+    xf = x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / qmax
+    return (torch.round(xf / scale).clamp(-qmax, qmax) * scale).to(x.dtype)
