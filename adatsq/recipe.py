@@ -11,9 +11,10 @@ import yaml
 
 from adatsq.config_io import from_mapping, to_mapping
 from adatsq.errors import ConfigError
-from adatsq.quant.scheme import ActScheme, WeightScheme
+from adatsq.quant.scheme import WEIGHT_BITS, ActScheme, WeightScheme
 
 METHODS = ("rtn", "gptq", "adatsq")
+BUDGET_KINDS = ("avg_bits", "bops", "bytes")
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,59 @@ class GPTQConfig:
             raise ConfigError(f"gptq.block_size must be >= 1, got {self.block_size}")
 
 
+def parse_budget(text: str) -> tuple[str, float]:
+    """'avg_bits=4.0' → ('avg_bits', 4.0); the kinds are checked by the planner's Budget."""
+    kind, sep, value = text.partition("=")
+    try:
+        return kind.strip(), float(value) if sep else float("nan")
+    except ValueError:
+        raise ConfigError(f"budget {text!r} must look like KIND=VALUE, e.g. avg_bits=4.0 or bytes=2e6") from None
+
+
+@dataclass(frozen=True)
+class PlannerConfig:
+    """AdaTSQ bit allocation over layers × timestep segments (used when method is 'adatsq')."""
+
+    candidates: tuple[int, ...] = (3, 4, 6, 8)  # weight bits a layer may take at a segment
+    budget: str = "avg_bits=4.0"  # avg_bits | bops | bytes, as KIND=VALUE
+    search: Literal["beam", "greedy", "static"] = "beam"
+    beam_width: int = 4
+    proposals_per_stage: int = 6
+    fisher: bool = True  # weight segments (Hessians and error table) by temporal Fisher information
+    fisher_samples: int = 16
+    measure: bool = True  # rank partial plans by the measured trajectory error, not only the table
+    measure_samples: int = 8
+    pin: tuple[str, ...] = ()  # regexes of layers held at pin_bits (adaLN / modulation, embedders, output)
+    pin_bits: int = 8
+
+    def __post_init__(self) -> None:
+        if not self.candidates or any(b not in WEIGHT_BITS for b in self.candidates):
+            raise ConfigError(f"planner.candidates {list(self.candidates)} must be drawn from {list(WEIGHT_BITS)}")
+        if self.pin_bits not in WEIGHT_BITS:
+            raise ConfigError(f"planner.pin_bits={self.pin_bits} is not supported; allowed: {list(WEIGHT_BITS)}")
+        kind, value = parse_budget(self.budget)
+        if kind not in BUDGET_KINDS or not value > 0:
+            raise ConfigError(
+                f"planner.budget {self.budget!r}: use KIND=VALUE with KIND in {', '.join(BUDGET_KINDS)} "
+                "and a positive value"
+            )
+        for name in ("beam_width", "proposals_per_stage", "fisher_samples", "measure_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"planner.{name} must be >= 1, got {getattr(self, name)}")
+        for pattern in self.pin:
+            _check_regex(pattern)
+
+    def pins(self, name: str) -> bool:
+        return any(re.search(p, name) for p in self.pin)
+
+
+def _check_regex(pattern: str) -> None:
+    try:
+        re.compile(pattern)
+    except re.error as err:
+        raise ConfigError(f"invalid regex {pattern!r}: {err}") from None
+
+
 @dataclass(frozen=True)
 class Recipe:
     """Everything `adatsq quantize` needs besides the model and the calibration inputs."""
@@ -62,13 +116,11 @@ class Recipe:
     ignore: tuple[str, ...] = ()  # regexes of layers kept in full precision, applied after targets
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
+    planner: PlannerConfig = field(default_factory=PlannerConfig)
 
     def __post_init__(self) -> None:
         for pattern in (*self.targets, *self.ignore):
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise ConfigError(f"invalid regex {pattern!r} in targets/ignore: {err}") from None
+            _check_regex(pattern)
 
     def selects(self, name: str) -> bool:
         """Whether a Linear layer called `name` is quantized by this recipe."""

@@ -1,0 +1,116 @@
+"""Quantize the shipped reference DiT with small recipes, save, load back, and damage the files."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import adatsq
+from adatsq.checkpoint import CONFIG, WEIGHTS, load_checkpoint
+from adatsq.errors import CheckpointError, ConfigError
+from adatsq.quant.linear import QuantLinear
+from adatsq.recipe import recipe_from_dict
+
+FAST = {"samples": 8, "steps": 4, "batch_size": 8, "seed": 0}
+
+
+def recipe(method="gptq", bits=4, act=8, segments=1, **extra):
+    return recipe_from_dict(
+        {
+            "method": method,
+            "weight": {"bits": bits, "group_size": 32, "symmetric": False},
+            "activation": {"bits": act},
+            "calibration": {**FAST, "segments": segments},
+            **extra,
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    qmodel = adatsq.quantize("reference", recipe(), progress=False)
+    directory = tmp_path_factory.mktemp("ckpt") / "w4a8"
+    qmodel.save(directory)
+    return qmodel, directory
+
+
+def test_round_trip_samples_identically(saved):
+    qmodel, directory = saved
+    pipe = adatsq.load(directory)
+    labels = [0, 3, 7]
+    noise = torch.randn(3, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    before = qmodel.model(labels, num_inference_steps=4, latents=noise.clone()).images
+    after = pipe(labels, num_inference_steps=4, latents=noise.clone()).images
+    torch.testing.assert_close(after, before)
+    layers = [m for m in pipe.transformer.modules() if isinstance(m, QuantLinear)]
+    assert len(layers) == len(qmodel.layers) >= 40
+
+
+def test_files_and_report(saved):
+    _, directory = saved
+    config = json.loads((directory / CONFIG).read_text())
+    report = json.loads((directory / "report.json").read_text())
+    assert config["method"] == "gptq" and config["model"] == {"family": "reference", "source": "reference"}
+    assert report["checkpoint_bytes"] == (directory / WEIGHTS).stat().st_size
+    assert all(v["w4"]["damp"] > 0 for v in report["layers"].values())
+    assert not any(p.name.endswith(".partial") for p in directory.parent.iterdir())
+
+
+def test_existing_output_needs_overwrite(saved, tmp_path):
+    qmodel, directory = saved
+    with pytest.raises(ConfigError, match="--overwrite"):
+        qmodel.save(directory)
+    assert qmodel.save(directory, overwrite=True) == directory
+    assert not any(p.name.startswith(".") for p in directory.parent.iterdir())
+
+
+def test_truncated_weights_are_a_clear_error(saved, tmp_path):
+    _, directory = saved
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for item in directory.iterdir():
+        target = broken / item.name
+        if item.is_file():
+            target.write_bytes(item.read_bytes())
+        else:
+            target.mkdir()
+            for sub in item.iterdir():
+                (target / sub.name).write_bytes(sub.read_bytes())
+    data = (broken / WEIGHTS).read_bytes()
+    (broken / WEIGHTS).write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated or corrupted"):
+        load_checkpoint(broken)
+
+
+def test_config_that_does_not_match_tensors(saved, tmp_path):
+    _, directory = saved
+    tensors = load_file(str(directory / WEIGHTS))
+    config = json.loads((directory / CONFIG).read_text())
+    name = next(iter(config["layers"]))
+    mismatch = tmp_path / "mismatch"
+    mismatch.mkdir()
+    (mismatch / "base").mkdir()
+    for sub in (directory / "base").iterdir():
+        (mismatch / "base" / sub.name).write_bytes(sub.read_bytes())
+    config["layers"][name]["bits"] = [8]
+    (mismatch / CONFIG).write_text(json.dumps(config))
+    save_file(tensors, str(mismatch / WEIGHTS))
+    with pytest.raises(CheckpointError, match=f"{name}.*8-bit variant"):
+        load_checkpoint(mismatch)
+
+
+def test_missing_folder_and_missing_config(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        adatsq.load(tmp_path / "nothing")
+    with pytest.raises(CheckpointError, match="is missing"):
+        adatsq.load(tmp_path)
+
+
+def test_quantized_model_is_smaller_than_float():
+    from adatsq.models.reference import load_reference_transformer
+
+    fp_bytes = sum(p.numel() * 4 for p in load_reference_transformer().parameters())
+    qmodel = adatsq.quantize("reference", recipe(method="rtn", bits=4), progress=False)
+    held = sum(b.numel() * b.element_size() for b in qmodel.adapter.denoiser().state_dict().values())
+    assert held < 0.35 * fp_bytes

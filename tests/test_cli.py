@@ -1,0 +1,103 @@
+"""The CLI end to end on the reference model, and every bad input: one line on stderr, exit code 2."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from adatsq.cli import main
+
+FAST_RECIPE = """
+method: gptq
+weight: {bits: 4, group_size: 32, symmetric: false}
+activation: {bits: 8}
+calibration: {samples: 8, steps: 4, batch_size: 8}
+"""
+
+
+@pytest.fixture(scope="module")
+def recipe_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("recipes") / "fast.yaml"
+    path.write_text(FAST_RECIPE)
+    return path
+
+
+@pytest.fixture(scope="module")
+def checkpoint(recipe_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "ckpt"
+    assert main(["quantize", "reference", "--recipe", str(recipe_file), "--out", str(out)]) == 0
+    return out
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "adatsq.cli", *args], capture_output=True, text=True)
+
+
+def assert_user_error(result, fragment):
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert fragment in lines[0]
+
+
+def test_eval_json_has_exactly_the_documented_keys(checkpoint, capsys):
+    assert main(["eval", str(checkpoint), "--samples", "10", "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert set(metrics) == {
+        "psnr_db", "ssim", "accuracy", "fp_accuracy", "fid", "avg_bits", "checkpoint_bytes", "fp_seconds",
+        "quant_seconds",
+    }  # fmt: skip
+    assert metrics["avg_bits"] == 4.0 and metrics["psnr_db"] > 15 and 0 < metrics["ssim"] <= 1
+
+
+def test_inspect_lists_every_layer(checkpoint, capsys):
+    assert main(["inspect", str(checkpoint)]) == 0
+    out = capsys.readouterr().out
+    assert "transformer_blocks.0.attn1.to_q" in out and "asym W4 A8" in out and "total" in out
+
+
+def test_unknown_model(recipe_file, tmp_path):
+    result = run_cli("quantize", "flux-dev", "--recipe", str(recipe_file), "--out", str(tmp_path / "o"))
+    assert_user_error(result, "neither 'reference' nor an existing folder")
+    assert not (tmp_path / "o").exists()
+
+
+def test_recipe_with_unknown_key(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(FAST_RECIPE + "colour: blue\n")
+    result = run_cli("quantize", "reference", "--recipe", str(bad), "--out", str(tmp_path / "o"))
+    assert_user_error(result, "unknown key(s) 'colour'")
+
+
+def test_recipe_with_wrong_type_and_bad_bits(tmp_path):
+    for text, fragment in [
+        (FAST_RECIPE.replace("bits: 4", "bits: four"), "expected int"),
+        (FAST_RECIPE.replace("bits: 4", "bits: 5"), "weight bits=5 is not supported"),
+    ]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        result = run_cli("quantize", "reference", "--recipe", str(bad), "--out", str(tmp_path / "o"))
+        assert_user_error(result, fragment)
+
+
+def test_existing_output_without_overwrite(checkpoint, recipe_file):
+    before = sorted(p.name for p in checkpoint.iterdir())
+    result = run_cli("quantize", "reference", "--recipe", str(recipe_file), "--out", str(checkpoint))
+    assert_user_error(result, "--overwrite")
+    assert sorted(p.name for p in checkpoint.iterdir()) == before
+
+
+def test_corrupted_checkpoint(tmp_path):
+    (tmp_path / "adatsq_config.json").write_text("{not json")
+    assert_user_error(run_cli("eval", str(tmp_path)), "corrupted")
+    assert_user_error(run_cli("inspect", str(tmp_path / "missing")), "neither a checkpoint folder")
+
+
+def test_bad_calibration_file(recipe_file, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("3\nseven\n")
+    result = run_cli(
+        "quantize", "reference", "--recipe", str(recipe_file), "--out", str(tmp_path / "o"), "--calib", str(calib)
+    )
+    assert_user_error(result, "'seven' is not a class label")
