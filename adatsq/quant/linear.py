@@ -1,0 +1,211 @@
+"""Runtime layers: QuantLinear (packed weights, dequantized on the fly) and TimestepQuantLinear.
+
+QuantLinear buffers (all saved by `state_dict`, so checkpoints round-trip through `from_tensors`):
+  qweight uint8 [out, ceil(in*bits/8)] (pack.py layout), scales float16 [out, n_groups],
+  zeros uint8 [out, n_groups], g_idx int64 [in] (act-order only), bias [out],
+  smooth [in], rotation_signs [in], lowrank_a [rank, in], lowrank_b [out, rank] (transforms.py; optional).
+Optional buffers that are absent are registered as None and do not appear in the state dict.
+The weight is dequantized in the input's dtype on every call; activations are fake-quantized per token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from adatsq.errors import CheckpointError, PlanError
+from adatsq.quant.pack import pack, packed_cols, unpack
+from adatsq.quant.scheme import (
+    WEIGHT_BITS,
+    ActScheme,
+    QuantizedWeight,
+    dequantize_codes,
+    fake_quant_activation,
+    n_groups,
+)
+from adatsq.quant.transforms import InputTransform
+
+
+def _check_shape(name: str, t: Tensor | None, shape: tuple[int, ...]) -> None:
+    if t is not None and tuple(t.shape) != shape:
+        raise CheckpointError(
+            f"quantized layer tensor {name!r} has shape {tuple(t.shape)}, expected {shape}; "
+            f"the checkpoint does not match its config (re-export it)"
+        )
+
+
+class QuantLinear(nn.Module):
+    """A Linear layer whose weight is stored as packed `bits`-bit codes with group-wise scales."""
+
+    def __init__(
+        self,
+        qweight: Tensor,
+        scales: Tensor,
+        zeros: Tensor,
+        g_idx: Tensor | None,
+        bias: Tensor | None,
+        bits: int,
+        group_size: int | None,
+        in_features: int,
+        act: ActScheme,
+        *,
+        smooth: Tensor | None = None,
+        rotation_signs: Tensor | None = None,
+        lowrank_a: Tensor | None = None,
+        lowrank_b: Tensor | None = None,
+    ) -> None:
+        super().__init__()
+        if bits not in WEIGHT_BITS:
+            raise CheckpointError(f"bits={bits!r} is not supported; allowed values: {WEIGHT_BITS}")
+        out_features = qweight.shape[0]
+        groups = (out_features, n_groups(in_features, group_size))
+        _check_shape("qweight", qweight, (out_features, packed_cols(in_features, bits)))
+        _check_shape("scales", scales, groups)
+        _check_shape("zeros", zeros, groups)
+        _check_shape("g_idx", g_idx, (in_features,))
+        _check_shape("bias", bias, (out_features,))
+        _check_shape("smooth", smooth, (in_features,))
+        _check_shape("rotation_signs", rotation_signs, (in_features,))
+        if (lowrank_a is None) != (lowrank_b is None):
+            raise CheckpointError("lowrank_a and lowrank_b must both be present or both absent")
+        if lowrank_a is not None:
+            _check_shape("lowrank_a", lowrank_a, (lowrank_a.shape[0], in_features))
+            _check_shape("lowrank_b", lowrank_b, (out_features, lowrank_a.shape[0]))
+        bad_g_idx = g_idx is not None and not 0 <= int(g_idx.min()) <= int(g_idx.max()) < groups[1]
+        if bad_g_idx or (g_idx is not None and group_size is None):
+            raise CheckpointError(f"g_idx values must lie in [0, {groups[1]}) and need a group_size")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.act = bits, group_size, act
+        self.register_buffer("qweight", qweight.to(torch.uint8))
+        self.register_buffer("scales", scales.to(torch.float16))
+        self.register_buffer("zeros", zeros.to(torch.uint8))
+        self.register_buffer("g_idx", None if g_idx is None else g_idx.to(torch.int64))
+        self.register_buffer("bias", bias)
+        self.register_buffer("smooth", smooth)
+        self.register_buffer("rotation_signs", rotation_signs)
+        self.register_buffer("lowrank_a", lowrank_a)
+        self.register_buffer("lowrank_b", lowrank_b)
+
+    @classmethod
+    def from_tensors(
+        cls,
+        qweight: Tensor,
+        scales: Tensor,
+        zeros: Tensor,
+        g_idx: Tensor | None,
+        bias: Tensor | None,
+        bits: int,
+        group_size: int | None,
+        in_features: int,
+        act: ActScheme,
+        **transform: Tensor | None,
+    ) -> QuantLinear:
+        """Rebuild from stored tensors (checkpoint loader); `transform` takes the optional buffers by name."""
+        return cls(qweight, scales, zeros, g_idx, bias, bits, group_size, in_features, act, **transform)
+
+    @classmethod
+    def from_quantized(
+        cls,
+        qw: QuantizedWeight,
+        bias: Tensor | None,
+        act: ActScheme,
+        dtype: torch.dtype = torch.float32,
+        transform: InputTransform | None = None,
+    ) -> QuantLinear:
+        """Pack a QuantizedWeight; bias and transform tensors are stored in `dtype`."""
+        t = transform or InputTransform()
+
+        def cast(x: Tensor | None) -> Tensor | None:
+            return None if x is None else x.detach().to(dtype).clone()
+
+        return cls(
+            pack(qw.codes, qw.bits),
+            qw.scales,
+            qw.zeros,
+            qw.g_idx,
+            cast(bias),
+            qw.bits,
+            qw.group_size,
+            qw.codes.shape[1],
+            act,
+            smooth=cast(t.smooth),
+            rotation_signs=cast(t.rotation_signs),
+            lowrank_a=cast(t.lowrank_a),
+            lowrank_b=cast(t.lowrank_b),
+        )
+
+    @property
+    def transform(self) -> InputTransform:
+        return InputTransform(self.smooth, self.rotation_signs, self.lowrank_a, self.lowrank_b)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The [out, in] weight the quantized path multiplies by (in the transformed input basis)."""
+        codes = unpack(self.qweight, self.bits, self.in_features)
+        return dequantize_codes(codes, self.scales, self.zeros, self.group_size, self.g_idx, dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.transform.apply(x)
+        y_lowrank = None
+        if self.lowrank_a is not None:  # full precision branch on the unquantized transformed input
+            y_lowrank = F.linear(F.linear(x, self.lowrank_a.to(x.dtype)), self.lowrank_b.to(x.dtype))
+        x = fake_quant_activation(x, self.act)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        y = F.linear(x, self.dequantized_weight(x.dtype), bias)
+        return y if y_lowrank is None else y + y_lowrank
+
+    def extra_repr(self) -> str:
+        extras = [n for n in ("smooth", "rotation_signs", "lowrank_a") if getattr(self, n) is not None]
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, act_bits={self.act.bits}, act_order={self.g_idx is not None}"
+            + (f", transforms={extras}" if extras else "")
+        )
+
+
+class TimestepQuantLinear(nn.Module):
+    """One QuantLinear per distinct bit-width of a plan row; `set_segment` picks the one that runs.
+
+    variants["w{bits}"] holds each variant; segment_bits[i] is the bit-width used in timestep segment i.
+    Replacing an entry of `variants` after construction is not supported (the segment table holds refs).
+    """
+
+    def __init__(self, variants: Iterable[QuantLinear], segment_bits: Sequence[int]) -> None:
+        super().__init__()
+        by_bits: dict[int, QuantLinear] = {}
+        for v in variants:
+            if v.bits in by_bits:
+                raise PlanError(f"two {v.bits}-bit variants given; need one per distinct bit-width")
+            by_bits[v.bits] = v
+        segment_bits = tuple(int(b) for b in segment_bits)
+        if not segment_bits or set(segment_bits) != set(by_bits):
+            raise PlanError(
+                f"segment bits {segment_bits} must use exactly the variants' bit-widths {sorted(by_bits)}"
+            )
+        shapes = {(v.in_features, v.out_features) for v in by_bits.values()}
+        if len(shapes) != 1:
+            raise PlanError(f"variants disagree on (in_features, out_features): {sorted(shapes)}")
+        (self.in_features, self.out_features) = shapes.pop()
+        self.variants = nn.ModuleDict({f"w{b}": by_bits[b] for b in sorted(by_bits)})
+        self.segment_bits = segment_bits
+        # plain tuple (not a registered submodule): set_segment is one int assignment, forward one lookup
+        self._segment_variants = tuple(self.variants[f"w{b}"] for b in segment_bits)
+        self.active_segment = 0
+
+    @property
+    def active_bits(self) -> int:
+        return self.segment_bits[self.active_segment]
+
+    def set_segment(self, index: int) -> None:
+        if not 0 <= index < len(self.segment_bits):
+            n = len(self.segment_bits)
+            raise PlanError(f"segment {index} does not exist; the layer has {n} segments (0..{n - 1})")
+        self.active_segment = index
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self._segment_variants[self.active_segment](x)
+
+    def extra_repr(self) -> str:
+        return f"segment_bits={self.segment_bits}, active_segment={self.active_segment}"

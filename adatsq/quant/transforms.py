@@ -1,0 +1,197 @@
+"""Input transforms that tame activation outliers before 4-bit activation quantization.
+
+A layer y = x W^T is rewritten exactly (before quantization) as
+    x'' = (x / s) R,      W'' = (W * s) R,      W'' = L_b L_a + residual,
+    y   = x'' residual^T + (x'' L_a^T) L_b^T
+* SmoothQuant smoothing (`s`, per input channel) moves outlier magnitude from activations into weights.
+* A Hadamard rotation R = diag(signs) kron(I_m, H_b) spreads what is left over all channels; b is the
+  largest power of two dividing in_features (b = in_features when that is a power of two). It runs as
+  a fast Walsh-Hadamard transform (O(n log b) per token), so no [n, n] matrix is ever stored.
+* An SVDQuant-style low-rank branch keeps the top singular directions of W'' in full precision; only
+  the residual is quantized (and only x'' feeding it is fake-quantized).
+Since R is orthonormal, x'' W''^T = x W^T exactly; GPTQ on the residual must see the Hessian of x''
+(`transform_hessian`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from adatsq.errors import ConfigError
+
+_EPS = 1e-5
+
+
+def smooth_scales(act_absmax: Tensor, W: Tensor, alpha: float = 0.5) -> Tensor:
+    """SmoothQuant scales s[in] = max|x_j|^alpha / max|W_:,j|^(1-alpha); x' = x / s, W' = W * s.
+
+    Channels that never fire (act absmax 0) or have all-zero weights keep s = 1, and s is clamped to
+    [1e-5, 1e5], so the result is always finite and positive.
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"smoothing alpha={alpha} must lie in [0, 1] (0.5 is the SmoothQuant default)")
+    a = act_absmax.detach().to(torch.float64).abs()
+    w = W.detach().to(torch.float64).abs().amax(dim=0)
+    if a.shape != w.shape:
+        raise ConfigError(f"act_absmax has shape {tuple(a.shape)}; expected [{w.shape[0]}] (in_features)")
+    s = a.clamp(min=_EPS) ** alpha / w.clamp(min=_EPS) ** (1.0 - alpha)
+    s = torch.where((a > 0) & (w > 0), s, torch.ones_like(s))
+    return s.clamp(_EPS, 1.0 / _EPS).to(torch.float32)
+
+
+def hadamard_block_size(n: int) -> int:
+    """Largest power of two dividing n: the size of the Hadamard blocks used for n channels."""
+    if n <= 0:
+        raise ConfigError(f"cannot rotate {n} channels; need a positive channel count")
+    return n & -n
+
+
+def random_signs(n: int, seed: int) -> Tensor:
+    """Seeded +-1 vector: randomises the rotation so no fixed direction lines up with an outlier."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 2, (n,), generator=g).to(torch.float32) * 2 - 1
+
+
+def rotate(x: Tensor, signs: Tensor | None = None) -> Tensor:
+    """x R along the last dim, R = diag(signs) kron(I_m, H_b), H_b the orthonormal Sylvester Hadamard.
+
+    Sylvester Hadamard matrices are symmetric, so the same call also computes W R for a weight W.
+    """
+    n = x.shape[-1]
+    b = hadamard_block_size(n)
+    dtype = x.dtype
+    y = x.float() if dtype in (torch.float16, torch.bfloat16) else x
+    if signs is not None:
+        y = y * signs.to(y.dtype)
+    lead = y.shape[:-1]
+    h = 1
+    while h < b:  # butterfly stage: pairs (i, i + h) inside each aligned run of 2h
+        y = y.reshape(*lead, n // (2 * h), 2, h)
+        y = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2)
+        h *= 2
+    return (y.reshape(*lead, n) / math.sqrt(b)).to(dtype)
+
+
+def hadamard(n: int, seed: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The orthonormal [n, n] rotation `rotate` applies (kron(I, H_b), rows sign-flipped when seeded)."""
+    b = hadamard_block_size(n)
+    Hb = torch.ones(1, 1, dtype=torch.float64)
+    while Hb.shape[0] < b:
+        Hb = torch.cat((torch.cat((Hb, Hb), 1), torch.cat((Hb, -Hb), 1)), 0)
+    R = torch.kron(torch.eye(n // b, dtype=torch.float64), Hb / math.sqrt(b))
+    if seed is not None:
+        R = random_signs(n, seed).double()[:, None] * R
+    return R.to(dtype)
+
+
+def lowrank_split(W: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-`rank` SVD branch of W [out, in] -> (L_a [rank, in], L_b [out, rank], W - L_b L_a).
+
+    L_a has orthonormal rows (the input directions); L_b carries the singular values.
+    """
+    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 < rank <= min(W.shape):
+        raise ConfigError(f"low-rank rank={rank!r} must be an int in [1, {min(W.shape)}] for this weight")
+    W64 = W.detach().to(torch.float64)
+    U, S, Vh = torch.linalg.svd(W64, full_matrices=False)
+    L_a, L_b = Vh[:rank], U[:, :rank] * S[:rank]
+    return L_a.to(W.dtype), L_b.to(W.dtype), (W64 - L_b @ L_a).to(W.dtype)
+
+
+@dataclass(frozen=True)
+class TransformScheme:
+    """Which outlier transforms a layer gets (recipe-level choice).
+
+    smooth_alpha: SmoothQuant migration strength, None = no smoothing (needs activation absmax).
+    rotate: Hadamard-rotate the inputs; rotate_seed: seed of the random sign flips (None = no flips).
+    lowrank_rank: rank of the full-precision branch, 0 = none (SVDQuant uses 32).
+    """
+
+    smooth_alpha: float | None = None
+    rotate: bool = False
+    rotate_seed: int | None = 0
+    lowrank_rank: int = 0
+
+    def __post_init__(self) -> None:
+        if self.smooth_alpha is not None and not 0.0 <= self.smooth_alpha <= 1.0:
+            raise ConfigError(f"smooth_alpha={self.smooth_alpha} must be None or in [0, 1] (try 0.5)")
+        if not isinstance(self.rotate, bool):
+            raise ConfigError(f"rotate={self.rotate!r} must be True or False")
+        rank = self.lowrank_rank
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 0:
+            raise ConfigError(f"lowrank_rank={self.lowrank_rank!r} must be an int >= 0 (0 = no branch)")
+
+
+@dataclass(frozen=True)
+class InputTransform:
+    """The tensors one layer stores for its transforms (QuantLinear keeps them as buffers).
+
+    smooth [in]: x / smooth. rotation_signs [in] of +-1: x R (see `rotate`); None = no rotation.
+    lowrank_a [rank, in], lowrank_b [out, rank]: full-precision branch on the transformed input.
+    """
+
+    smooth: Tensor | None = None
+    rotation_signs: Tensor | None = None
+    lowrank_a: Tensor | None = None
+    lowrank_b: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if (self.lowrank_a is None) != (self.lowrank_b is None):
+            raise ConfigError("lowrank_a and lowrank_b must be given together")
+        if self.lowrank_a is not None and self.lowrank_a.shape[0] != self.lowrank_b.shape[1]:
+            raise ConfigError(
+                f"low-rank factors disagree: L_a {list(self.lowrank_a.shape)}, "
+                f"L_b {list(self.lowrank_b.shape)}"
+            )
+
+    def apply(self, x: Tensor) -> Tensor:
+        """x'' = (x / smooth) R: what the quantized residual and the low-rank branch consume."""
+        if self.smooth is not None:
+            x = x / self.smooth.to(x.dtype)
+        if self.rotation_signs is not None:
+            x = rotate(x, self.rotation_signs)
+        return x
+
+    def fold(self, W: Tensor) -> Tensor:
+        """W'' = (W * smooth) R, before the low-rank split: x'' W''^T equals x W^T."""
+        if self.smooth is not None:
+            W = W * self.smooth.to(W.dtype)
+        if self.rotation_signs is not None:
+            W = rotate(W, self.rotation_signs)
+        return W
+
+
+def build_transform(
+    W: Tensor, scheme: TransformScheme, act_absmax: Tensor | None = None
+) -> tuple[Tensor, InputTransform]:
+    """-> (the matrix to quantize: residual of W'' after the low-rank branch, the transform to store)."""
+    smooth = None
+    if scheme.smooth_alpha is not None:
+        if act_absmax is None:
+            raise ConfigError("smoothing needs the per-channel activation absmax from calibration")
+        smooth = smooth_scales(act_absmax, W, scheme.smooth_alpha)
+    signs = None
+    if scheme.rotate:
+        n, seed = W.shape[1], scheme.rotate_seed
+        signs = torch.ones(n) if seed is None else random_signs(n, seed)
+    t = InputTransform(smooth=smooth, rotation_signs=signs)
+    target = t.fold(W.detach().float())
+    if scheme.lowrank_rank:
+        L_a, L_b, target = lowrank_split(target, scheme.lowrank_rank)
+        t = InputTransform(smooth=smooth, rotation_signs=signs, lowrank_a=L_a, lowrank_b=L_b)
+    return target, t
+
+
+def transform_hessian(H: Tensor, t: InputTransform) -> Tensor:
+    """Hessian of x'' from the Hessian of x: R^T S^-1 H S^-1 R (float64), for GPTQ on the residual."""
+    H = H.detach().to(torch.float64)
+    if t.smooth is not None:
+        s = t.smooth.to(torch.float64)
+        H = H / s[:, None] / s[None, :]
+    if t.rotation_signs is not None:
+        signs = t.rotation_signs.to(torch.float64)
+        H = rotate(rotate(H, signs).T, signs)  # (H R)^T R = R^T H R, as H is symmetric
+    return H
