@@ -7,6 +7,7 @@ compared with full-precision samples from the same noise, which is why PSNR / SS
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import torch
@@ -73,7 +74,8 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor, eps: float = 
     """Fréchet distance between Gaussians fitted to two feature sets [N, F] (FID on any features).
 
     sqrtm of a near-singular covariance product can fail or return tiny imaginary parts; as in the
-    reference FID code, eps is added to both diagonals on failure and the imaginary part is dropped.
+    reference FID code, eps is added to both diagonals when sqrtm warns or fails, and the imaginary
+    part is dropped.
     """
     if feats_a.dim() != 2 or feats_b.dim() != 2 or feats_a.shape[1] != feats_b.shape[1]:
         raise ConfigError(
@@ -85,10 +87,14 @@ def frechet_distance(feats_a: torch.Tensor, feats_b: torch.Tensor, eps: float = 
     b = feats_b.detach().double().cpu().numpy()
     mu_a, mu_b = a.mean(axis=0), b.mean(axis=0)
     cov_a, cov_b = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    covmean = linalg.sqrtm(cov_a @ cov_b)
-    if not np.isfinite(covmean).all():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(cov_a @ cov_b)
+    if caught or not np.isfinite(covmean).all():
         offset = np.eye(cov_a.shape[0]) * eps
-        covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", linalg.LinAlgWarning)
+            covmean = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
     covmean = np.real(covmean)
     diff = mu_a - mu_b
     value = float(diff @ diff + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean))
