@@ -28,13 +28,13 @@ ACT_BITS = (4, 6, 8, 16)  # activation bits; 16 = activations not quantized (bf1
 BUDGET_KINDS = ("avg_bits", "bops", "bytes")
 
 
-def _int(value: Any, what: str) -> int:
+def as_int(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise PlanError(f"{what} must be an integer, got {value!r} ({type(value).__name__})")
     return int(value)
 
 
-def _float(value: Any, what: str) -> float:
+def as_float(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise PlanError(f"{what} must be a number, got {value!r} ({type(value).__name__})")
     if not math.isfinite(float(value)):
@@ -43,7 +43,7 @@ def _float(value: Any, what: str) -> float:
 
 
 def _bits(value: Any, what: str, allowed: Sequence[int] = SUPPORTED_BITS) -> int:
-    bits = _int(value, what)
+    bits = as_int(value, what)
     if bits not in allowed:
         raise PlanError(f"{what} = {bits} is not supported; allowed: {list(allowed)}")
     return bits
@@ -59,7 +59,7 @@ class Budget:
     def __post_init__(self) -> None:
         if self.kind not in BUDGET_KINDS:
             raise PlanError(f"budget kind {self.kind!r} is unknown; allowed: {list(BUDGET_KINDS)}")
-        value = _float(self.value, f"{self.kind} budget")
+        value = as_float(self.value, f"{self.kind} budget")
         if value <= 0:
             raise PlanError(f"{self.kind} budget must be positive, got {value}")
         object.__setattr__(self, "value", value)
@@ -69,7 +69,7 @@ class Budget:
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "budget") -> Budget:
-        _check_keys(data, {"kind", "value"}, where)
+        check_keys(data, {"kind", "value"}, where)
         return cls(kind=data["kind"], value=data["value"])
 
 
@@ -89,7 +89,7 @@ class LayerInfo:
         if not isinstance(self.name, str) or not self.name:
             raise PlanError(f"layer name must be a non-empty string, got {self.name!r}")
         for attr in ("n_params", "in_features", "out_features", "macs_per_step"):
-            value = _int(getattr(self, attr), f"{self.name}.{attr}")
+            value = as_int(getattr(self, attr), f"{self.name}.{attr}")
             if value <= 0:
                 raise PlanError(f"{self.name}.{attr} must be positive, got {value}")
             object.__setattr__(self, attr, value)
@@ -99,7 +99,7 @@ class LayerInfo:
                 f"{self.in_features}*{self.out_features}; pass the weight's element count"
             )
         if self.group_size is not None:
-            group = _int(self.group_size, f"{self.name}.group_size")
+            group = as_int(self.group_size, f"{self.name}.group_size")
             if group <= 0:
                 raise PlanError(f"{self.name}.group_size must be positive or None, got {group}")
             object.__setattr__(self, "group_size", group)
@@ -112,7 +112,7 @@ class LayerInfo:
 
 def segments_for(num_steps: int, groups: int) -> list[tuple[int, int]]:
     """Split steps [0, num_steps) into `groups` contiguous ranges [start, end), the first ones longer."""
-    num_steps, groups = _int(num_steps, "num_steps"), _int(groups, "segment groups")
+    num_steps, groups = as_int(num_steps, "num_steps"), as_int(groups, "segment groups")
     if groups < 1 or num_steps < groups:
         raise PlanError(
             f"cannot split {num_steps} sampler steps into {groups} segments; use 1 <= groups <= num_steps"
@@ -124,7 +124,7 @@ def segments_for(num_steps: int, groups: int) -> list[tuple[int, int]]:
 
 def segment_of_step(step: int, segments: Sequence[tuple[int, int]]) -> int:
     """Index of the segment containing sampler step `step` (segments as validated by `Plan`)."""
-    step = _int(step, "step")
+    step = as_int(step, "step")
     ends = [end for _, end in segments]
     if not segments or step < segments[0][0] or step >= ends[-1]:
         raise PlanError(f"step {step} is outside the plan's steps [0, {ends[-1] if ends else 0})")
@@ -139,7 +139,7 @@ def validate_segments(segments: Any, num_steps: int, what: str) -> tuple[tuple[i
     for i, pair in enumerate(segments):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2:
             raise PlanError(f"{what}.segments[{i}] must be a [start, end) pair, got {pair!r}")
-        start, end = _int(pair[0], f"{what}.segments[{i}][0]"), _int(pair[1], f"{what}.segments[{i}][1]")
+        start, end = as_int(pair[0], f"{what}.segments[{i}][0]"), as_int(pair[1], f"{what}.segments[{i}][1]")
         if start != expected_start or end <= start:
             raise PlanError(
                 f"{what}.segments must be contiguous non-empty ranges from step 0: segment {i} is "
@@ -152,15 +152,25 @@ def validate_segments(segments: Any, num_steps: int, what: str) -> tuple[tuple[i
     return tuple(out)
 
 
-def _check_keys(data: Any, allowed: set[str], where: str, required: set[str] | None = None) -> None:
+def check_keys(data: Any, allowed: set[str], where: str) -> None:
+    """Exactly the `allowed` keys: unknown ones are typos or a newer format, missing ones a truncated file."""
     if not isinstance(data, Mapping):
         raise PlanError(f"{where} must be a JSON object, got {type(data).__name__}")
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise PlanError(f"{where} has unknown keys {unknown}; allowed: {sorted(allowed)}")
-    missing = sorted((allowed if required is None else required) - set(data))
+    missing = sorted(allowed - set(data))
     if missing:
         raise PlanError(f"{where} is missing keys {missing}")
+
+
+def check_version(data: Any, where: str) -> None:
+    """Checked before the keys, so a file from another format version says so instead of 'unknown key'."""
+    if isinstance(data, Mapping) and data.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+        raise PlanError(
+            f"{where}: format_version {data['format_version']!r} is not supported (this adatsq reads "
+            f"{FORMAT_VERSION}); re-run the search with this version of adatsq"
+        )
 
 
 def _act_bits(value: Any, layer_names: Sequence[str], what: str) -> int | dict[str, int]:
@@ -185,7 +195,7 @@ def _metrics(value: Any, what: str) -> dict[str, float | int | None]:
         elif isinstance(item, (int, np.integer)) and not isinstance(item, bool):
             out[key] = int(item)
         else:
-            out[key] = _float(item, f"{what}.metrics[{key!r}]")
+            out[key] = as_float(item, f"{what}.metrics[{key!r}]")
     return out
 
 
@@ -232,13 +242,13 @@ class Plan:
 
     def __post_init__(self) -> None:
         what = "plan"
-        version = _int(self.format_version, "plan.format_version")
+        version = as_int(self.format_version, "plan.format_version")
         if version != FORMAT_VERSION:
             raise PlanError(
                 f"plan format_version {version} is not supported (this adatsq reads {FORMAT_VERSION}); "
                 "re-run the plan search with this version"
             )
-        num_steps = _int(self.num_steps, "plan.num_steps")
+        num_steps = as_int(self.num_steps, "plan.num_steps")
         segments = validate_segments(self.segments, num_steps, what)
         n_seg = len(segments)
         if not isinstance(self.layers, Mapping) or not self.layers:
@@ -260,7 +270,7 @@ class Plan:
         weights = self.fisher_weights
         if not isinstance(weights, (list, tuple, np.ndarray)) or len(weights) != n_seg:
             raise PlanError(f"plan.fisher_weights must list {n_seg} numbers (one per segment)")
-        weights = [_float(w, f"plan.fisher_weights[{i}]") for i, w in enumerate(weights)]
+        weights = [as_float(w, f"plan.fisher_weights[{i}]") for i, w in enumerate(weights)]
         if min(weights) < 0 or abs(sum(weights) - 1.0) > 1e-3:
             raise PlanError(f"plan.fisher_weights must be non-negative and sum to 1, got {weights}")
         if not isinstance(self.model, Mapping) or not {"family", "fingerprint"} <= set(self.model):
@@ -323,13 +333,8 @@ class Plan:
     def from_dict(cls, data: Any, where: str = "plan") -> Plan:
         keys = {"format_version", "model", "num_steps", "segments", "fisher_weights", "candidates"}
         keys |= {"act_bits", "budget", "metrics", "layers"}
-        if isinstance(data, Mapping) and data.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
-            version = data["format_version"]
-            raise PlanError(
-                f"{where}: format_version {version!r} is not supported (this adatsq reads "
-                f"{FORMAT_VERSION}); re-run the plan search with this version"
-            )
-        _check_keys(data, keys, where)
+        check_version(data, where)
+        check_keys(data, keys, where)
         budget = None if data["budget"] is None else Budget.from_dict(data["budget"], f"{where}.budget")
         return cls(**{**data, "budget": budget})
 
@@ -372,7 +377,7 @@ def check_plan_matches(plan: Plan, layer_names: Sequence[str], num_steps: int) -
             f"{missing[:10]}, {len(extra)} extra {extra[:10]}; re-run the plan search on this model "
             f"(plan model: {plan.model})"
         )
-    num_steps = _int(num_steps, "num_steps")
+    num_steps = as_int(num_steps, "num_steps")
     if num_steps != plan.num_steps:
         raise PlanError(
             f"plan segments {plan.segments} were searched for a {plan.num_steps}-step sampler but it runs "
