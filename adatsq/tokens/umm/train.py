@@ -1,0 +1,254 @@
+"""Staged, resumable training of the reference UMM on CPU (fixed seeds; every batch derives from its step).
+
+Stages (measured reasons in reports/umm_training.md):
+1. `vae`: the AutoencoderKL alone as an autoencoder on canvases (L1 + MSE + small KL); then the latent
+   scale is set so the flow sees unit-variance latents.
+2. `warm`: the conv stem + SigLIP tower alone on a dense task (digit class under every patch): without
+   it, recognition questions sit at chance for many minutes while counting is learned.
+3. `joint`: all questions of all four types per canvas (packed, exact block mask) + rectified-flow
+   generation + the dense loss as auxiliary; VAE frozen. From `dropout_start` on, every understanding
+   batch keeps a random subset of image tokens (keep ratio ~ U[keep_min, 1]) so that reducers are
+   measured, not the shift from full token sets.
+
+Each step's data and noise come from seeds (seed, stage, step), so a resumed run repeats exactly the
+batches it would have seen; checkpoints (model + optimizer, safetensors) are written every few minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from adatsq.errors import CheckpointError, ConfigError
+from adatsq.tokens.base import keep_count
+from adatsq.tokens.umm.data import QUESTION_TYPES, gen_batch, qa_batch, sample_canvas
+from adatsq.tokens.umm.evaluate import full_answers, qa_accuracy
+from adatsq.tokens.umm.model import MiniUMM, UMMConfig
+from adatsq.tokens.umm.weights import _atomic_write
+
+log = logging.getLogger(__name__)
+STAGES = ("vae", "warm", "joint")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    seed: int = 0
+    vae_steps: int = 300
+    vae_batch: int = 32
+    vae_lr: float = 2e-3
+    vae_kl: float = 1e-5  # small: enough to keep latents bounded, not enough to blur digits
+    warm_steps: int = 250
+    warm_batch: int = 64
+    warm_lr: float = 2e-3
+    joint_steps: int = 1200
+    und_batch: int = 32  # canvases per step; each asks all four question types
+    gen_batch: int = 64
+    lr: float = 1e-3
+    dropout_start: float = 0.6  # fraction of joint steps after which random token dropout is on
+    keep_min: float = 0.25
+    aux_weight: float = 0.3
+    eval_every: int = 200
+    checkpoint_every_s: float = 180.0
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.dropout_start <= 1 or not 0 < self.keep_min <= 1:
+            raise ConfigError("dropout_start must be in [0, 1] and keep_min in (0, 1]")
+
+    def steps(self, stage: str) -> int:
+        return {"vae": self.vae_steps, "warm": self.warm_steps, "joint": self.joint_steps}[stage]
+
+
+def lr_at(step: int, steps: int, peak: float, warmup: int = 30) -> float:
+    """Linear warm-up then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, steps - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def stage_params(model: MiniUMM, stage: str) -> list[torch.nn.Parameter]:
+    if stage == "vae":
+        return list(model.vae.parameters())
+    if stage == "warm":
+        return [*model.stem.parameters(), *model.vision.parameters(), *model.token_head.parameters()]
+    vae = {id(p) for p in model.vae.parameters()}
+    return [p for p in model.parameters() if id(p) not in vae]
+
+
+# ---- losses -------------------------------------------------------------------------------------
+def vae_loss(model: MiniUMM, rng: np.random.Generator, cfg: TrainConfig) -> tuple[Tensor, dict]:
+    images = torch.from_numpy(np.stack([sample_canvas(rng, "train").image for _ in range(cfg.vae_batch)]))
+    images = images[:, None]
+    posterior = model.vae.encode(images).latent_dist
+    recon = model.vae.decode(posterior.sample()).sample
+    rec = F.l1_loss(recon, images) + F.mse_loss(recon, images)
+    kl = posterior.kl().mean() / images[0].numel()
+    return rec + cfg.vae_kl * kl, {"rec": rec.item(), "kl": kl.item()}
+
+
+def warm_loss(model: MiniUMM, rng: np.random.Generator, cfg: TrainConfig) -> tuple[Tensor, dict]:
+    batch = qa_batch(rng, cfg.warm_batch, kinds=(), patch=model.config.vit_patch)
+    logits = model.token_head(model.vision_features(batch.images))
+    loss = F.cross_entropy(logits.flatten(0, 1), batch.token_labels.flatten())
+    return loss, {"dense": float(loss)}
+
+
+def random_keep(batch: int, n: int, keep: float, gen: torch.Generator) -> Tensor:
+    """Ascending random kept indices [B, K] (the same K for the whole batch)."""
+    k = keep_count(n, keep)
+    return torch.rand(batch, n, generator=gen).argsort(1)[:, :k].sort(1).values
+
+
+def joint_loss(
+    model: MiniUMM, rng: np.random.Generator, gen: torch.Generator, cfg: TrainConfig, dropout: bool
+) -> tuple[Tensor, dict]:
+    c = model.config
+    qa = qa_batch(rng, cfg.und_batch, patch=c.vit_patch)
+    feats = model.vision_features(qa.images)
+    aux = F.cross_entropy(model.token_head(feats).flatten(0, 1), qa.token_labels.flatten())
+    tokens = model.connector(feats)
+    b, n, d = tokens.shape
+    kept = torch.arange(n).expand(b, n)
+    if dropout:
+        keep = cfg.keep_min + (1 - cfg.keep_min) * float(torch.rand(1, generator=gen))
+        kept = random_keep(b, n, keep, gen)
+        tokens = tokens.gather(1, kept[..., None].expand(-1, -1, d))
+    logits = model.understand_tokens(tokens, kept, [qa.questions[k] for k in QUESTION_TYPES])
+    und = sum(F.cross_entropy(lg, qa.answers[k]) for lg, k in zip(logits, QUESTION_TYPES, strict=True)) / 4
+
+    gb = gen_batch(rng, cfg.gen_batch)
+    x0 = model.patchify(model.encode_latents(gb.images))
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.sigmoid(torch.randn(x0.shape[0], generator=gen))  # logit-normal: most weight mid-way
+    xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+    flow = F.mse_loss(model.predict_velocity(gb.prompts, model.latent_tokens(xt, t)), noise - x0)
+    loss = und + flow + cfg.aux_weight * aux
+    return loss, {"und": float(und), "flow": float(flow), "dense": float(aux)}
+
+
+# ---- checkpoints --------------------------------------------------------------------------------
+def _save_checkpoint(run: Path, model: MiniUMM, opt: torch.optim.Optimizer, state: dict) -> None:
+    osd = opt.state_dict()
+    tensors = {
+        f"{idx}.{key}": value.reshape(-1) if value.dim() == 0 else value
+        for idx, entry in osd["state"].items()
+        for key, value in entry.items()
+    }
+    _atomic_write(run / "model.safetensors", lambda tmp: save_file(dict(model.state_dict()), tmp))
+    _atomic_write(run / "optim.safetensors", lambda tmp: save_file(tensors, tmp))
+    meta = {**state, "config": model.config.to_dict(), "param_groups": osd["param_groups"]}
+    _atomic_write(run / "state.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+
+
+def _load_optimizer(run: Path, opt: torch.optim.Optimizer, meta: dict) -> None:
+    flat = load_file(str(run / "optim.safetensors"))
+    state: dict[int, dict[str, Tensor]] = {}
+    for name, value in flat.items():
+        idx, key = name.split(".", 1)
+        state.setdefault(int(idx), {})[key] = value.reshape(()) if key == "step" else value
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def _make_optimizer(model: MiniUMM, stage: str, lr: float) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(stage_params(model, stage), lr=lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+
+def _peak_lr(cfg: TrainConfig, stage: str) -> float:
+    return {"vae": cfg.vae_lr, "warm": cfg.warm_lr, "joint": cfg.lr}[stage]
+
+
+@torch.no_grad()
+def _set_latent_scale(model: MiniUMM, seed: int) -> None:
+    rng = np.random.default_rng([seed, 99])
+    images = torch.from_numpy(np.stack([sample_canvas(rng, "train").image for _ in range(256)]))[:, None]
+    means = model.vae.encode(images).latent_dist.mean
+    model.config = replace(model.config, latent_scale=float(1.0 / means.std()))
+
+
+def train(
+    run: Path,
+    cfg: TrainConfig,
+    model_config: UMMConfig | None = None,
+    on_eval: Callable[[MiniUMM, str, int], dict] | None = None,
+) -> tuple[MiniUMM, list[dict]]:
+    """Run (or resume) all stages in `run`; returns the trained model and the metric log."""
+    run = Path(run)
+    run.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    model = MiniUMM(model_config or UMMConfig())
+    meta = json.loads((run / "state.json").read_text()) if (run / "state.json").is_file() else None
+    stage_index, start, history = 0, 0, []
+    if meta is not None:
+        if meta["train_config"] != asdict(cfg):
+            raise CheckpointError(f"{run} was started with another TrainConfig; use a new run folder")
+        model = MiniUMM(UMMConfig.from_dict(meta["config"]))
+        model.load_state_dict(load_file(str(run / "model.safetensors")))
+        done = meta["stage"] == "done"
+        stage_index = len(STAGES) if done else STAGES.index(meta["stage"])
+        start, history = meta["step"], meta["history"]
+        log.info("resuming %s at stage %s step %d", run, meta["stage"], start)
+    for stage in STAGES[stage_index:]:
+        steps, peak = cfg.steps(stage), _peak_lr(cfg, stage)
+        model.train()
+        opt = _make_optimizer(model, stage, peak)
+        if meta is not None and meta["stage"] == stage and start > 0:
+            _load_optimizer(run, opt, meta)
+        last_save, t0 = time.monotonic(), time.monotonic()
+        for step in range(start, steps):
+            rng = np.random.default_rng([cfg.seed, STAGES.index(stage), step])
+            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * STAGES.index(stage) + step)
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, peak)
+            if stage == "vae":
+                loss, parts = vae_loss(model, rng, cfg)
+            elif stage == "warm":
+                loss, parts = warm_loss(model, rng, cfg)
+            else:
+                loss, parts = joint_loss(model, rng, gen, cfg, dropout=step >= cfg.dropout_start * steps)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(stage_params(model, stage), 1.0)
+            opt.step()
+            if step % 25 == 0 or step == steps - 1:
+                rate = (time.monotonic() - t0) / (step - start + 1)
+                log.info("%s %d/%d %s (%.2f s/step)", stage, step, steps, _fmt(parts), rate)
+            record = stage == "joint" and ((step + 1) % cfg.eval_every == 0 or step == steps - 1)
+            if record:
+                model.eval()
+                entry = {"stage": stage, "step": step + 1, "loss": parts}
+                entry["qa"] = qa_accuracy(full_answers(model), samples=256)
+                entry.update(on_eval(model, stage, step + 1) if on_eval else {})
+                history.append(entry)
+                log.info("eval %s", json.dumps(entry))
+                model.train()
+            if time.monotonic() - last_save > cfg.checkpoint_every_s or record:
+                _save_checkpoint(run, model, opt, _state(stage, step + 1, history, cfg))
+                last_save = time.monotonic()
+        if stage == "vae":
+            _set_latent_scale(model, cfg.seed)
+            log.info("latent scale %.4f", model.config.latent_scale)
+        nxt = STAGES.index(stage) + 1
+        following = STAGES[nxt] if nxt < len(STAGES) else "done"
+        opt_next = _make_optimizer(model, STAGES[min(nxt, len(STAGES) - 1)], 0.0)
+        _save_checkpoint(run, model, opt_next, _state(following, 0, history, cfg))
+        start, meta = 0, None
+    return model.eval(), history
+
+
+def _state(stage: str, step: int, history: list[dict], cfg: TrainConfig) -> dict:
+    return {"stage": stage, "step": step, "history": history, "train_config": asdict(cfg)}
+
+
+def _fmt(parts: dict) -> str:
+    return " ".join(f"{k}={v:.4f}" for k, v in parts.items())
