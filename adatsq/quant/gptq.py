@@ -63,7 +63,7 @@ def gptq(
     W_orig, H_orig = W, H
     W = W.detach().to(torch.float64).clone()
     H = H.detach().to(torch.float64).clone()
-    rows, cols = W.shape
+    cols = W.shape[1]
 
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0
@@ -76,7 +76,7 @@ def gptq(
     # Damped Cholesky factor of H^-1 (upper), escalating the damping while either factorisation fails.
     ratio, escalations = damp, 0
     mean_diag = torch.diag(H).mean()
-    eye = torch.eye(cols, dtype=torch.float64)
+    eye = torch.eye(cols, dtype=torch.float64, device=H.device)
     while True:
         L, info = torch.linalg.cholesky_ex(H + ratio * mean_diag * eye)
         if info == 0:
@@ -97,7 +97,7 @@ def gptq(
     else:
         scales, zeros = [], []
         block_size = max(gs, block_size // gs * gs)  # groups never straddle two blocks
-    Q = torch.zeros(rows, cols, dtype=torch.float64)  # codes, in processing order
+    Q = torch.zeros_like(W)  # codes, in processing order
 
     for i1 in range(0, cols, block_size):
         i2 = min(i1 + block_size, cols)
@@ -122,7 +122,7 @@ def gptq(
         invperm = torch.argsort(perm)
         Q = Q[:, invperm]
         if gs is not None:
-            g_idx = (torch.arange(cols) // gs)[invperm]
+            g_idx = (torch.arange(cols, device=W.device) // gs)[invperm]
     weight = QuantizedWeight(
         codes=Q.to(torch.uint8),
         scales=torch.stack(scales, dim=1),

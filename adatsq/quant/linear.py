@@ -10,7 +10,7 @@ The weight is dequantized in the input's dtype on every call; activations are fa
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -168,12 +168,21 @@ class QuantLinear(nn.Module):
 class TimestepQuantLinear(nn.Module):
     """One QuantLinear per distinct bit-width of a plan row; `set_segment` picks the one that runs.
 
+    `variants` is an iterable of QuantLinear or a mapping bits -> QuantLinear.
+
     variants["w{bits}"] holds each variant; segment_bits[i] is the bit-width used in timestep segment i.
     Replacing an entry of `variants` after construction is not supported (the segment table holds refs).
     """
 
-    def __init__(self, variants: Iterable[QuantLinear], segment_bits: Sequence[int]) -> None:
+    def __init__(
+        self, variants: Iterable[QuantLinear] | Mapping[int, QuantLinear], segment_bits: Sequence[int]
+    ) -> None:
         super().__init__()
+        if isinstance(variants, Mapping):
+            wrong = {k: v.bits for k, v in variants.items() if k != v.bits}
+            if wrong:
+                raise PlanError(f"variants keyed by the wrong bit-width (key: bits): {wrong}")
+            variants = variants.values()
         by_bits: dict[int, QuantLinear] = {}
         for v in variants:
             if v.bits in by_bits:

@@ -156,7 +156,7 @@ class QuantizedWeight:
         if self.g_idx is not None:
             return self.g_idx
         cols = self.codes.shape[1]
-        return torch.arange(cols) // (self.group_size or cols)
+        return torch.arange(cols, device=self.codes.device) // (self.group_size or cols)
 
     def dequantize(self) -> Tensor:
         """The float32 [out, in] matrix these codes stand for."""

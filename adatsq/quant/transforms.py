@@ -34,7 +34,7 @@ def smooth_scales(act_absmax: Tensor, W: Tensor, alpha: float = 0.5) -> Tensor:
     """
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"smoothing alpha={alpha} must lie in [0, 1] (0.5 is the SmoothQuant default)")
-    a = act_absmax.detach().to(torch.float64).abs()
+    a = act_absmax.detach().to(device=W.device, dtype=torch.float64).abs()
     w = W.detach().to(torch.float64).abs().amax(dim=0)
     if a.shape != w.shape:
         raise ConfigError(f"act_absmax has shape {tuple(a.shape)}; expected [{w.shape[0]}] (in_features)")
@@ -177,6 +177,7 @@ def build_transform(
     if scheme.rotate:
         n, seed = W.shape[1], scheme.rotate_seed
         signs = torch.ones(n) if seed is None else random_signs(n, seed)
+        signs = signs.to(W.device)
     t = InputTransform(smooth=smooth, rotation_signs=signs)
     target = t.fold(W.detach().float())
     if scheme.lowrank_rank:

@@ -112,6 +112,8 @@ def test_timestep_layer_picks_variant():
     assert clone._segment_variants[1] is clone.variants["w8"]
     with pytest.raises(PlanError, match="segment 4"):
         layer.set_segment(4)
+    by_mapping = TimestepQuantLinear({3: variants[1], 8: variants[0]}, (8, 3))
+    assert torch.equal(by_mapping(x), outputs[8])
 
 
 def test_timestep_layer_rejects_inconsistent_plans():
@@ -124,6 +126,8 @@ def test_timestep_layer_rejects_inconsistent_plans():
         TimestepQuantLinear([v4, v8], (4, 4))
     with pytest.raises(PlanError):
         TimestepQuantLinear([v4, v4], (4,))
+    with pytest.raises(PlanError, match="wrong bit-width"):
+        TimestepQuantLinear({8: v4}, (8,))
     other = QuantLinear.from_quantized(rtn(W[:, :64], WeightScheme(8, 32)), b, ActScheme())
     with pytest.raises(PlanError, match="disagree"):
         TimestepQuantLinear([v4, other], (4, 8))
