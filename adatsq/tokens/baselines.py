@@ -95,8 +95,11 @@ class FastV(TokenReducer):
 def pdrop_stage_ratio(keep: float, stages: int) -> float:
     """Per-stage ratio λ such that the mean fraction of image tokens over the stages, (Σ_s λ^s)/S for
     s = 0..S-1, equals `keep`: PDrop then costs the same LM compute as pruning once to `keep`."""
-    if not 0 < keep <= 1 or stages < 1:
-        raise TokenReductionError(f"need keep in (0, 1] and stages >= 1, got keep={keep}, stages={stages}")
+    if stages < 1 or not 1 / stages < keep <= 1:
+        raise TokenReductionError(
+            f"PDrop with {stages} stages needs keep in (1/{stages}, 1] (its first stage keeps every token), "
+            f"got keep={keep}; use fewer stages or a larger keep"
+        )
     lo, hi = 0.0, 1.0
     for _ in range(60):
         mid = (lo + hi) / 2
@@ -136,12 +139,15 @@ class PDrop(TokenReducer):
     stage = "in_lm"
     needs = frozenset({"attention"})
 
-    def __init__(self, stages: int = 4, ratio: float = 0.5) -> None:
+    def __init__(self, stages: int = 4, ratio: float | None = None) -> None:
+        if stages < 1 or (ratio is not None and not 0 < ratio <= 1):
+            raise TokenReductionError(f"PDrop needs stages >= 1 and ratio in (0, 1], got {stages}, {ratio}")
         self.stages = int(stages)
-        self.ratio = float(ratio)
+        self.ratio = ratio  # None: derived from the keep ratio by pdrop_stage_ratio (same mean budget)
 
-    def schedule(self, n: int, n_layers: int) -> list[tuple[int, int]]:
-        return pdrop_schedule(n, n_layers, self.stages, self.ratio)
+    def schedule(self, n: int, n_layers: int, keep: float) -> list[tuple[int, int]]:
+        ratio = self.ratio if self.ratio is not None else pdrop_stage_ratio(keep, self.stages)
+        return pdrop_schedule(n, n_layers, self.stages, ratio)
 
     def _reduce(self, tokens: Tensor, context: ReductionContext, k: int) -> Reduced:
         assert context.attention is not None
