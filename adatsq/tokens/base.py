@@ -173,7 +173,7 @@ class TokenReducer(ABC):
                 raise TokenReductionError(
                     f"reducer {self.name!r} needs context.{field}, which is missing; the model's "
                     f"attention backend/adapter must expose it"
-                    + (" (use attn_implementation='eager')" if field in ("attention", "values") else "")
+                    + (" (use attn_implementation='eager')" if field == "attention" else "")
                 )
         k = keep_count(tokens.shape[0], context.keep, context.min_keep)
         return self._reduce(tokens, context, k)

@@ -73,10 +73,11 @@ class VNorm(TokenReducer):
 
 @REDUCERS.register("fastv")
 class FastV(TokenReducer):
-    """FastV: after LM layer `layer` (K=2), keep the K image tokens the last text token attends to most.
+    """FastV (K = `layer` = 2): layers 0..K-1 run on every token; entering layer K, keep the K image
+    tokens the last text token attended to most in layer K-1 (the K-th layer, mean over heads).
 
-    `context.attention` is that attention (averaged over heads) from the last query position at layer
-    `layer`; layers before it run on all tokens, which `flops.prefill_flops_staged` accounts for.
+    `context.attention` is that attention row over the image tokens; the layers before pruning
+    run on full tokens, which `flops.layer_seq_lens` counts.
     """
 
     name = "fastv"
