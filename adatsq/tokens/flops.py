@@ -102,7 +102,8 @@ def reducer_overhead_flops(method: str, n: int, d: int, k: int, **extra: int) ->
 
     g2tr: `vae_flops` (generation-encoder pass, required: the caller measures its model) + anchor
     projection (`m` anchors of `latent_dim` channels: 2·m·latent_dim·d; 0 when parameter-free)
-    + scores (token/anchor norms and dots) + merge similarity 2·n·k·d and cluster sums.
+    + scores (token/anchor norms and dots) + merge similarity of removed to kept tokens
+    2·(n-k)·k·d and cluster sums.
     fastv / pdrop: 0 here; their cost is the full tokens in the layers before pruning, which the
     caller counts with `layer_seq_lens`. vnorm: value norms (`dv`, default d). tome: the matching
     rounds (`r` pairs per round, 0 = as many as allowed). visionzip: target similarity + sums.
@@ -116,7 +117,7 @@ def reducer_overhead_flops(method: str, n: int, d: int, k: int, **extra: int) ->
         m = extra.get("m", 0)
         project = 2 * m * extra.get("latent_dim", 0) * d
         score = 2 * n * d * 3 + 2 * m * d  # token norms, dots, cosine; anchor norms
-        merge = 2 * n * d + 2 * n * k * d + 2 * n * d  # normalise, similarity, weighted sums
+        merge = 2 * n * d + 2 * (n - k) * k * d + 2 * n * d  # normalise, removed x kept similarity, sums
         return int(extra["vae_flops"]) + project + score + merge
     if method in ("fastv", "pdrop", "random"):
         return 0

@@ -153,9 +153,13 @@ def select(
 def assign(tokens: Tensor, kept: Tensor) -> Tensor:
     """Slot [N] of the retained token each token joins: itself if kept, else the most cosine-similar kept."""
     kept = kept.long()
-    normed = F.normalize(tokens.float(), dim=-1)
-    slot = (normed @ normed[kept].T).argmax(dim=1)  # [N]; ties -> lower slot
+    slot = torch.empty(tokens.shape[0], dtype=torch.long, device=tokens.device)
     slot[kept] = torch.arange(kept.numel(), device=tokens.device)
+    removed = torch.ones(tokens.shape[0], dtype=torch.bool, device=tokens.device)
+    removed[kept] = False
+    if bool(removed.any()):
+        normed = F.normalize(tokens.float(), dim=-1)
+        slot[removed] = (normed[removed] @ normed[kept].T).argmax(dim=1)  # ties -> lower slot
     return slot
 
 

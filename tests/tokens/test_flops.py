@@ -50,7 +50,7 @@ def test_fastv_counts_full_tokens_before_layer_k():
 
 def test_reducer_overhead_by_hand():
     n, d, k = 100, 16, 50
-    merge = 2 * n * d + 2 * n * k * d + 2 * n * d
+    merge = 2 * n * d + 2 * (n - k) * k * d + 2 * n * d
     score = 6 * n * d + 2 * 25 * d
     assert reducer_overhead_flops("g2tr", n, d, k, vae_flops=1000, m=25, latent_dim=64) == (
         1000 + 2 * 25 * 64 * d + score + merge
