@@ -143,7 +143,9 @@ def save_checkpoint(qmodel: QuantizedModel, directory: Path, overwrite: bool = F
 
 def read_config(directory: Path) -> dict[str, Any]:
     if not directory.is_dir():
-        raise CheckpointError(f"checkpoint folder {str(directory)!r} not found; create it with `adatsq quantize`")
+        raise CheckpointError(
+            f"checkpoint folder {str(directory)!r} not found; create it with `adatsq quantize`"
+        )
     path = directory / CONFIG
     if not path.is_file():
         raise CheckpointError(f"{str(directory)!r} is not an adatsq checkpoint: {CONFIG} is missing")
@@ -213,18 +215,26 @@ def load_checkpoint(directory: str | Path) -> tuple[ModelAdapter, dict[str, Any]
         for bits, state in grouped[name].items():
             used.update(variant_prefix(name, bits) + key for key in state)
             try:
-                variants[bits] = QuantLinear.from_state(
-                    state, bits=bits, group_size=layer["group_size"], in_features=layer["in_features"], act=act
-                )
-            except (KeyError, ValueError, RuntimeError) as err:
+                state = dict(state)
+                variants[bits] = QuantLinear.from_tensors(
+                    state.pop("qweight"), state.pop("scales"), state.pop("zeros"), state.pop("g_idx", None),
+                    state.pop("bias", None), bits, layer["group_size"], layer["in_features"], act, **state,
+                )  # fmt: skip
+            except (KeyError, ValueError, RuntimeError, TypeError) as err:
                 raise CheckpointError(
                     f"tensors of layer {name!r} ({bits}-bit) do not match the config: {err}"
                 ) from None
         if (variants[min(variants)].out_features, variants[min(variants)].in_features) != tuple(
             original.weight.shape
         ):
-            raise CheckpointError(f"layer {name!r} has shape {tuple(original.weight.shape)} in the base model")
-        module = variants[min(variants)] if len(variants) == 1 else TimestepQuantLinear(variants, layer["bits"])
+            raise CheckpointError(
+                f"layer {name!r} has shape {tuple(original.weight.shape)} in the base model"
+            )
+        module = (
+            variants[min(variants)]
+            if len(variants) == 1
+            else TimestepQuantLinear(variants.values(), layer["bits"])
+        )
         set_module(denoiser, name, module)
     rest = {k: v for k, v in tensors.items() if k not in used}
     missing, unexpected = denoiser.load_state_dict(rest, strict=False)
@@ -232,7 +242,8 @@ def load_checkpoint(directory: str | Path) -> tuple[ModelAdapter, dict[str, Any]
     missing = [k for k in missing if not k.startswith(quantized_keys)]
     if missing or unexpected:
         raise CheckpointError(
-            f"{directory / WEIGHTS} does not match its config: missing {missing[:3]}, unexpected {unexpected[:3]}"
+            f"{directory / WEIGHTS} does not match its config: "
+            f"missing {missing[:3]}, unexpected {unexpected[:3]}"
         )
     segments = SegmentMap(tuple(tuple(r) for r in config["segment_steps"]), tuple(config["timesteps"]))
     attach_segment_switching(adapter, segments)

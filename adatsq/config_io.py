@@ -25,7 +25,8 @@ def from_mapping(cls: type[T], data: Any, where: str) -> T:
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed keys: {', '.join(sorted(fields))}"
+            f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; "
+            f"allowed keys: {', '.join(sorted(fields))}"
         )
     hints = typing.get_type_hints(cls)
     values = {name: _coerce(hints[name], value, f"{where}.{name}") for name, value in data.items()}
@@ -71,13 +72,14 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
             return tuple(_coerce(args[0], item, f"{where}[{i}]") for i, item in enumerate(value))
         if len(args) != len(value):
             raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-        return tuple(_coerce(arg, item, f"{where}[{i}]") for i, (arg, item) in enumerate(zip(args, value)))
+        return tuple(_coerce(arg, item, f"{where}[{i}]") for i, (arg, item) in enumerate(zip(args, value, strict=True)))
     if origin is dict:
         key_type, value_type = typing.get_args(hint)
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return {
-            _coerce(key_type, k, f"{where} key"): _coerce(value_type, v, f"{where}.{k}") for k, v in value.items()
+            _coerce(key_type, k, f"{where} key"): _coerce(value_type, v, f"{where}.{k}")
+            for k, v in value.items()
         }
     if origin is typing.Literal:
         allowed = typing.get_args(hint)

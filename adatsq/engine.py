@@ -26,6 +26,7 @@ from adatsq.quant.gptq import gptq
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear
 from adatsq.quant.rtn import rtn
 from adatsq.quant.scheme import ActScheme, QuantizedWeight, WeightScheme
+from adatsq.quant.transforms import InputTransform, build_transform, transform_hessian
 from adatsq.recipe import Recipe
 from adatsq.timesteps import SegmentMap, install_segment_hook
 
@@ -76,33 +77,48 @@ def select_layers(denoiser: nn.Module, recipe: Recipe) -> dict[str, nn.Linear]:
     return layers
 
 
-def solve_layer(
-    weight: torch.Tensor, hessian: torch.Tensor | None, scheme: WeightScheme, recipe: Recipe
-) -> tuple[QuantizedWeight, dict[str, float]]:
-    """One variant of one layer: GPTQ when a Hessian is given, round-to-nearest otherwise."""
+@dataclass
+class Variant:
+    """One solved bit-width of one layer: codes, the input transform it was solved in, solver info."""
+
+    weight: QuantizedWeight
+    transform: InputTransform
+    info: dict[str, float]
+
+    def module(self, bias: torch.Tensor | None, act: ActScheme) -> QuantLinear:
+        return QuantLinear.from_quantized(self.weight, bias, act, transform=self.transform)
+
+
+def solve_variant(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    act_absmax: torch.Tensor | None,
+    scheme: WeightScheme,
+    recipe: Recipe,
+) -> Variant:
+    """One variant: outlier transforms first, then GPTQ on the transformed Hessian (RTN without one)."""
+    target, transform = build_transform(weight, recipe.outliers, act_absmax)
     if hessian is None:
-        return rtn(weight, scheme), {}
+        return Variant(rtn(target, scheme), transform, {})
     result = gptq(
-        weight,
-        hessian,
+        target,
+        transform_hessian(hessian, transform),
         scheme,
         damp=recipe.gptq.damping,
         act_order=recipe.gptq.act_order,
         block_size=recipe.gptq.block_size,
     )
     info = {"loss": result.loss, "damp": result.damp, "damp_escalations": result.damp_escalations}
-    return result.weight, info
+    return Variant(result.weight, transform, info)
 
 
 def build_layer(
-    linear: nn.Linear, spec: LayerSpec, variants: dict[int, QuantizedWeight], act: ActScheme
+    linear: nn.Linear, spec: LayerSpec, variants: dict[int, Variant], act: ActScheme
 ) -> nn.Module:
     """QuantLinear for a single bit-width, TimestepQuantLinear when the row switches bits."""
-    bias = None if linear.bias is None else linear.bias.detach().clone()
-    modules = {b: QuantLinear.from_quantized(qw, bias, act) for b, qw in variants.items()}
-    if len(modules) == 1:
-        return next(iter(modules.values()))
-    return TimestepQuantLinear(modules, spec.bits)
+    bias = None if linear.bias is None else linear.bias.detach()
+    modules = [variant.module(bias, act) for variant in variants.values()]
+    return modules[0] if len(modules) == 1 else TimestepQuantLinear(modules, spec.bits)
 
 
 def set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -126,16 +142,18 @@ def attach_segment_switching(adapter: ModelAdapter, segments: SegmentMap) -> Non
     install_segment_hook(adapter, segments, on_call)
 
 
-def _layer_hessians(
-    stats: LayerStats, spec: LayerSpec, segment_weights: torch.Tensor | None
-) -> dict[int, torch.Tensor]:
-    """H per distinct bit-width: Σ over the segments that use it of w_s · XᵀX_s / n_s."""
-    hessians = {}
-    for bits in sorted(set(spec.bits)):
-        mask = torch.tensor([b == bits for b in spec.bits], dtype=torch.float64)
-        weights = mask if segment_weights is None else mask * segment_weights.to(torch.float64)
-        hessians[bits] = stats.hessian(weights / weights.sum() if weights.sum() > 0 else mask / mask.sum())
-    return hessians
+def segment_mask(spec: LayerSpec, bits: int) -> torch.Tensor:
+    return torch.tensor([b == bits for b in spec.bits])
+
+
+def variant_statistics(
+    stats: LayerStats, mask: torch.Tensor, segment_weights: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, channel absmax) of the segments in `mask`: H = Σ w_s · XᵀX_s / n_s, weights renormalised."""
+    weights = mask.to(torch.float64)
+    if segment_weights is not None and float((segment_weights * mask).sum()) > 0:
+        weights = weights * segment_weights.to(torch.float64)
+    return stats.hessian(weights / weights.sum()), stats.absmax[mask].amax(dim=0)
 
 
 def quantize(
@@ -155,6 +173,7 @@ def quantize(
     Precomputed `stats` skip calibration (the planner already ran it).
     """
     adapter = adapter_for(model)
+    adapter.denoiser().eval()  # calibration and solves see inference behaviour (no label dropout)
     layers = select_layers(adapter.denoiser(), recipe)
     groups = len(next(iter(layer_bits.values()))) if layer_bits else recipe.calibration.segments
     segments = SegmentMap.from_schedule(adapter.step_timesteps(recipe.calibration.steps), groups)
@@ -167,14 +186,22 @@ def quantize(
         for name in layers
     }
     timings: dict[str, float] = {}
-    if recipe.method != "rtn" and stats is None:
+    needs_stats = recipe.method != "rtn" or recipe.outliers.smooth_alpha is not None
+    if needs_stats and stats is None:
         start = time.perf_counter()
-        inputs = list(calibration) if calibration is not None else adapter.default_inputs(
-            recipe.calibration.samples, recipe.calibration.seed
+        inputs = (
+            list(calibration)
+            if calibration is not None
+            else adapter.default_inputs(recipe.calibration.samples, recipe.calibration.seed)
         )
         stats = collect_stats(
-            adapter, layers, segments, inputs,
-            batch_size=recipe.calibration.batch_size, seed=recipe.calibration.seed, progress=progress,
+            adapter,
+            layers,
+            segments,
+            inputs,
+            batch_size=recipe.calibration.batch_size,
+            seed=recipe.calibration.seed,
+            progress=progress,
         )
         timings["calibration_seconds"] = time.perf_counter() - start
 
@@ -183,13 +210,18 @@ def quantize(
     denoiser = adapter.denoiser()
     for name, linear in tqdm(layers.items(), desc="quantizing", unit="layer", disable=not progress):
         spec = specs[name]
-        weight = linear.weight.detach().float()
-        hessians = _layer_hessians(stats[name], spec, segment_weights) if stats is not None else {}
-        variants, infos = {}, {}
+        variants = {}
         for bits in sorted(set(spec.bits)):
-            variants[bits], infos[f"w{bits}"] = solve_layer(weight, hessians.get(bits), spec.scheme(bits), recipe)
+            hessian = absmax = None
+            if stats is not None:
+                hessian, absmax = variant_statistics(stats[name], segment_mask(spec, bits), segment_weights)
+            if recipe.method == "rtn":
+                hessian = None
+            variants[bits] = solve_variant(
+                linear.weight.detach().float(), hessian, absmax, spec.scheme(bits), recipe
+            )
         set_module(denoiser, name, build_layer(linear, spec, variants, recipe.activation))
-        layer_reports[name] = infos
+        layer_reports[name] = {f"w{bits}": variant.info for bits, variant in variants.items()}
     timings["quantize_seconds"] = time.perf_counter() - start
     attach_segment_switching(adapter, segments)
     log.info("quantized %d layers (%s)", len(layers), recipe.method)

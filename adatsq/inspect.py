@@ -9,13 +9,23 @@ from safetensors import safe_open
 from adatsq.checkpoint import WEIGHTS, read_config, variant_prefix
 from adatsq.errors import CheckpointError
 
-
-DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F16": 2, "BF16": 2, "I16": 2, "F32": 4, "I32": 4, "F64": 8, "I64": 8}
+DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "F32": 4,
+    "I32": 4,
+    "F64": 8,
+    "I64": 8,
+}
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in [header, *rows]]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in [header, *rows]]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -42,7 +52,7 @@ def inspect_checkpoint(directory: Path) -> str:
     act = config["activation"]["bits"]
     rows, quantized_bytes = [], 0
     for name, layer in config["layers"].items():
-        prefixes = tuple(variant_prefix(name, b) for b in set(layer["bits"])) + (f"{name}.bias",)
+        prefixes = (*(variant_prefix(name, b) for b in set(layer["bits"])), f"{name}.bias")
         nbytes = sum(size for key, size in sizes.items() if key.startswith(prefixes))
         quantized_bytes += nbytes
         scheme = f"{'sym' if layer['symmetric'] else 'asym'} W{'/'.join(map(str, layer['bits']))}" + (

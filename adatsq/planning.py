@@ -22,14 +22,24 @@ from tqdm.auto import tqdm
 from adatsq.calibrate.capture import LayerStats
 from adatsq.calibrate.fisher import fisher_weights, segment_weights
 from adatsq.calibrate.runner import collect_stats
-from adatsq.engine import LayerSpec, select_layers, set_module, solve_layer
+from adatsq.engine import (
+    LayerSpec,
+    QuantizedModel,
+    Variant,
+    quantize,
+    select_layers,
+    set_module,
+    solve_variant,
+    variant_statistics,
+)
 from adatsq.errors import ConfigError
 from adatsq.models.base import ModelAdapter
 from adatsq.models.resolve import adapter_for
-from adatsq.plan.problem import PlanProblem
-from adatsq.plan.schema import LayerInfo, PartialPlan
+from adatsq.plan.beam import METHODS
+from adatsq.plan.problem import PlanProblem, SearchConfig, SearchResult
+from adatsq.plan.schema import Budget, LayerInfo, PartialPlan, Plan, check_plan_matches
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear
-from adatsq.quant.scheme import QuantizedWeight
+from adatsq.quant.transforms import transform_hessian
 from adatsq.recipe import Recipe
 from adatsq.timesteps import SegmentMap, install_segment_hook
 
@@ -54,7 +64,9 @@ class Calibration:
         return segment_weights(self.step_weights, self.segments.step_ranges)
 
 
-def calibrate(model: Any, recipe: Recipe, inputs: Sequence[Any] | None = None, progress: bool = True) -> Calibration:
+def calibrate(
+    model: Any, recipe: Recipe, inputs: Sequence[Any] | None = None, progress: bool = True
+) -> Calibration:
     """Per-segment statistics plus temporal Fisher weights (uniform when the recipe turns Fisher off)."""
     start = time.perf_counter()
     adapter = adapter_for(model)
@@ -62,7 +74,9 @@ def calibrate(model: Any, recipe: Recipe, inputs: Sequence[Any] | None = None, p
     layers = select_layers(adapter.denoiser(), recipe)
     segments = SegmentMap.from_schedule(adapter.step_timesteps(cal.steps), cal.segments)
     inputs = list(inputs) if inputs is not None else adapter.default_inputs(cal.samples, cal.seed)
-    stats = collect_stats(adapter, layers, segments, inputs, batch_size=cal.batch_size, seed=cal.seed, progress=progress)
+    stats = collect_stats(
+        adapter, layers, segments, inputs, batch_size=cal.batch_size, seed=cal.seed, progress=progress
+    )
     if recipe.planner.fisher:
         fisher_inputs = inputs[: recipe.planner.fisher_samples]
         step_weights, method = fisher_weights(
@@ -94,30 +108,43 @@ def layer_infos(calibration: Calibration, recipe: Recipe) -> list[LayerInfo]:
 
 def solve_candidates(
     calibration: Calibration, recipe: Recipe, bits: Sequence[int], progress: bool = True
-) -> dict[str, dict[int, QuantizedWeight]]:
-    """Every layer at every candidate bit-width, GPTQ on the Fisher-weighted Hessian of all segments."""
+) -> dict[str, dict[int, Variant]]:
+    """Every layer at every candidate bit-width, solved on the Fisher-weighted statistics of all segments."""
     weights = calibration.weights if recipe.planner.fisher else None
-    variants: dict[str, dict[int, QuantizedWeight]] = {}
-    for name, linear in tqdm(calibration.layers.items(), desc="candidates", unit="layer", disable=not progress):
-        hessian = calibration.stats[name].hessian(weights) if recipe.method != "rtn" else None
+    everywhere = torch.ones(calibration.segments.count, dtype=torch.bool)
+    variants: dict[str, dict[int, Variant]] = {}
+    for name, linear in tqdm(
+        calibration.layers.items(), desc="candidates", unit="layer", disable=not progress
+    ):
+        hessian, absmax = variant_statistics(calibration.stats[name], everywhere, weights)
         spec = LayerSpec((bits[0],), recipe.weight.group_size, recipe.weight.symmetric)
-        variants[name] = {b: solve_layer(linear.weight.detach().float(), hessian, spec.scheme(b), recipe)[0] for b in bits}
+        W = linear.weight.detach().float()
+        variants[name] = {b: solve_variant(W, hessian, absmax, spec.scheme(b), recipe) for b in bits}
     return variants
 
 
 def error_table(
-    calibration: Calibration, variants: dict[str, dict[int, QuantizedWeight]], bits: Sequence[int], fisher: bool
+    calibration: Calibration, variants: dict[str, dict[int, Variant]], bits: Sequence[int], fisher: bool
 ) -> np.ndarray:
-    """E[l, s, b] = w_s · tr((W − Q_b) H_{l,s} (W − Q_b)ᵀ) with H_{l,s} the segment's mean XᵀX."""
-    seg_w = calibration.weights if fisher else torch.full((calibration.segments.count,), 1 / calibration.segments.count)
-    table = np.zeros((len(variants), calibration.segments.count, len(bits)))
-    for l, (name, by_bits) in enumerate(variants.items()):
-        W = calibration.layers[name].weight.detach().double()
+    """E[l, s, b] = w_s · tr((W − Q_b) H_{l,s} (W − Q_b)ᵀ) with H_{l,s} the segment's mean XᵀX.
+
+    Q_b is compared in the variant's own input basis (smoothed / rotated), with H transformed alike.
+    """
+    count = calibration.segments.count
+    seg_w = calibration.weights if fisher else torch.full((count,), 1 / count)
+    table = np.zeros((len(variants), count, len(bits)))
+    for row, (name, by_bits) in enumerate(variants.items()):
+        W = calibration.layers[name].weight.detach().float()
         stats = calibration.stats[name]
         for b, bit in enumerate(bits):
-            D = W - by_bits[bit].dequantize().double()
-            for s in range(calibration.segments.count):
-                table[l, s, b] = float(seg_w[s]) * float(((D @ stats.segment_hessian(s)) * D).sum())
+            variant = by_bits[bit]
+            target = variant.transform.fold(W).double()
+            if variant.transform.lowrank_a is not None:
+                target = target - variant.transform.lowrank_b.double() @ variant.transform.lowrank_a.double()
+            D = target - variant.weight.dequantize().double()
+            for s in range(count):
+                H = transform_hessian(stats.segment_hessian(s), variant.transform)
+                table[row, s, b] = float(seg_w[s]) * float(((D @ H) * D).sum())
     return table
 
 
@@ -135,7 +162,7 @@ class TrajectoryMeter:
     def __init__(
         self,
         calibration: Calibration,
-        variants: dict[str, dict[int, QuantizedWeight]],
+        variants: dict[str, dict[int, Variant]],
         recipe: Recipe,
         inputs: Sequence[Any],
         seed: int,
@@ -149,9 +176,7 @@ class TrajectoryMeter:
         self.switching: dict[str, dict[int, QuantLinear]] = {}
         for name, linear in calibration.layers.items():
             bias = None if linear.bias is None else linear.bias.detach().clone()
-            self.switching[name] = {
-                b: QuantLinear.from_quantized(qw, bias, recipe.activation) for b, qw in variants[name].items()
-            }
+            self.switching[name] = {b: v.module(bias, recipe.activation) for b, v in variants[name].items()}
         self.calls = 0
 
     def _trajectory(self, stop_after: int | None = None) -> dict[int, torch.Tensor]:
@@ -164,7 +189,9 @@ class TrajectoryMeter:
 
         try:
             with torch.no_grad():
-                self.adapter.generate(self.inputs, seed=self.seed, num_steps=self.num_steps, step_callback=record)
+                self.adapter.generate(
+                    self.inputs, seed=self.seed, num_steps=self.num_steps, step_callback=record
+                )
         except _StopSampling:
             pass
         return latents
@@ -175,7 +202,7 @@ class TrajectoryMeter:
         modules = {}
         for name, row in partial.bits.items():
             full_row = tuple(row) + (row[-1],) * (self.segments.count - covered)
-            modules[name] = TimestepQuantLinear({b: self.switching[name][b] for b in set(full_row)}, full_row)
+            modules[name] = TimestepQuantLinear([self.switching[name][b] for b in set(full_row)], full_row)
             set_module(denoiser, name, modules[name])
 
         def on_call(segment: int, step: int) -> None:
@@ -200,7 +227,9 @@ def build_problem(
     infos = layer_infos(calibration, recipe)
     pinned = {info.name: recipe.planner.pin_bits for info in infos if recipe.planner.pins(info.name)}
     if pinned and recipe.planner.pin_bits not in bits:
-        raise ConfigError(f"planner.pin_bits {recipe.planner.pin_bits} must be one of the candidates {list(bits)}")
+        raise ConfigError(
+            f"planner.pin_bits {recipe.planner.pin_bits} must be one of the candidates {list(bits)}"
+        )
     return PlanProblem(
         layers=infos,
         error_table=table,
@@ -219,3 +248,59 @@ def model_fingerprint(layers: dict[str, nn.Linear]) -> str:
 
     text = ";".join(f"{n}:{m.out_features}x{m.in_features}" for n, m in layers.items())
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass
+class Planner:
+    """One calibrated model ready to search: reused across budgets (frontier sweeps) and methods."""
+
+    calibration: Calibration
+    recipe: Recipe
+    problem: PlanProblem
+    meter: TrajectoryMeter | None
+    table_seconds: float
+
+    @classmethod
+    def prepare(
+        cls, model: Any, recipe: Recipe, inputs: Sequence[Any] | None = None, progress: bool = True
+    ) -> Planner:
+        calibration = calibrate(model, recipe, inputs, progress)
+        start = time.perf_counter()
+        bits = tuple(sorted(set(recipe.planner.candidates) | {recipe.planner.pin_bits}))
+        variants = solve_candidates(calibration, recipe, bits, progress)
+        table = error_table(calibration, variants, bits, recipe.planner.fisher)
+        problem = build_problem(calibration, recipe, table, bits, model_fingerprint(calibration.layers))
+        meter = None
+        if recipe.planner.measure:
+            measure_inputs = calibration.adapter.default_inputs(
+                recipe.planner.measure_samples, recipe.calibration.seed + 1
+            )
+            meter = TrajectoryMeter(
+                calibration, variants, recipe, measure_inputs, seed=recipe.calibration.seed + 1
+            )
+        return cls(calibration, recipe, problem, meter, time.perf_counter() - start)
+
+    def search(self, budget: Budget, method: str | None = None) -> SearchResult:
+        planner = self.recipe.planner
+        config = SearchConfig(
+            beam_width=planner.beam_width,
+            proposals_per_stage=planner.proposals_per_stage,
+            candidates=tuple(sorted(planner.candidates)),
+        )
+        return METHODS.get(method or planner.search)(self.problem, budget, config, self.meter)
+
+    def quantize(self, plan: Plan, progress: bool = True) -> QuantizedModel:
+        """Final solve: per layer and distinct bits, GPTQ on the Fisher-weighted Hessian of its segments."""
+        check_plan_matches(plan, list(self.calibration.layers), len(self.calibration.segments.timesteps))
+        weights = self.calibration.weights if self.recipe.planner.fisher else None
+        qmodel = quantize(
+            self.calibration.adapter,
+            self.recipe,
+            layer_bits=plan.layers,
+            segment_weights=weights,
+            stats=self.calibration.stats,
+            progress=progress,
+        )
+        qmodel.report["calibration_seconds"] = self.calibration.seconds
+        qmodel.report["plan"] = {"metrics": plan.metrics, "fisher_weights": plan.fisher_weights}
+        return qmodel

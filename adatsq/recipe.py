@@ -12,6 +12,7 @@ import yaml
 from adatsq.config_io import from_mapping, to_mapping
 from adatsq.errors import ConfigError
 from adatsq.quant.scheme import WEIGHT_BITS, ActScheme, WeightScheme
+from adatsq.quant.transforms import TransformScheme
 
 METHODS = ("rtn", "gptq", "adatsq")
 BUDGET_KINDS = ("avg_bits", "bops", "bytes")
@@ -58,7 +59,9 @@ def parse_budget(text: str) -> tuple[str, float]:
     try:
         return kind.strip(), float(value) if sep else float("nan")
     except ValueError:
-        raise ConfigError(f"budget {text!r} must look like KIND=VALUE, e.g. avg_bits=4.0 or bytes=2e6") from None
+        raise ConfigError(
+            f"budget {text!r} must look like KIND=VALUE, e.g. avg_bits=4.0 or bytes=2e6"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -79,9 +82,13 @@ class PlannerConfig:
 
     def __post_init__(self) -> None:
         if not self.candidates or any(b not in WEIGHT_BITS for b in self.candidates):
-            raise ConfigError(f"planner.candidates {list(self.candidates)} must be drawn from {list(WEIGHT_BITS)}")
+            raise ConfigError(
+                f"planner.candidates {list(self.candidates)} must be drawn from {list(WEIGHT_BITS)}"
+            )
         if self.pin_bits not in WEIGHT_BITS:
-            raise ConfigError(f"planner.pin_bits={self.pin_bits} is not supported; allowed: {list(WEIGHT_BITS)}")
+            raise ConfigError(
+                f"planner.pin_bits={self.pin_bits} is not supported; allowed: {list(WEIGHT_BITS)}"
+            )
         kind, value = parse_budget(self.budget)
         if kind not in BUDGET_KINDS or not value > 0:
             raise ConfigError(
@@ -117,6 +124,8 @@ class Recipe:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
+    # outlier handling for low-bit activations: smoothing (smooth_alpha), Hadamard rotation, low-rank branch
+    outliers: TransformScheme = field(default_factory=TransformScheme)
 
     def __post_init__(self) -> None:
         for pattern in (*self.targets, *self.ignore):
@@ -124,7 +133,9 @@ class Recipe:
 
     def selects(self, name: str) -> bool:
         """Whether a Linear layer called `name` is quantized by this recipe."""
-        return any(re.search(p, name) for p in self.targets) and not any(re.search(p, name) for p in self.ignore)
+        return any(re.search(p, name) for p in self.targets) and not any(
+            re.search(p, name) for p in self.ignore
+        )
 
     def to_dict(self) -> dict:
         return to_mapping(self)

@@ -42,7 +42,7 @@ class SegmentMap:
                 f"segments cover {self.step_ranges[-1][1]} steps but the sampler runs {len(self.timesteps)}; "
                 "make the plan for the same number of steps"
             )
-        for (_, end), (start, _) in zip(self.step_ranges, self.step_ranges[1:]):
+        for (_, end), (start, _) in zip(self.step_ranges, self.step_ranges[1:], strict=False):
             if end != start:
                 raise PlanError(f"segments {list(self.step_ranges)} are not contiguous")
 

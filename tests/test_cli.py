@@ -98,6 +98,13 @@ def test_bad_calibration_file(recipe_file, tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text("3\nseven\n")
     result = run_cli(
-        "quantize", "reference", "--recipe", str(recipe_file), "--out", str(tmp_path / "o"), "--calib", str(calib)
+        "quantize",
+        "reference",
+        "--recipe",
+        str(recipe_file),
+        "--out",
+        str(tmp_path / "o"),
+        "--calib",
+        str(calib),
     )
     assert_user_error(result, "'seven' is not a class label")

@@ -30,7 +30,10 @@ def test_minimal_recipe_gets_defaults():
         ({"method": "gptq", "weight": {"bits": 4}, "activation": {"bits": 6}}, "activation bits=6"),
         ({"method": "gptq", "weight": {"bits": 4}, "gptq": {"act_order": "yes"}}, "expected bool"),
         ({"method": "gptq", "weight": {"bits": 4}, "targets": ["("]}, "invalid regex"),
-        ({"method": "gptq", "weight": {"bits": 4}, "calibration": {"steps": 4, "segments": 8}}, "cannot exceed"),
+        (
+            {"method": "gptq", "weight": {"bits": 4}, "calibration": {"steps": 4, "segments": 8}},
+            "cannot exceed",
+        ),
         ({"weight": {"bits": 4}}, "method"),
         (["not", "a", "mapping"], "expected a mapping"),
     ],

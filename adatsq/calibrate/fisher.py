@@ -49,7 +49,9 @@ class _OutputProbe:
         return shifted
 
 
-def _gradient_sensitivity(adapter: ModelAdapter, chunk: Sequence[Any], seed: int, num_steps: int) -> torch.Tensor:
+def _gradient_sensitivity(
+    adapter: ModelAdapter, chunk: Sequence[Any], seed: int, num_steps: int
+) -> torch.Tensor:
     probe = _OutputProbe(adapter.denoiser())
     try:
         with torch.enable_grad():
@@ -93,9 +95,13 @@ def fisher_weights(
     if not inputs:
         raise CalibrationError("the calibration set is empty; Fisher weights need at least one input")
     total, method = torch.zeros(num_steps, dtype=torch.float64), "gradient"
-    for i, chunk in enumerate(tqdm(batches(inputs, batch_size), desc="fisher", unit="batch", disable=not progress)):
+    for i, chunk in enumerate(
+        tqdm(batches(inputs, batch_size), desc="fisher", unit="batch", disable=not progress)
+    ):
         try:
-            per_step = _gradient_sensitivity(adapter, chunk, seed + i, num_steps) if method == "gradient" else None
+            per_step = (
+                _gradient_sensitivity(adapter, chunk, seed + i, num_steps) if method == "gradient" else None
+            )
         except NotImplementedError:
             method = "perturbation"
             per_step = None

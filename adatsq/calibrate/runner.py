@@ -48,5 +48,7 @@ def collect_stats(
     finally:
         handle.remove()
     capture.check_filled()
-    log.info("calibrated %d layers on %d inputs × %d steps", len(layers), len(inputs), len(segments.timesteps))
+    log.info(
+        "calibrated %d layers on %d inputs × %d steps", len(layers), len(inputs), len(segments.timesteps)
+    )
     return capture.stats

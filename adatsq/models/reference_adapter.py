@@ -33,7 +33,9 @@ class ReferenceAdapter(ModelAdapter):
 
     family = "reference"
 
-    def __init__(self, pipeline: DigitsPipeline | None = None, sampling: ReferenceSampling | None = None) -> None:
+    def __init__(
+        self, pipeline: DigitsPipeline | None = None, sampling: ReferenceSampling | None = None
+    ) -> None:
         self.pipeline = pipeline if pipeline is not None else reference_pipeline()
         self.sampling = sampling or ReferenceSampling()
 
@@ -102,6 +104,8 @@ class ReferenceAdapter(ModelAdapter):
         if not path.is_file():
             raise CheckpointError(f"{path} is missing; the checkpoint folder is incomplete: re-run quantize")
         config = json.loads(path.read_text())
-        transformer = build_transformer({k: v for k, v in config["transformer"].items() if k in REFERENCE_CONFIG})
+        transformer = build_transformer(
+            {k: v for k, v in config["transformer"].items() if k in REFERENCE_CONFIG}
+        )
         pipeline = DigitsPipeline(transformer=transformer.eval(), scheduler=build_scheduler())
         return cls(pipeline, ReferenceSampling(config["num_steps"], config["guidance_scale"]))
