@@ -9,9 +9,11 @@ Grid conventions (one place, so RTN, GPTQ, checkpoints and QuantLinear agree bit
   (the GPTQ / AutoGPTQ convention: all ``2**bits`` codes are usable, the most positive value clips
   by half a step).
 * Zero points are stored as ``uint8`` (they are integers in ``[0, 2**bits - 1]``).
-* Scales are rounded to float16 when they are computed (and clamped to ``[SCALE_MIN, float16 max]``):
-  checkpoints and QuantLinear store them in float16, and rounding up front means GPTQ optimises (and
-  reports the loss of) exactly the weights that run.
+* Scales are rounded UP to float16 when they are computed (clamped to ``[SCALE_MIN, float16 max]``):
+  checkpoints and QuantLinear store them in float16, rounding up front means GPTQ optimises (and
+  reports the loss of) exactly the weights that run, and rounding up means the grid never clips the
+  group's range (beyond the half step of the symmetric convention). Groups with absmax below ~1e-5
+  fall into float16 subnormals and get a relatively coarser scale.
 * Groups run along the input dimension: column ``j`` belongs to group ``j // group_size``; when
   ``in_features`` is not a multiple of ``group_size`` the last group is partial (no error).
 """
@@ -28,7 +30,7 @@ from adatsq.errors import ConfigError
 WEIGHT_BITS = (2, 3, 4, 6, 8)
 ACT_BITS = (4, 8)
 RECOMMENDED_GROUP_SIZES = (None, 32, 64, 128)
-SCALE_MIN = 2.0**-14  # smallest normal float16: smaller scales would lose precision when stored
+SCALE_MIN = 2.0**-24  # smallest (subnormal) float16; a scale is never 0, so w / scale stays finite
 _SCALE_MAX = 65504.0  # largest float16
 
 
@@ -75,6 +77,13 @@ def n_groups(in_features: int, group_size: int | None) -> int:
     return 1 if group_size is None else -(-in_features // group_size)
 
 
+def _round_up_to_float16(scale: Tensor) -> Tensor:
+    """Smallest float16 >= scale (as float64): the stored grid always covers the group's range."""
+    half = scale.to(torch.float16)
+    inf = torch.tensor(float("inf"), dtype=torch.float16, device=scale.device)
+    return torch.where(half.double() < scale, torch.nextafter(half, inf), half).double()
+
+
 def compute_qparams(W: Tensor, scheme: WeightScheme) -> tuple[Tensor, Tensor]:
     """Min-max scale and integer zero point per row of `W` [rows, cols] -> (scale, zero), float32 [rows]."""
     maxq = 2**scheme.bits - 1
@@ -84,7 +93,7 @@ def compute_qparams(W: Tensor, scheme: WeightScheme) -> tuple[Tensor, Tensor]:
     else:
         xmin = W.amin(dim=1).clamp(max=0.0)
         scale = (W.amax(dim=1).clamp(min=0.0) - xmin) / maxq
-    scale = scale.clamp(SCALE_MIN, _SCALE_MAX).to(torch.float16).to(torch.float64)
+    scale = _round_up_to_float16(scale.clamp(SCALE_MIN, _SCALE_MAX))
     if scheme.symmetric:
         zero = torch.full_like(scale, float(2 ** (scheme.bits - 1)))
     else:

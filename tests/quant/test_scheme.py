@@ -120,3 +120,14 @@ def test_fake_quant_activation():
     assert bool(torch.allclose(y8.abs().amax(-1), x.abs().amax(-1)))
     assert fake_quant_activation(x.bfloat16(), ActScheme(8)).dtype == torch.bfloat16
     assert bool((fake_quant_activation(torch.zeros(3, 8), ActScheme(4)) == 0).all())
+
+
+@pytest.mark.parametrize("magnitude", [1e-5, 1e-3, 1.0, 300.0])
+def test_rtn_relative_error_independent_of_weight_scale(magnitude):
+    """float16 scales are rounded up and may be subnormal: tiny and large layers quantize alike."""
+    torch.manual_seed(4)
+    W = torch.randn(16, 64) * magnitude
+    for symmetric in (True, False):
+        qw = rtn(W, WeightScheme(8, 32, symmetric))
+        assert torch.isfinite(qw.scales).all() and bool((qw.scales > 0).all())
+        assert float((qw.dequantize() - W).norm() / W.norm()) < 0.01
