@@ -96,10 +96,10 @@ class FastV(TokenReducer):
 def pdrop_stage_ratio(keep: float, stages: int) -> float:
     """Per-stage ratio λ such that the mean fraction of image tokens over the stages, (Σ_s λ^s)/S for
     s = 0..S-1, equals `keep`: PDrop then costs the same LM compute as pruning once to `keep`."""
-    if stages < 1 or not 1 / stages < keep <= 1:
+    if stages < 1 or not 1 / stages <= keep <= 1:
         raise TokenReductionError(
-            f"PDrop with {stages} stages needs keep in (1/{stages}, 1] (its first stage keeps every token), "
-            f"got keep={keep}; use fewer stages or a larger keep"
+            f"PDrop with {stages} stages needs keep in [1/{stages}, 1] (its first stage keeps every token; "
+            f"at 1/{stages} later stages keep 1 token), got keep={keep}; use fewer stages or a larger keep"
         )
     lo, hi = 0.0, 1.0
     for _ in range(60):

@@ -218,8 +218,10 @@ def test_pdrop_prunes_in_stages(model, batch):
     ids, px = batch
     info = janus.JanusTokenReduction(model, get_reducer("pdrop", stages=2), keep=0.75).generate(ids, px, 2)[1]
     assert info["layer_lens"] == [69, 69, 5 + 32, 5 + 32]  # lambda = 0.5 keeps the mean at 0.75
-    with pytest.raises(TokenReductionError, match=r"needs keep in \(1/4, 1\]"):
-        janus.JanusTokenReduction(model, get_reducer("pdrop"), keep=0.25).generate(ids, px, 1)
+    with pytest.raises(TokenReductionError, match=r"needs keep in \[1/4, 1\]"):
+        janus.JanusTokenReduction(model, get_reducer("pdrop"), keep=0.2).generate(ids, px, 1)
+    info = janus.JanusTokenReduction(model, get_reducer("pdrop", stages=4), keep=0.25).generate(ids, px, 1)[1]
+    assert info["layer_lens"] == [69, 6, 6, 6]  # the boundary: lambda = 0, later stages keep one token
 
 
 def test_backend_without_attention_weights_is_refused(batch):
