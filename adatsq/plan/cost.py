@@ -141,8 +141,9 @@ def check_budget_feasible(
     """Raise a PlanError that states the minimum reachable value when `budget` cannot be met."""
     low = cheapest_plan_cost(layers, budget.kind, candidates, num_segments, act_bits, pinned)
     if not fits(low, budget):
+        shown = f"{int(low)}" if budget.kind == "bytes" else f"{low:.6g}"
         raise PlanError(
             f"{budget.kind} budget {budget.value:.6g} is infeasible: the minimum reachable value is "
-            f"{low:.6g} (every free layer at {min(candidates)} bits, {len(pinned or {})} pinned layers); "
+            f"{shown} (every free layer at {min(candidates)} bits, {len(pinned or {})} pinned layers); "
             "raise the budget, add a lower candidate bit-width or pin fewer layers"
         )

@@ -80,3 +80,9 @@ def test_bad_activation_bits_and_layer_sizes_are_rejected():
         LayerInfo("x", 99, 10, 10, 1)
     with pytest.raises(PlanError, match="budget kind"):
         Budget("flops", 1.0)
+
+
+def test_infeasible_bytes_budget_shows_the_exact_minimum():
+    minimum = cheapest_plan_cost(LAYERS, "bytes", (3, 4), 2)
+    with pytest.raises(PlanError, match=f"minimum reachable value is {int(minimum)} "):
+        check_budget_feasible(LAYERS, Budget("bytes", minimum - 1), (3, 4), 2)
