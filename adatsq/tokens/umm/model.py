@@ -43,7 +43,9 @@ class UMMConfig:
     lm_heads: int = 4
     lm_kv_heads: int = 2
     lm_ffn: int = 256
-    vae_channels: tuple[int, ...] = (16, 32, 32)  # 3 levels -> latent 4x smaller (12 x 12)
+    # 3 levels -> latent 4x smaller (12 x 12). Narrow on purpose: its encoder costs ~5% of a full-token
+    # LM prefill, about the share a real UMM's VAE has next to its LM (G2TR pays it as overhead)
+    vae_channels: tuple[int, ...] = (8, 8, 16)
     latent_channels: int = 4
     gen_patch: int = 2  # latent patch per generation token: 6 x 6 = 36 tokens of 16 values
     latent_scale: float = 1.0  # multiplies VAE posterior means (set from data after VAE training)
@@ -156,8 +158,9 @@ class MiniUMM(nn.Module):
             block_out_channels=c.vae_channels,
             latent_channels=c.latent_channels,
             layers_per_block=1,
-            norm_num_groups=8,
+            norm_num_groups=4,
             sample_size=c.canvas,
+            mid_block_add_attention=False,
             shift_factor=0.0,
         )
         self.vae2llm = nn.Linear(c.gen_token_dim, c.lm_hidden)

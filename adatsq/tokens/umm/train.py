@@ -101,7 +101,7 @@ def warm_loss(model: MiniUMM, rng: np.random.Generator, cfg: TrainConfig) -> tup
     batch = qa_batch(rng, cfg.warm_batch, kinds=(), patch=model.config.vit_patch)
     logits = model.token_head(model.vision_features(batch.images))
     loss = F.cross_entropy(logits.flatten(0, 1), batch.token_labels.flatten())
-    return loss, {"dense": float(loss)}
+    return loss, {"dense": loss.item()}
 
 
 def random_keep(batch: int, n: int, keep: float, gen: torch.Generator) -> Tensor:
@@ -134,7 +134,7 @@ def joint_loss(
     xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
     flow = F.mse_loss(model.predict_velocity(gb.prompts, model.latent_tokens(xt, t)), noise - x0)
     loss = und + flow + cfg.aux_weight * aux
-    return loss, {"und": float(und), "flow": float(flow), "dense": float(aux)}
+    return loss, {"und": und.item(), "flow": flow.item(), "dense": aux.item()}
 
 
 # ---- checkpoints --------------------------------------------------------------------------------

@@ -1,0 +1,247 @@
+"""Token-reduction benchmark on the reference UMM: accuracy, prefill FLOPs, KV bytes, latency, generation.
+
+Every method runs at every keep ratio on the same held-out canvases (test digits, fixed seed). Costs are
+per single-question sequence, averaged over the four question types:
+* LM prefill FLOPs from `lm_prefill_flops` with per-layer sequence lengths (in-LM methods run their
+  early layers on all tokens) plus `reducer_overhead_flops`; G2TR's overhead includes the VAE encoder,
+  counted with torch's FlopCounterMode on this model, and the vae2llm anchor projection;
+* KV-cache bytes after prefill (fp16/bf16 cache, per-layer lengths);
+* latency: image -> answer wall-clock (vision tower + reducer + LM prefill), median per image.
+Generation is measured unreduced, checked to be refused without `reduce_generation=True`, and forced at
+keep 0.5 for the reducers that can run on latent tokens, to show what reducing it would cost.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from adatsq.errors import TokenReductionError
+from adatsq.tokens.base import get_reducer, keep_count
+from adatsq.tokens.flops import kv_cache_bytes, lm_prefill_flops, measure_latency, reducer_overhead_flops
+from adatsq.tokens.umm.adapter import ANCHOR_POOL, GENERATION_REDUCERS, IN_LM, UMMReduction
+from adatsq.tokens.umm.data import CANVAS, QUESTION_TYPES, Canvas, qa_batch, question, tokenize
+from adatsq.tokens.umm.evaluate import generation_prompts, generation_quality, qa_accuracy
+from adatsq.tokens.umm.model import MiniUMM
+from adatsq.tokens.umm.weights import load_umm
+
+log = logging.getLogger(__name__)
+METHODS = ("g2tr", "fastv", "pdrop", "vnorm", "visionzip", "tome", "random", "grid")
+KEEPS = (0.25, 0.5, 0.75)
+
+
+def question_lengths() -> dict[str, int]:
+    """Tokens of each question type (each template has a fixed length)."""
+    rng = np.random.default_rng(0)
+    canvas = Canvas(np.zeros((CANVAS, CANVAS), np.float32), ((3, 0, 0),))
+    return {k: len(tokenize(question(canvas, k, rng)[0])) for k in QUESTION_TYPES}
+
+
+@torch.no_grad()
+def vae_encode_flops(model: MiniUMM) -> int:
+    with FlopCounterMode(display=False) as counter:
+        model.vae.encode(torch.zeros(1, 1, model.config.canvas, model.config.canvas))
+    return int(counter.get_total_flops())
+
+
+def prefill_cost(adapter: UMMReduction, method: str | None, keep: float) -> dict:
+    """LM prefill + reducer FLOPs and KV bytes per single-question sequence (mean over question types)."""
+    c = adapter.model.config
+    n, head_dim = adapter.n, c.lm_hidden // c.lm_heads
+    if method is None:
+        counts = [n] * c.lm_layers
+    elif method in IN_LM:
+        counts = adapter.layer_image_tokens(adapter.schedule(get_reducer(method), keep))
+    else:
+        counts = [keep_count(n, keep)] * c.lm_layers
+    extra: dict[str, int] = {}
+    if method == "g2tr":
+        anchors = (c.gen_grid // ANCHOR_POOL) ** 2
+        extra = {"vae_flops": vae_encode_flops(adapter.model), "m": anchors, "latent_dim": c.gen_token_dim}
+    elif method == "vnorm":
+        extra = {"dv": c.lm_kv_heads * head_dim}
+    overhead = 0 if method is None else reducer_overhead_flops(method, n, c.lm_hidden, counts[-1], **extra)
+    lm, kv = [], []
+    for length in question_lengths().values():
+        lens = [length + k for k in counts]
+        lm.append(
+            lm_prefill_flops(
+                c.lm_layers, c.lm_hidden, c.lm_ffn, c.lm_heads, c.lm_kv_heads, lens, len(c.vocab)
+            )
+        )
+        kv.append(kv_cache_bytes(c.lm_layers, c.lm_kv_heads, head_dim, lens))
+    lm_flops = float(np.mean(lm))
+    return {
+        "layer_image_tokens": counts,
+        "lm_flops": lm_flops,
+        "overhead_flops": float(overhead),
+        "prefill_flops": lm_flops + overhead,
+        "kv_bytes": float(np.mean(kv)),
+    }
+
+
+def _answer_fn(adapter: UMMReduction, method: str | None, keep: float, seed: int):
+    reducer = None if method is None else get_reducer(method)
+    generator = torch.Generator().manual_seed(seed)
+
+    def answer(images, questions):
+        return adapter.answer(images, questions, reducer, keep, generator).logits
+
+    return answer
+
+
+def latency(adapter: UMMReduction, method: str | None, keep: float, repeats: int, seed: int) -> float:
+    """Median seconds per image of image -> answer (one question, batch 16)."""
+    batch = qa_batch(np.random.default_rng(seed), 16, split="test", kinds=("leftmost",))
+    fn = _answer_fn(adapter, method, keep, seed)
+    stats = measure_latency(lambda: fn(batch.images, batch.questions), repeats=repeats, warmup=1)
+    return stats["median_s"] / 16
+
+
+@torch.no_grad()
+def generation(
+    adapter: UMMReduction, methods: list[str], count: int, seed: int, classifier: torch.nn.Module | None
+) -> dict:
+    from adatsq.models.classifier import load_classifier
+
+    classifier = classifier or load_classifier()
+    prompts, null, labels, quads = generation_prompts(count)
+    out: dict = {"count": count, "steps": 25, "guidance": 3.0}
+    images = adapter.generate(prompts, null, seed=seed)
+    out["unreduced"] = generation_quality(images, labels, quads, classifier)
+    refused, forced = {}, {}
+    for method in methods:
+        try:
+            adapter.generate(prompts[:1], null[:1], steps=1, reducer=method, keep=0.5)
+            refused[method] = False
+        except TokenReductionError:
+            refused[method] = True
+        if method in GENERATION_REDUCERS:
+            forced_images = adapter.generate(
+                prompts, null, seed=seed, reducer=method, keep=0.5, reduce_generation=True
+            )
+            forced[method] = generation_quality(forced_images, labels, quads, classifier)
+    out["refused_without_force"] = refused
+    out["forced_keep_0.5"] = forced
+    return out
+
+
+def bench(
+    methods: list[str],
+    keeps: list[float],
+    samples: int,
+    seed: int,
+    *,
+    model: MiniUMM | None = None,
+    generation_count: int = 40,
+    latency_repeats: int = 5,
+    classifier: torch.nn.Module | None = None,
+) -> dict:
+    """All methods x keep ratios (+ full tokens) on one model and one held-out set; see module docstring."""
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise TokenReductionError(f"unknown methods {unknown}; the UMM benchmark supports {list(METHODS)}")
+    adapter = UMMReduction(model or load_umm())
+    full_cost = prefill_cost(adapter, None, 1.0)
+    rows = [
+        {
+            "method": "full",
+            "keep": 1.0,
+            "accuracy": qa_accuracy(_answer_fn(adapter, None, 1.0, seed), samples, seed),
+            **full_cost,
+            "latency_s": latency(adapter, None, 1.0, latency_repeats, seed),
+        }
+    ]
+    for method in methods:
+        for keep in keeps:
+            log.info("bench %s keep=%.2f", method, keep)
+            row: dict = {"method": method, "keep": keep}
+            try:
+                row.update(prefill_cost(adapter, method, keep))
+                row["accuracy"] = qa_accuracy(_answer_fn(adapter, method, keep, seed), samples, seed)
+                row["latency_s"] = latency(adapter, method, keep, latency_repeats, seed)
+            except TokenReductionError as err:  # e.g. PDrop cannot average below 1/stages
+                row = {"method": method, "keep": keep, "infeasible": str(err)}
+            else:
+                row["flops_ratio"] = full_cost["prefill_flops"] / row["prefill_flops"]
+                row["kv_ratio"] = full_cost["kv_bytes"] / row["kv_bytes"]
+            rows.append(row)
+    return {
+        "samples": samples,
+        "seed": seed,
+        "question_lengths": question_lengths(),
+        "model": {"config": adapter.model.config.to_dict(), "parameters": adapter.model.num_parameters()},
+        "rows": rows,
+        "generation": generation(adapter, methods, generation_count, seed, classifier),
+    }
+
+
+def _as_image(image_or_canvas) -> torch.Tensor:
+    if isinstance(image_or_canvas, Canvas):
+        image_or_canvas = image_or_canvas.image
+    image = torch.as_tensor(np.asarray(image_or_canvas, dtype=np.float32))
+    image = image.reshape(1, 1, *image.shape[-2:])
+    if image.shape[-1] != CANVAS or image.shape[-2] != CANVAS:
+        raise TokenReductionError(f"token_map needs a {CANVAS}x{CANVAS} canvas, got {tuple(image.shape)}")
+    return image
+
+
+def kept_tokens(
+    image_or_canvas,
+    method: str,
+    keep: float,
+    model: MiniUMM | None = None,
+    kind: str = "leftmost",
+    seed: int = 0,
+) -> torch.Tensor:
+    """Grid indices [K] a method keeps on one canvas (in-LM methods: for a question of type `kind`)."""
+    adapter = UMMReduction(model or load_umm())
+    image = _as_image(image_or_canvas)
+    batch = qa_batch(np.random.default_rng(seed), 1, split="test", kinds=(kind,))
+    answer = adapter.answer(image, batch.questions, method, keep, torch.Generator().manual_seed(seed))
+    return answer.kept[kind][0]
+
+
+def draw_token_map(ax, image: torch.Tensor, kept: torch.Tensor, grid: int, title: str) -> None:
+    """Canvas in grey with kept tokens outlined in colour and dropped tokens dimmed."""
+    from matplotlib.patches import Rectangle
+
+    patch = CANVAS // grid
+    ax.imshow(image.reshape(CANVAS, CANVAS).numpy(), cmap="gray", vmin=-1, vmax=1)
+    keep = torch.zeros(grid * grid, dtype=torch.bool)
+    keep[kept] = True
+    for idx in range(grid * grid):
+        row, col = divmod(idx, grid)
+        xy = (col * patch - 0.5, row * patch - 0.5)
+        if keep[idx]:
+            ax.add_patch(Rectangle(xy, patch, patch, fill=False, edgecolor="tab:orange", linewidth=0.8))
+        else:
+            ax.add_patch(Rectangle(xy, patch, patch, color="black", alpha=0.55, linewidth=0))
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def token_map(
+    image_or_canvas, method: str, keep: float, out_png: str | Path, model: MiniUMM | None = None
+) -> Path:
+    """PNG of which understanding tokens `method` keeps at `keep` on one canvas (orange = kept)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    model = model or load_umm()
+    image = _as_image(image_or_canvas)
+    kept = kept_tokens(image, method, keep, model)
+    fig, ax = plt.subplots(figsize=(3, 3))
+    draw_token_map(ax, image, kept, model.config.grid, f"{method}, keep {keep:g} ({kept.numel()} tokens)")
+    out = Path(out_png)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=150, bbox_inches="tight")
+    plt.close(fig)
+    return out

@@ -1,0 +1,200 @@
+"""Reference UMM: build, sequence shapes with and without reduction, generation guard, shipped weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from adatsq.errors import ConfigError, TokenReductionError
+from adatsq.tokens.umm.adapter import UMMReduction
+from adatsq.tokens.umm.data import (
+    CANVAS,
+    DIGIT,
+    QUESTION_TYPES,
+    TOKEN_ID,
+    gen_batch,
+    qa_batch,
+    quadrant_of,
+    sample_canvas,
+    tokenize,
+)
+from adatsq.tokens.umm.evaluate import crop_digit, full_answers, generation_prompts, qa_accuracy
+from adatsq.tokens.umm.model import MiniUMM, UMMConfig, segment_mask
+from adatsq.tokens.umm.weights import load_umm, save_umm
+
+TINY = UMMConfig(
+    stem_channels=8,
+    vit_hidden=32,
+    vit_layers=1,
+    vit_heads=2,
+    vit_ffn=64,
+    lm_hidden=32,
+    lm_layers=4,
+    lm_heads=2,
+    lm_kv_heads=1,
+    lm_ffn=64,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny() -> MiniUMM:
+    torch.manual_seed(0)
+    return MiniUMM(TINY).eval()
+
+
+@pytest.fixture(scope="module")
+def batch():
+    return qa_batch(np.random.default_rng(0), 3, split="test")
+
+
+def _lm_lengths(model: MiniUMM):
+    """Forward hooks recording the sequence length entering each decoder layer."""
+    lengths: list[int] = []
+    hooks = [
+        layer.register_forward_hook(lambda mod, args, out: lengths.append(out.shape[1]))
+        for layer in model.lm.model.layers
+    ]
+    return lengths, hooks
+
+
+def test_config_validation() -> None:
+    with pytest.raises(ConfigError, match="vit_patch"):
+        UMMConfig(vit_patch=5)
+    with pytest.raises(ConfigError, match="unknown UMM config keys"):
+        UMMConfig.from_dict({"bogus": 1})
+    assert UMMConfig.from_dict(TINY.to_dict()) == TINY
+
+
+def test_data_is_consistent() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(50):
+        canvas = sample_canvas(rng, "train")
+        labels = [d[0] for d in canvas.digits]
+        assert len(set(labels)) == len(labels) and 1 <= len(labels) <= 3
+        quads = [quadrant_of(t, left) for _, t, left in canvas.digits]
+        assert len(set(quads)) == len(quads)  # digits off the midlines never share a quadrant
+        assert canvas.image.shape == (CANVAS, CANVAS) and canvas.image.min() >= -1
+        for _, top, left in canvas.digits:
+            assert 0 <= top <= CANVAS - DIGIT and 0 <= left <= CANVAS - DIGIT
+    with pytest.raises(ConfigError, match="vocabulary"):
+        tokenize("what is this")
+
+
+def test_understanding_shapes_full(tiny: MiniUMM, batch) -> None:
+    lengths, hooks = _lm_lengths(tiny)
+    logits = tiny.understand(batch.images, [batch.questions[k] for k in QUESTION_TYPES])
+    for h in hooks:
+        h.remove()
+    q_len = sum(batch.questions[k].shape[1] for k in QUESTION_TYPES)
+    assert lengths == [144 + q_len] * TINY.lm_layers
+    assert [tuple(x.shape) for x in logits] == [(3, len(TINY.vocab))] * 4
+
+
+def test_packed_questions_equal_separate_sequences(tiny: MiniUMM, batch) -> None:
+    packed = tiny.understand(batch.images, [batch.questions[k] for k in QUESTION_TYPES])
+    for kind, got in zip(QUESTION_TYPES, packed, strict=True):
+        alone = tiny.understand(batch.images, [batch.questions[kind]])[0]
+        torch.testing.assert_close(got, alone, atol=1e-5, rtol=1e-4)
+
+
+def test_segment_mask_rules() -> None:
+    seg = torch.tensor([[0, 0, 1, 1, 2]])
+    allowed = segment_mask(seg)[0, 0] == 0
+    expected = torch.tensor(
+        [
+            [1, 1, 0, 0, 0],  # image tokens see the image only
+            [1, 1, 0, 0, 0],
+            [1, 1, 1, 0, 0],  # question 1 is causal and sees the image
+            [1, 1, 1, 1, 0],
+            [1, 1, 0, 0, 1],  # question 2 never sees question 1
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(allowed, expected)
+
+
+@pytest.mark.parametrize("method", ["g2tr", "random", "grid", "tome", "visionzip"])
+def test_post_connector_reduction_shrinks_lm_sequence(tiny: MiniUMM, batch, method: str) -> None:
+    adapter = UMMReduction(tiny)
+    lengths, hooks = _lm_lengths(tiny)
+    answer = adapter.answer(batch.images, batch.questions, method, 0.25, torch.Generator().manual_seed(0))
+    for h in hooks:
+        h.remove()
+    q_len = sum(batch.questions[k].shape[1] for k in QUESTION_TYPES)
+    assert lengths == [36 + q_len] * TINY.lm_layers  # K = 144 * 0.25 image tokens, questions packed
+    assert answer.layer_image_tokens == [36] * TINY.lm_layers
+    for kept in answer.kept.values():
+        assert kept.shape == (3, 36) and bool((kept.diff(dim=1) > 0).all())
+
+
+@pytest.mark.parametrize(("method", "counts"), [("fastv", [144, 144, 72, 72]), ("vnorm", [144, 144, 72, 72])])
+def test_in_lm_reduction_drops_tokens_at_its_layer(tiny: MiniUMM, batch, method: str, counts) -> None:
+    adapter = UMMReduction(tiny)
+    lengths, hooks = _lm_lengths(tiny)
+    questions = {"leftmost": batch.questions["leftmost"]}
+    answer = adapter.answer(batch.images, questions, method, 0.5)
+    for h in hooks:
+        h.remove()
+    q_len = questions["leftmost"].shape[1]
+    assert lengths == [c + q_len for c in counts]
+    assert answer.layer_image_tokens == counts
+    assert answer.kept["leftmost"].shape == (3, 72)
+
+
+def test_keep_one_reproduces_full_tokens(tiny: MiniUMM, batch) -> None:
+    adapter = UMMReduction(tiny)
+    full = adapter.answer(batch.images, batch.questions)
+    for method in ("random", "fastv", "g2tr"):
+        same = adapter.answer(batch.images, batch.questions, method, 1.0, torch.Generator().manual_seed(0))
+        for kind in QUESTION_TYPES:
+            torch.testing.assert_close(same.logits[kind], full.logits[kind], atol=1e-5, rtol=1e-4)
+
+
+def test_generation_refuses_reduction_unless_forced(tiny: MiniUMM) -> None:
+    adapter = UMMReduction(tiny)
+    prompts, null, _, _ = generation_prompts(2)
+    with pytest.raises(TokenReductionError, match="reduce_generation=True"):
+        adapter.generate(prompts, null, steps=2, reducer="g2tr", keep=0.5)
+    with pytest.raises(TokenReductionError, match="forced generation reduction supports"):
+        adapter.generate(prompts, null, steps=2, reducer="fastv", keep=0.5, reduce_generation=True)
+    plain = adapter.generate(prompts, null, steps=2)
+    forced = adapter.generate(prompts, null, steps=2, reducer="g2tr", keep=0.5, reduce_generation=True)
+    assert plain.shape == forced.shape == (2, 1, CANVAS, CANVAS)
+    assert not torch.allclose(plain, forced)
+
+
+def test_generation_training_shapes(tiny: MiniUMM) -> None:
+    g = gen_batch(np.random.default_rng(0), 2)
+    tokens = tiny.patchify(tiny.encode_latents(g.images))
+    assert tokens.shape == (2, TINY.gen_grid**2, TINY.gen_token_dim)
+    assert torch.equal(tiny.unpatchify(tokens), tiny.encode_latents(g.images))
+    v = tiny.predict_velocity(g.prompts, tiny.latent_tokens(tokens, torch.rand(2)))
+    assert v.shape == tokens.shape
+
+
+def test_crop_finds_the_digit() -> None:
+    canvas = sample_canvas(np.random.default_rng(1), "test", 1)
+    _, top, left = canvas.digits[0]
+    image = torch.from_numpy(canvas.image)[None]
+    crop = crop_digit(image, quadrant_of(top, left))
+    assert crop.shape == (1, DIGIT, DIGIT)
+    assert float(((crop + 1) / 2).sum()) >= 0.95 * float(((image + 1) / 2).sum())
+
+
+def test_save_load_round_trip(tiny: MiniUMM, tmp_path, batch) -> None:
+    save_umm(tiny, tmp_path, dtype=torch.float32)
+    loaded = load_umm(tmp_path)
+    assert loaded.config == tiny.config
+    a = tiny.understand(batch.images, [batch.questions["count"]])[0]
+    b = loaded.understand(batch.images, [batch.questions["count"]])[0]
+    torch.testing.assert_close(a, b)
+
+
+def test_shipped_weights_answer_above_chance() -> None:
+    model = load_umm()
+    acc = qa_accuracy(full_answers(model), samples=64, seed=99)
+    chance = {"count": 1 / 3, "leftmost": 0.1, "where": 0.5, "quadrant": 0.5}
+    for kind, p in chance.items():
+        assert acc[kind] > p + 0.25, (kind, acc)
+    assert TOKEN_ID["yes"] != TOKEN_ID["no"]

@@ -1,0 +1,218 @@
+"""Benchmark every token reducer on the reference UMM in one run; writes reports/tokens.{json,md,png}
+and reports/tokens_map.png.
+
+    python tools/bench_tokens.py [--samples 500] [--seed 0] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from pathlib import Path
+
+import diffusers
+import matplotlib
+import numpy as np
+import torch
+import transformers
+
+from adatsq.tokens.umm.bench import KEEPS, METHODS, bench, draw_token_map, kept_tokens
+from adatsq.tokens.umm.data import QUESTION_TYPES, sample_canvas
+from adatsq.tokens.umm.weights import load_umm
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+ROOT = Path(__file__).resolve().parents[1]
+REPORTS = ROOT / "reports"
+MAP_METHODS = ("g2tr", "fastv", "random")
+
+
+def machine(threads: int) -> str:
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if "model name" in line
+        ),
+        platform.processor() or platform.machine(),
+    )
+    return f"{cpu}, torch threads={threads}, Python {platform.python_version()}"
+
+
+def plot_accuracy(result: dict, out: Path) -> None:
+    full = next(r for r in result["rows"] if r["method"] == "full")
+    kinds = ["overall", *QUESTION_TYPES]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(4 * len(kinds), 3.4), sharey=True)
+    for ax, kind in zip(axes, kinds, strict=True):
+        for method in dict.fromkeys(r["method"] for r in result["rows"] if r["method"] != "full"):
+            pts = [
+                (r["keep"], r["accuracy"][kind])
+                for r in result["rows"]
+                if r["method"] == method and "accuracy" in r
+            ]
+            pts.append((1.0, full["accuracy"][kind]))
+            pts.sort()
+            style = {"linewidth": 2.5, "color": "black"} if method == "g2tr" else {"linewidth": 1}
+            ax.plot(*zip(*pts, strict=True), marker="o", markersize=3, label=method, **style)
+        ax.set_title(kind)
+        ax.set_xlabel("keep ratio")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("held-out accuracy")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def plot_token_maps(model, out: Path, keeps=(0.25, 0.5), count: int = 3) -> None:
+    rng = np.random.default_rng(7)
+    canvases = [sample_canvas(rng, "test", n) for n in (1, 2, 3)[:count]]
+    cols = [(m, k) for k in keeps for m in MAP_METHODS]
+    fig, axes = plt.subplots(count, len(cols) + 1, figsize=(1.9 * (len(cols) + 1), 2.0 * count))
+    for row, canvas in enumerate(canvases):
+        axes[row, 0].imshow(canvas.image, cmap="gray", vmin=-1, vmax=1)
+        axes[row, 0].set_title("canvas", fontsize=8)
+        axes[row, 0].axis("off")
+        for col, (method, keep) in enumerate(cols, start=1):
+            kept = kept_tokens(canvas, method, keep, model)
+            draw_token_map(
+                axes[row, col], torch.from_numpy(canvas.image), kept, model.config.grid, f"{method} {keep:g}"
+            )
+    fig.suptitle("kept understanding tokens (orange; fastv: for 'which digit is left-most ?')", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def markdown(result: dict, env: dict) -> str:
+    rows = result["rows"]
+    full = rows[0]
+    lines = [
+        "# Token reduction on the reference UMM",
+        "",
+        f"Machine: {env['machine']}. Versions: torch {env['torch']}, transformers {env['transformers']}, "
+        f"diffusers {env['diffusers']}. Wall time {env['minutes']:.1f} min. "
+        "Regenerate: `python tools/bench_tokens.py`.",
+        "",
+        f"Model: reference UMM (adatsq/assets/umm, {result['model']['parameters']['total']:,} parameters; "
+        "see reports/umm_training.md). It was trained with random token dropout (keep ~ U[0.25, 1]) "
+        "in its last phase, so a reduced token set is not a distribution shift in itself: the table "
+        "compares the reducers.",
+        f"Held-out set: {result['samples']} canvases of test digits (seed {result['seed']}), each asked "
+        "one question of every type. Costs are per single-question sequence, averaged over question types "
+        f"(question tokens: {result['question_lengths']}); FLOPs = LM prefill + reducer overhead (G2TR: "
+        "VAE encoder + vae2llm anchors + scoring + merge); KV bytes at 2 bytes/value; "
+        "latency = image -> answer, median per image at batch 16 (vision tower included, the same for all).",
+        "",
+        "| method | keep | image tokens / layer | overall | "
+        + " | ".join(QUESTION_TYPES)
+        + " | prefill MFLOPs | "
+        "FLOPs ÷ | KV KiB | KV ÷ | latency ms |",
+        "|---|---|---|---|" + "---|" * len(QUESTION_TYPES) + "---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "infeasible" in r:
+            lines.append(f"| {r['method']} | {r['keep']:g} | infeasible: {r['infeasible']} |" + " |" * 10)
+            continue
+        acc = r["accuracy"]
+        lines.append(
+            f"| {r['method']} | {r['keep']:g} | {r['layer_image_tokens']} | {_pct(acc['overall'])} | "
+            + " | ".join(_pct(acc[k]) for k in QUESTION_TYPES)
+            + f" | {r['prefill_flops'] / 1e6:.1f} | {r.get('flops_ratio', 1.0):.2f}× | "
+            f"{r['kv_bytes'] / 1024:.1f} | {r.get('kv_ratio', 1.0):.2f}× | {1e3 * r['latency_s']:.2f} |"
+        )
+    lines += ["", "## Targets (G2TR)", ""]
+    g2 = {r["keep"]: r for r in rows if r["method"] == "g2tr" and "accuracy" in r}
+    if 0.5 in g2:
+        r = g2[0.5]
+        delta = 100 * (r["accuracy"]["overall"] - full["accuracy"]["overall"])
+        lines += [
+            f"- keep 0.5: prefill FLOPs {r['flops_ratio']:.2f}× lower (target ≥ 1.9×) — "
+            f"{'met' if r['flops_ratio'] >= 1.9 else 'MISSED'}",
+            f"- keep 0.5: KV bytes {r['kv_ratio']:.2f}× lower (target ≥ 1.9×) — "
+            f"{'met' if r['kv_ratio'] >= 1.9 else 'MISSED'}",
+            f"- keep 0.5: overall accuracy {_pct(r['accuracy']['overall'])} vs full "
+            f"{_pct(full['accuracy']['overall'])} ({delta:+.1f} points; target within 2) — "
+            f"{'met' if delta >= -2 else 'MISSED'}",
+        ]
+    for keep in (0.25, 0.5):
+        if keep not in g2:
+            continue
+        others = [
+            r for r in rows if r["method"] not in ("g2tr", "full") and r["keep"] == keep and "accuracy" in r
+        ]
+        best = max(others, key=lambda r: r["accuracy"]["overall"], default=None)
+        if best is not None:
+            ok = g2[keep]["accuracy"]["overall"] >= best["accuracy"]["overall"]
+            lines.append(
+                f"- keep {keep:g}: G2TR {_pct(g2[keep]['accuracy']['overall'])} vs best other "
+                f"{best['method']} {_pct(best['accuracy']['overall'])} — {'met' if ok else 'MISSED'}"
+            )
+    gen = result["generation"]
+    lines += [
+        "",
+        "## Generation",
+        "",
+        f"{gen['count']} prompts 'draw d q' (digits cycled, quadrants cycled), {gen['steps']} Euler steps, "
+        f"CFG {gen['guidance']}. Scored by the project's digit classifier on the 16×16 window with the most "
+        "ink inside the requested quadrant (adatsq/tokens/umm/evaluate.py).",
+        "",
+        "| generation tokens | classifier accuracy | ink in requested quadrant |",
+        "|---|---|---|",
+        f"| all (default; reducers never touch them) | {_pct(gen['unreduced']['classifier_accuracy'])} | "
+        f"{_pct(gen['unreduced']['ink_in_quadrant'])} |",
+    ]
+    for method, q in gen["forced_keep_0.5"].items():
+        lines.append(
+            f"| forced {method}, keep 0.5 (`reduce_generation=True`) | {_pct(q['classifier_accuracy'])} | "
+            f"{_pct(q['ink_in_quadrant'])} |"
+        )
+    refused = [m for m, r in gen["refused_without_force"].items() if r]
+    lines += [
+        "",
+        f"Refused without `reduce_generation=True` (TokenReductionError): {', '.join(refused)}.",
+        "",
+    ]
+    lines += ["![accuracy vs keep](tokens.png)", "", "![token maps](tokens_map.png)", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--samples", type=int, default=500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=REPORTS)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    start = time.monotonic()
+    model = load_umm()
+    result = bench(list(METHODS), list(KEEPS), args.samples, args.seed, model=model)
+    env = {
+        "machine": machine(args.threads),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "diffusers": diffusers.__version__,
+        "minutes": (time.monotonic() - start) / 60,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    plot_accuracy(result, args.out / "tokens.png")
+    plot_token_maps(model, args.out / "tokens_map.png")
+    env["minutes"] = (time.monotonic() - start) / 60
+    (args.out / "tokens.json").write_text(json.dumps({"environment": env, **result}, indent=1))
+    (args.out / "tokens.md").write_text(markdown(result, env))
+
+
+if __name__ == "__main__":
+    main()
