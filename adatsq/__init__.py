@@ -17,11 +17,27 @@ from adatsq.recipe import Recipe, load_recipe
 __version__ = "0.1.0"
 
 
-def quantize(model: Any, recipe: Recipe, calibration: Any = None, **options: Any) -> Any:
-    """Quantize a model / pipeline / 'reference' with a recipe; returns a QuantizedModel (`.model`, `.save`)."""
-    from adatsq.engine import quantize as run
+def quantize(
+    model: Any, recipe: Recipe, calibration: Any = None, *, plan: Any = None, progress: bool = True
+) -> Any:
+    """Quantize a model / pipeline / 'reference' with a recipe; returns a QuantizedModel (`.model`, `.save`).
 
-    return run(model, recipe, calibration, **options)
+    `plan` (a Plan or a plan.json path) fixes the bits per layer × timestep segment; without it the
+    'adatsq' method plans under the recipe's budget and 'rtn' / 'gptq' use the recipe's bits everywhere.
+    """
+    if plan is not None:
+        from adatsq.plan.schema import Plan, load_plan
+        from adatsq.planning import quantize_with_plan
+
+        plan = plan if isinstance(plan, Plan) else load_plan(plan)
+        return quantize_with_plan(model, recipe, plan, calibration, progress)
+    if recipe.method == "adatsq":
+        from adatsq.planning import quantize_adaptive
+
+        return quantize_adaptive(model, recipe, calibration, progress)
+    from adatsq.engine import quantize as quantize_uniform
+
+    return quantize_uniform(model, recipe, calibration, progress=progress)
 
 
 def load(directory: Any, **options: Any) -> Any:

@@ -33,6 +33,7 @@ FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
 CONFIG = "adatsq_config.json"
 REPORT = "report.json"
+PLAN = "plan.json"
 BASE = "base"
 CONFIG_KEYS = {
     "format_version", "adatsq_version", "method", "model", "activation", "num_steps", "timesteps",
@@ -104,10 +105,15 @@ def write_json(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+def check_output(path: Path, overwrite: bool) -> None:
+    """Existing outputs are never clobbered without `overwrite` (checked before any long work)."""
+    if path.exists() and not overwrite:
+        raise ConfigError(f"output {str(path)!r} already exists; pass --overwrite to replace it")
+
+
 def prepare_output(directory: Path, overwrite: bool) -> Path:
     """Refuse to clobber without `overwrite`; return an empty temporary sibling folder to write into."""
-    if directory.exists() and not overwrite:
-        raise ConfigError(f"output folder {str(directory)!r} already exists; pass --overwrite to replace it")
+    check_output(directory, overwrite)
     directory.parent.mkdir(parents=True, exist_ok=True)
     return Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.", suffix=".partial"))
 
@@ -130,6 +136,10 @@ def save_checkpoint(qmodel: QuantizedModel, directory: Path, overwrite: bool = F
         save_file(checkpoint_tensors(qmodel), str(tmp / WEIGHTS), metadata={"format": "pt", "adatsq": "1"})
         write_json(tmp / CONFIG, checkpoint_config(qmodel))
         qmodel.adapter.save_base(tmp / BASE)
+        if qmodel.plan is not None:
+            from adatsq.plan.schema import save_plan
+
+            save_plan(qmodel.plan, tmp / PLAN)
         report = dict(qmodel.report)
         report["checkpoint_bytes"] = (tmp / WEIGHTS).stat().st_size
         write_json(tmp / REPORT, report)

@@ -33,6 +33,9 @@ def _quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=Path, help="output checkpoint folder")
     p.add_argument("--calib", type=Path, help="calibration inputs, one prompt / class label per line")
     p.add_argument("--seed", type=int, help="calibration seed (overrides the recipe's)")
+    p.add_argument(
+        "--plan", type=Path, help="plan.json from `adatsq plan` (bits per layer × timestep segment)"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(handler=run_quantize)
 
@@ -40,23 +43,62 @@ def _quantize(sub: argparse._SubParsersAction) -> None:
 def run_quantize(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from adatsq import quantize
     from adatsq.calibrate.inputs import read_calibration
-    from adatsq.checkpoint import prepare_output
-    from adatsq.engine import quantize
+    from adatsq.checkpoint import check_output
     from adatsq.models.resolve import adapter_for
     from adatsq.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
     if args.seed is not None:
         recipe = replace(recipe, calibration=replace(recipe.calibration, seed=args.seed))
-    if args.out.exists() and not args.overwrite:
-        prepare_output(args.out, overwrite=False)  # raises the one-line error before any work
+    check_output(args.out, args.overwrite)  # fail before any long work
     adapter = adapter_for(args.model)
     calibration = read_calibration(args.calib, adapter) if args.calib else None
-    qmodel = quantize(adapter, recipe, calibration)
+    qmodel = quantize(adapter, recipe, calibration, plan=args.plan)
     qmodel.save(args.out, overwrite=args.overwrite)
     report = json.loads((args.out / "report.json").read_text())
     print(f"wrote {args.out}: {len(qmodel.layers)} layers quantized, {report['checkpoint_bytes']} bytes")
+    return 0
+
+
+@command
+def _plan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("plan", help="search bit-widths per layer × timestep segment under a budget (AdaTSQ)")
+    p.add_argument("model", help="'reference' or a local diffusers pipeline folder")
+    p.add_argument("--recipe", required=True, help="YAML recipe with a planner section")
+    p.add_argument("--budget", help="KIND=VALUE, KIND in avg_bits | bops | bytes (default: the recipe's)")
+    p.add_argument(
+        "--out", required=True, type=Path, help="plan.json to write (plus .png heat map, Fisher plot)"
+    )
+    p.add_argument("--frontier", type=Path, help="also sweep budgets and write the Pareto frontier here")
+    p.add_argument("--sweep", help="comma-separated budget values of the same kind for --frontier")
+    p.add_argument("--plot", type=Path, help="frontier plot (PNG) for --frontier")
+    p.add_argument("--calib", type=Path, help="calibration inputs, one per line")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.set_defaults(handler=run_plan)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from adatsq.calibrate.inputs import read_calibration
+    from adatsq.checkpoint import check_output
+    from adatsq.errors import ConfigError
+    from adatsq.models.resolve import adapter_for
+    from adatsq.planning import plan_command
+    from adatsq.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    if (args.sweep or args.plot) and not args.frontier:
+        raise ConfigError("--sweep and --plot describe the frontier: add --frontier frontier.json")
+    for path in (args.out, args.frontier, args.plot):
+        if path is not None:
+            check_output(path, args.overwrite)
+    adapter = adapter_for(args.model)
+    calibration = read_calibration(args.calib, adapter) if args.calib else None
+    summary = plan_command(
+        adapter, recipe, args.budget, args.out, calibration, args.frontier, args.sweep, args.plot
+    )
+    print(summary)
     return 0
 
 

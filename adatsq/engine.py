@@ -55,6 +55,7 @@ class QuantizedModel:
     layers: dict[str, LayerSpec]
     activation: ActScheme
     report: dict[str, Any] = field(default_factory=dict)
+    plan: Any = None  # the adatsq.plan Plan it was quantized with, written beside the checkpoint
 
     @property
     def model(self) -> Any:

@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -20,7 +21,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adatsq.calibrate.capture import LayerStats
-from adatsq.calibrate.fisher import fisher_weights, segment_weights
+from adatsq.calibrate.fisher import fisher_weights, plot_fisher, segment_weights
 from adatsq.calibrate.runner import collect_stats
 from adatsq.engine import (
     LayerSpec,
@@ -32,15 +33,18 @@ from adatsq.engine import (
     solve_variant,
     variant_statistics,
 )
-from adatsq.errors import ConfigError
+from adatsq.errors import ConfigError, PlanError
 from adatsq.models.base import ModelAdapter
 from adatsq.models.resolve import adapter_for
 from adatsq.plan.beam import METHODS
+from adatsq.plan.cost import budget_cost, cheapest_plan_cost
+from adatsq.plan.frontier import save_frontier, sweep
+from adatsq.plan.plots import plot_frontier, plot_plan
 from adatsq.plan.problem import PlanProblem, SearchConfig, SearchResult
-from adatsq.plan.schema import Budget, LayerInfo, PartialPlan, Plan, check_plan_matches
+from adatsq.plan.schema import Budget, LayerInfo, PartialPlan, Plan, check_plan_matches, save_plan
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear
 from adatsq.quant.transforms import transform_hessian
-from adatsq.recipe import Recipe
+from adatsq.recipe import Recipe, parse_budget
 from adatsq.timesteps import SegmentMap, install_segment_hook
 
 log = logging.getLogger(__name__)
@@ -65,9 +69,16 @@ class Calibration:
 
 
 def calibrate(
-    model: Any, recipe: Recipe, inputs: Sequence[Any] | None = None, progress: bool = True
+    model: Any,
+    recipe: Recipe,
+    inputs: Sequence[Any] | None = None,
+    progress: bool = True,
+    known_weights: Sequence[float] | None = None,
 ) -> Calibration:
-    """Per-segment statistics plus temporal Fisher weights (uniform when the recipe turns Fisher off)."""
+    """Per-segment statistics plus temporal Fisher weights (uniform when the recipe turns Fisher off).
+
+    `known_weights` (per segment, e.g. from a plan file) skip the Fisher estimate.
+    """
     start = time.perf_counter()
     adapter = adapter_for(model)
     cal = recipe.calibration
@@ -77,7 +88,9 @@ def calibrate(
     stats = collect_stats(
         adapter, layers, segments, inputs, batch_size=cal.batch_size, seed=cal.seed, progress=progress
     )
-    if recipe.planner.fisher:
+    if known_weights is not None:
+        step_weights, method = _spread(known_weights, segments), "plan"
+    elif recipe.planner.fisher:
         fisher_inputs = inputs[: recipe.planner.fisher_samples]
         step_weights, method = fisher_weights(
             adapter, fisher_inputs, cal.steps, seed=cal.seed, batch_size=cal.batch_size, progress=progress
@@ -87,9 +100,23 @@ def calibrate(
     return Calibration(adapter, layers, segments, stats, step_weights, method, time.perf_counter() - start)
 
 
+def _spread(segment_weights: Sequence[float], segments: SegmentMap) -> torch.Tensor:
+    """Per-step weights whose segment sums are `segment_weights` (equal share inside a segment)."""
+    if len(segment_weights) != segments.count:
+        raise PlanError(
+            f"{len(segment_weights)} segment weights for {segments.count} segments; "
+            "the plan was made for another segmentation"
+        )
+    out = torch.zeros(len(segments.timesteps))
+    for w, (start, end) in zip(segment_weights, segments.step_ranges, strict=True):
+        out[start:end] = w / (end - start)
+    return out
+
+
 def layer_infos(calibration: Calibration, recipe: Recipe) -> list[LayerInfo]:
     """Sizes and per-step MACs (tokens per denoiser call measured during calibration)."""
     steps = len(calibration.segments.timesteps)
+    stores_g_idx = recipe.method != "rtn" and recipe.gptq.act_order and recipe.weight.group_size is not None
     infos = []
     for name, linear in calibration.layers.items():
         tokens_per_step = int(calibration.stats[name].tokens.sum()) / steps / recipe.calibration.samples
@@ -101,6 +128,7 @@ def layer_infos(calibration: Calibration, recipe: Recipe) -> list[LayerInfo]:
                 out_features=linear.out_features,
                 macs_per_step=max(1, round(tokens_per_step * linear.in_features * linear.out_features)),
                 group_size=recipe.weight.group_size,
+                g_idx=stores_g_idx,
             )
         )
     return infos
@@ -250,6 +278,46 @@ def model_fingerprint(layers: dict[str, nn.Linear]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def plan_calibration(recipe: Recipe, plan: Plan) -> Recipe:
+    """The recipe with the plan's sampler schedule; a recipe that sets another schedule is an error."""
+    cal = recipe.calibration
+    if (cal.steps, cal.segments) != (plan.num_steps, len(plan.segments)):
+        raise PlanError(
+            f"the plan was made for {plan.num_steps} sampler steps in {len(plan.segments)} segments but the "
+            f"recipe calibrates {cal.steps} steps in {cal.segments}; use the recipe the plan was made with"
+        )
+    return recipe
+
+
+def quantize_with_plan(
+    model: Any, recipe: Recipe, plan: Plan, inputs: Sequence[Any] | None = None, progress: bool = True
+) -> QuantizedModel:
+    """Calibrate per segment and solve each layer's distinct bit-widths as the plan says."""
+    recipe = plan_calibration(recipe, plan)
+    calibration = calibrate(model, recipe, inputs, progress, known_weights=plan.fisher_weights)
+    check_plan_matches(plan, list(calibration.layers), len(calibration.segments.timesteps))
+    if plan.model.get("fingerprint") not in (None, model_fingerprint(calibration.layers)):
+        raise PlanError("the plan was made for a model with other layer shapes; re-plan for this model")
+    return finish(calibration, recipe, plan, progress)
+
+
+def finish(calibration: Calibration, recipe: Recipe, plan: Plan, progress: bool) -> QuantizedModel:
+    """The final solves: per layer and distinct bits, GPTQ on the Fisher-weighted Hessian of its segments."""
+    weights = calibration.weights if recipe.planner.fisher else None
+    qmodel = quantize(
+        calibration.adapter,
+        recipe,
+        layer_bits=plan.layers,
+        segment_weights=weights,
+        stats=calibration.stats,
+        progress=progress,
+    )
+    qmodel.report["calibration_seconds"] = calibration.seconds
+    qmodel.report["fisher"] = {"method": calibration.fisher_method, "segment_weights": plan.fisher_weights}
+    qmodel.plan = plan
+    return qmodel
+
+
 @dataclass
 class Planner:
     """One calibrated model ready to search: reused across budgets (frontier sweeps) and methods."""
@@ -280,27 +348,89 @@ class Planner:
             )
         return cls(calibration, recipe, problem, meter, time.perf_counter() - start)
 
-    def search(self, budget: Budget, method: str | None = None) -> SearchResult:
+    def config(self) -> SearchConfig:
         planner = self.recipe.planner
-        config = SearchConfig(
+        return SearchConfig(
             beam_width=planner.beam_width,
             proposals_per_stage=planner.proposals_per_stage,
             candidates=tuple(sorted(planner.candidates)),
         )
-        return METHODS.get(method or planner.search)(self.problem, budget, config, self.meter)
+
+    def search(self, budget: Budget, method: str | None = None) -> SearchResult:
+        return METHODS.get(method or self.recipe.planner.search)(
+            self.problem, budget, self.config(), self.meter
+        )
 
     def quantize(self, plan: Plan, progress: bool = True) -> QuantizedModel:
-        """Final solve: per layer and distinct bits, GPTQ on the Fisher-weighted Hessian of its segments."""
         check_plan_matches(plan, list(self.calibration.layers), len(self.calibration.segments.timesteps))
-        weights = self.calibration.weights if self.recipe.planner.fisher else None
-        qmodel = quantize(
-            self.calibration.adapter,
-            self.recipe,
-            layer_bits=plan.layers,
-            segment_weights=weights,
-            stats=self.calibration.stats,
-            progress=progress,
-        )
-        qmodel.report["calibration_seconds"] = self.calibration.seconds
-        qmodel.report["plan"] = {"metrics": plan.metrics, "fisher_weights": plan.fisher_weights}
+        qmodel = finish(self.calibration, self.recipe, plan, progress)
+        qmodel.report["table_seconds"] = self.table_seconds
         return qmodel
+
+
+def recipe_budget(recipe: Recipe) -> Budget:
+    kind, value = parse_budget(recipe.planner.budget)
+    return Budget(kind, value)
+
+
+def quantize_adaptive(
+    model: Any, recipe: Recipe, inputs: Sequence[Any] | None = None, progress: bool = True
+) -> QuantizedModel:
+    """method 'adatsq' without a plan file: plan under the recipe's budget, then quantize with that plan."""
+    planner = Planner.prepare(model, recipe, inputs, progress)
+    result = planner.search(recipe_budget(recipe))
+    qmodel = planner.quantize(result.plan, progress)
+    qmodel.report["search_seconds"] = result.search_seconds
+    return qmodel
+
+
+def sweep_budgets(planner: Planner, kind: str, values: str | None) -> list[Budget]:
+    """Budgets of `kind` from a comma list, else 6 evenly spaced from the cheapest plan to all-max bits."""
+    if values:
+        try:
+            return [Budget(kind, float(v)) for v in values.split(",")]
+        except ValueError:
+            raise ConfigError(
+                f"--sweep {values!r} must be comma-separated numbers, e.g. 3.5,4,4.5,5,6"
+            ) from None
+    problem, candidates = planner.problem, planner.recipe.planner.candidates
+    low = cheapest_plan_cost(
+        problem.layers, kind, candidates, problem.num_segments, problem.act_bits, problem.pinned
+    )
+    high_bits = np.full((len(problem.layers), problem.num_segments), max(candidates))
+    high = budget_cost(high_bits, problem.layers, kind, problem.act_bits)
+    return [Budget(kind, float(v)) for v in np.linspace(low * 1.02, high, 6)]
+
+
+def plan_command(
+    model: Any,
+    recipe: Recipe,
+    budget_text: str | None,
+    out: Path,
+    inputs: Sequence[Any] | None = None,
+    frontier_path: Path | None = None,
+    sweep_values: str | None = None,
+    plot_path: Path | None = None,
+) -> str:
+    """`adatsq plan`: search, write plan.json (+ heat map, Fisher plot), optionally a frontier."""
+    budget = Budget(*parse_budget(budget_text)) if budget_text else recipe_budget(recipe)
+    planner = Planner.prepare(model, recipe, inputs)
+    result = planner.search(budget)
+    save_plan(result.plan, out)
+    plot_plan(result.plan, out.with_suffix(".png"))
+    calibration = planner.calibration
+    plot_fisher(calibration.step_weights, calibration.segments.timesteps, out.with_suffix(".fisher.png"))
+    lines = [
+        f"wrote {out}: {result.method} plan under {budget.kind}={budget.value:g} "
+        f"(avg_bits {result.metrics['avg_bits']:.3f}, bytes {result.metrics['bytes']}, "
+        f"measured_error {result.metrics['measured_error']}) in {result.search_seconds:.1f} s "
+        f"with {result.measure_calls} measured trajectories"
+    ]
+    if frontier_path is not None:
+        frontier = sweep(planner.problem, sweep_budgets(planner, budget.kind, sweep_values), planner.config(),
+                         planner.meter, planner.recipe.planner.search)  # fmt: skip
+        save_frontier(frontier, frontier_path)
+        if plot_path is not None:
+            plot_frontier(frontier, plot_path)
+        lines.append(f"wrote {frontier_path}: {len(frontier.points)} Pareto points")
+    return "\n".join(lines)
