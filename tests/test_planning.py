@@ -1,0 +1,95 @@
+"""AdaTSQ wiring on a tiny random reference-architecture DiT: Fisher, table, search, switching, plan files."""
+
+import dataclasses
+
+import pytest
+import torch
+
+import adatsq
+from adatsq.calibrate.fisher import fisher_weights
+from adatsq.errors import PlanError
+from adatsq.models.reference import DigitsPipeline, build_scheduler, build_transformer
+from adatsq.models.reference_adapter import ReferenceAdapter
+from adatsq.plan.schema import Budget, load_plan, save_plan
+from adatsq.planning import Planner
+from adatsq.quant.linear import TimestepQuantLinear
+from adatsq.recipe import recipe_from_dict
+
+RECIPE = {
+    "method": "adatsq",
+    "weight": {"bits": 4, "group_size": 32, "symmetric": False},
+    "activation": {"bits": 8},
+    "calibration": {"samples": 4, "steps": 4, "batch_size": 4, "segments": 2},
+    "planner": {"candidates": [3, 4, 8], "fisher_samples": 2, "measure_samples": 2, "beam_width": 2},
+}
+
+
+def tiny_adapter(layers=1, seed=0):
+    torch.manual_seed(seed)
+    transformer = build_transformer({"num_layers": layers, "num_attention_heads": 2}).eval()
+    return ReferenceAdapter(DigitsPipeline(transformer, build_scheduler()))
+
+
+@pytest.fixture(scope="module")
+def planner():
+    return Planner.prepare(tiny_adapter(), recipe_from_dict(RECIPE), progress=False)
+
+
+def test_fisher_weights_sum_to_one_and_estimators_agree():
+    adapter = tiny_adapter()
+    grad, method = fisher_weights(adapter, [1, 2], 4, progress=False)
+    assert method == "gradient" and abs(float(grad.sum()) - 1) < 1e-5 and bool((grad > 0).all())
+
+    class NoGrad(ReferenceAdapter):
+        def generate(self, inputs, seed, num_steps, step_callback=None):
+            with torch.no_grad():
+                return super().generate(inputs, seed, num_steps, step_callback)
+
+    fd, method = fisher_weights(NoGrad(adapter.pipeline), [1, 2], 4, epsilon=1e-3, progress=False)
+    assert method == "perturbation"
+    assert torch.allclose(fd, grad, atol=0.08), (fd, grad)
+
+
+def test_search_respects_budget_and_measures(planner):
+    result = planner.search(Budget("avg_bits", 4.0))
+    assert result.metrics["avg_bits"] <= 4.0 + 1e-9
+    assert result.measure_calls > 0 and result.metrics["measured_error"] > 0
+    assert planner.problem.error_table.shape == (len(planner.calibration.layers), 2, 3)
+
+
+def test_infeasible_budget_names_the_minimum(planner):
+    with pytest.raises(PlanError, match="minimum reachable value is 3"):
+        planner.search(Budget("avg_bits", 2.5))
+
+
+def test_plan_file_round_trip_and_quantize_switches_per_segment(planner, tmp_path):
+    plan = planner.search(Budget("avg_bits", 5.0)).plan
+    path = save_plan(plan, tmp_path / "plan.json")
+    assert load_plan(path) == plan
+    qmodel = adatsq.quantize(tiny_adapter(), recipe_from_dict(RECIPE), plan=path, progress=False)
+    switching = [m for m in qmodel.adapter.denoiser().modules() if isinstance(m, TimestepQuantLinear)]
+    expected = [name for name, row in plan.layers.items() if len(set(row)) > 1]
+    assert len(switching) == len(expected) > 0
+    # during sampling each call runs the variant its segment's plan entry names
+    layer = switching[0]
+    seen = []
+    layer.register_forward_pre_hook(lambda m, a: seen.append(m.active_bits))
+    qmodel.adapter.generate([3], seed=0, num_steps=4)
+    per_step = len(seen) // 4  # DiT reuses block 0's timestep embedder for its output modulation
+    assert seen == [layer.segment_bits[0]] * 2 * per_step + [layer.segment_bits[1]] * 2 * per_step
+    qmodel.save(tmp_path / "ckpt")
+    assert load_plan(tmp_path / "ckpt" / "plan.json") == plan
+
+
+def test_plan_for_another_model_names_the_layers(planner, tmp_path):
+    plan = planner.search(Budget("avg_bits", 4.0)).plan
+    with pytest.raises(PlanError, match=r"transformer_blocks\.1\."):
+        adatsq.quantize(tiny_adapter(layers=2), recipe_from_dict(RECIPE), plan=plan, progress=False)
+
+
+def test_plan_with_other_segments_than_the_recipe(planner):
+    plan = planner.search(Budget("avg_bits", 4.0)).plan
+    recipe = recipe_from_dict(RECIPE)
+    other = dataclasses.replace(recipe, calibration=dataclasses.replace(recipe.calibration, steps=6))
+    with pytest.raises(PlanError, match="made for 4 sampler steps in 2 segments"):
+        adatsq.quantize(tiny_adapter(), other, plan=plan, progress=False)
