@@ -4,6 +4,8 @@ The pipeline runs as its authors wrote it; adatsq only watches it. The timesteps
 receives are recorded from an actual run (a forward pre-hook), because every pipeline maps its
 scheduler's schedule differently (Flux and QwenImage divide by 1000, Z-Image feeds (1000 - t) / 1000,
 Flux shifts sigmas by resolution) and copying those rules would drift with each diffusers release.
+
+Only `pipe.transformer` is quantized: two-expert pipelines (Wan 2.2 A14B's transformer_2) are refused.
 """
 
 from __future__ import annotations
@@ -347,6 +349,12 @@ class DiffusersPipelineAdapter(ModelAdapter):
             self.pipe(**kwargs)
         if watcher.latents is None:
             raise AdatsqError(f"{type(self.pipe).__name__} ran no denoising step for num_steps={num_steps}")
+        if len(watcher.timesteps) != watcher.step:
+            raise AdatsqError(
+                f"{type(self.pipe).__name__} called its transformer in {len(watcher.timesteps)} of "
+                f"{watcher.step} steps; pipelines with a second expert for late steps (Wan 2.2 A14B's "
+                "transformer_2) are not supported: set boundary_ratio to None or use a single-expert model"
+            )
         self._recorded.setdefault(num_steps, watcher.timesteps)
         return watcher.latents.detach().float().cpu()
 
