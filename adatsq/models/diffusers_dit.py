@@ -35,6 +35,7 @@ from adatsq.models.diffusers_config import (
     write_settings,
 )
 from adatsq.models.diffusers_layers import default_ignore, linear_names, sensitive_layers
+from adatsq.models.diffusers_steps import StepWatcher
 
 __all__ = [
     "DiffusersPipelineAdapter",
@@ -112,60 +113,6 @@ def _shuffled_cycle(items: Sequence[Any], count: int, seed: int) -> list[Any]:
         rng.shuffle(pool)
         out.extend(pool)
     return out[:count]
-
-
-class _StepWatcher:
-    """Counts denoising steps, records each step's denoiser timestep, hands latents to a callback."""
-
-    def __init__(self, adapter: DiffusersPipelineAdapter, batch: int, callback: StepCallback | None):
-        self.adapter, self.batch, self.callback = adapter, batch, callback
-        self.step = 0
-        self.timesteps: list[float] = []
-        self.latents: torch.Tensor | None = None
-
-    def pre_hook(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if len(self.timesteps) == self.step:  # first denoiser call of this step (true CFG calls twice)
-            self.timesteps.append(self.adapter.timestep_of(args, kwargs))
-
-    def end_step(self, latents: torch.Tensor) -> torch.Tensor | None:
-        """The latents after one step; returns replacement latents (same shape) or None."""
-        new = None if self.callback is None else self.callback(self.step, latents)
-        if new is not None:
-            if new.shape != latents.shape:
-                raise AdatsqError(
-                    f"step callback returned latents of shape {tuple(new.shape)} at step {self.step}; "
-                    f"expected {tuple(latents.shape)}"
-                )
-            new = new.to(device=latents.device, dtype=latents.dtype)
-        self.latents = latents if new is None else new
-        self.step += 1
-        return new
-
-    def on_step_end(self, pipe: Any, index: int, t: Any, tensors: dict[str, Any]) -> dict[str, Any]:
-        """diffusers' callback_on_step_end: returning {"latents": x} replaces the pipeline's latents."""
-        new = self.end_step(tensors["latents"])
-        return {} if new is None else {"latents": new}
-
-    def wrap_scheduler_step(self, step: Any) -> Any:
-        """For pipelines without callback_on_step_end (PixArt, DiT): watch the scheduler's output.
-
-        DiT steps on the CFG-doubled batch, whose halves are identical; the callback sees one copy.
-        """
-
-        def watched(*args: Any, **kwargs: Any) -> Any:
-            out = step(*args, **kwargs)
-            sample = out[0] if isinstance(out, tuple) else out.prev_sample
-            copies = sample.shape[0] // self.batch
-            new = self.end_step(sample[: self.batch])
-            if new is None:
-                return out
-            new = new.repeat(copies, *([1] * (new.dim() - 1)))
-            if isinstance(out, tuple):
-                return (new, *out[1:])
-            out.prev_sample = new
-            return out
-
-        return watched
 
 
 @ADAPTERS.register("diffusers")
@@ -344,7 +291,7 @@ class DiffusersPipelineAdapter(ModelAdapter):
         kwargs = {**self._fixed_kwargs(), **self._input_kwargs(inputs), "num_inference_steps": num_steps}
         kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)  # same noise on every device
         kwargs["output_type"] = "latent"  # DiT ignores it and decodes; its latents are taken per step
-        watcher = _StepWatcher(self, len(inputs), step_callback)
+        watcher = StepWatcher(self.timestep_of, len(inputs), step_callback)
         with self._watching(watcher, kwargs):
             self.pipe(**kwargs)
         if watcher.latents is None:
@@ -391,7 +338,7 @@ class DiffusersPipelineAdapter(ModelAdapter):
         return {"prompt": list(inputs)}
 
     @contextlib.contextmanager
-    def _watching(self, watcher: _StepWatcher, kwargs: dict[str, Any]) -> Iterator[None]:
+    def _watching(self, watcher: StepWatcher, kwargs: dict[str, Any]) -> Iterator[None]:
         """Install the timestep hook and the per-step bridge for one pipeline call."""
         handle = self.transformer.register_forward_pre_hook(watcher.pre_hook, with_kwargs=True)
         scheduler = self.pipe.scheduler
