@@ -59,9 +59,15 @@ def compare_samples(
         data_range = 2.0
     else:
         data_range = float(reference.max() - reference.min()) or 1.0
+    spatial = samples.dim() == 4  # packed latents (Flux: [B, tokens, C]) have no image layout for SSIM
+    flat = (
+        (samples, reference)
+        if spatial
+        else (samples.reshape(len(samples), 1, 1, -1), reference.reshape(len(samples), 1, 1, -1))
+    )
     out: dict[str, float | None] = {
-        "psnr_db": psnr(samples, reference, data_range=data_range),
-        "ssim": ssim(samples, reference, data_range=data_range) if samples.dim() == 4 else None,
+        "psnr_db": psnr(*flat, data_range=data_range),
+        "ssim": ssim(samples, reference, data_range=data_range) if spatial else None,
         "accuracy": None,
         "fp_accuracy": None,
         "fid": None,
