@@ -37,7 +37,7 @@ from adatsq.errors import ConfigError, PlanError
 from adatsq.models.base import ModelAdapter
 from adatsq.models.resolve import adapter_for
 from adatsq.plan.beam import METHODS
-from adatsq.plan.cost import budget_cost, cheapest_plan_cost
+from adatsq.plan.cost import budget_cost, cheapest_plan_cost, check_budget_feasible
 from adatsq.plan.frontier import save_frontier, sweep
 from adatsq.plan.plots import plot_frontier, plot_plan
 from adatsq.plan.problem import PlanProblem, SearchConfig, SearchResult
@@ -61,6 +61,7 @@ class Calibration:
     step_weights: torch.Tensor  # Fisher weight per sampler step (sums to 1)
     fisher_method: str
     seconds: float
+    inputs: int  # calibration inputs sampled
 
     @property
     def weights(self) -> torch.Tensor:
@@ -97,7 +98,9 @@ def calibrate(
         )
     else:
         step_weights, method = torch.full((cal.steps,), 1.0 / cal.steps), "uniform"
-    return Calibration(adapter, layers, segments, stats, step_weights, method, time.perf_counter() - start)
+    return Calibration(
+        adapter, layers, segments, stats, step_weights, method, time.perf_counter() - start, len(inputs)
+    )
 
 
 def _spread(segment_weights: Sequence[float], segments: SegmentMap) -> torch.Tensor:
@@ -113,25 +116,44 @@ def _spread(segment_weights: Sequence[float], segments: SegmentMap) -> torch.Ten
     return out
 
 
-def layer_infos(calibration: Calibration, recipe: Recipe) -> list[LayerInfo]:
-    """Sizes and per-step MACs (tokens per denoiser call measured during calibration)."""
-    steps = len(calibration.segments.timesteps)
+def layer_infos(
+    layers: dict[str, nn.Linear], recipe: Recipe, tokens_per_step: dict[str, float] | None = None
+) -> list[LayerInfo]:
+    """Sizes and per-step MACs; without measured token counts MACs assume one token (sizes still exact)."""
     stores_g_idx = recipe.method != "rtn" and recipe.gptq.act_order and recipe.weight.group_size is not None
-    infos = []
-    for name, linear in calibration.layers.items():
-        tokens_per_step = int(calibration.stats[name].tokens.sum()) / steps / recipe.calibration.samples
-        infos.append(
-            LayerInfo(
-                name=name,
-                n_params=linear.in_features * linear.out_features,
-                in_features=linear.in_features,
-                out_features=linear.out_features,
-                macs_per_step=max(1, round(tokens_per_step * linear.in_features * linear.out_features)),
-                group_size=recipe.weight.group_size,
-                g_idx=stores_g_idx,
-            )
+    return [
+        LayerInfo(
+            name=name,
+            n_params=linear.in_features * linear.out_features,
+            in_features=linear.in_features,
+            out_features=linear.out_features,
+            macs_per_step=max(
+                1, round((tokens_per_step or {}).get(name, 1.0) * linear.in_features * linear.out_features)
+            ),
+            group_size=recipe.weight.group_size,
+            g_idx=stores_g_idx,
         )
-    return infos
+        for name, linear in layers.items()
+    ]
+
+
+def measured_tokens(calibration: Calibration) -> dict[str, float]:
+    """Tokens entering each layer per denoiser step per sample (CFG batch included), from calibration."""
+    steps = len(calibration.segments.timesteps)
+    return {name: int(st.tokens.sum()) / steps / calibration.inputs for name, st in calibration.stats.items()}
+
+
+def precheck_budget(model: Any, recipe: Recipe, budget: Budget) -> None:
+    """Fail before calibration when a size-only budget (avg_bits, bytes) is below the cheapest plan."""
+    if budget.kind == "bops":
+        return  # needs token counts: checked by the search once calibration measured them
+    adapter = adapter_for(model)
+    infos = layer_infos(select_layers(adapter.denoiser(), recipe), recipe)
+    pinned = {i.name: recipe.planner.pin_bits for i in infos if recipe.planner.pins(i.name)}
+    candidates = recipe.planner.candidates
+    check_budget_feasible(
+        infos, budget, candidates, recipe.calibration.segments, recipe.activation.bits or 16, pinned
+    )
 
 
 def solve_candidates(
@@ -252,12 +274,8 @@ class TrajectoryMeter:
 def build_problem(
     calibration: Calibration, recipe: Recipe, table: np.ndarray, bits: Sequence[int], fingerprint: str
 ) -> PlanProblem:
-    infos = layer_infos(calibration, recipe)
+    infos = layer_infos(calibration.layers, recipe, measured_tokens(calibration))
     pinned = {info.name: recipe.planner.pin_bits for info in infos if recipe.planner.pins(info.name)}
-    if pinned and recipe.planner.pin_bits not in bits:
-        raise ConfigError(
-            f"planner.pin_bits {recipe.planner.pin_bits} must be one of the candidates {list(bits)}"
-        )
     return PlanProblem(
         layers=infos,
         error_table=table,
@@ -377,6 +395,7 @@ def quantize_adaptive(
     model: Any, recipe: Recipe, inputs: Sequence[Any] | None = None, progress: bool = True
 ) -> QuantizedModel:
     """method 'adatsq' without a plan file: plan under the recipe's budget, then quantize with that plan."""
+    precheck_budget(model, recipe, recipe_budget(recipe))
     planner = Planner.prepare(model, recipe, inputs, progress)
     result = planner.search(recipe_budget(recipe))
     qmodel = planner.quantize(result.plan, progress)
@@ -414,6 +433,7 @@ def plan_command(
 ) -> str:
     """`adatsq plan`: search, write plan.json (+ heat map, Fisher plot), optionally a frontier."""
     budget = Budget(*parse_budget(budget_text)) if budget_text else recipe_budget(recipe)
+    precheck_budget(model, recipe, budget)
     planner = Planner.prepare(model, recipe, inputs)
     result = planner.search(budget)
     save_plan(result.plan, out)

@@ -108,3 +108,81 @@ def test_bad_calibration_file(recipe_file, tmp_path):
         str(calib),
     )
     assert_user_error(result, "'seven' is not a class label")
+
+
+ADATSQ_RECIPE = (
+    FAST_RECIPE.replace("method: gptq", "method: adatsq").replace(
+        "batch_size: 8}", "batch_size: 8, segments: 2}"
+    )
+    + "planner: {candidates: [3, 4, 8], fisher_samples: 2, measure_samples: 2, beam_width: 2}\n"
+)
+
+
+def test_plan_with_infeasible_budget_states_the_minimum(tmp_path):
+    recipe = tmp_path / "adatsq.yaml"
+    recipe.write_text(ADATSQ_RECIPE)
+    out = tmp_path / "plan.json"
+    result = run_cli(
+        "plan", "reference", "--recipe", str(recipe), "--budget", "avg_bits=2.5", "--out", str(out)
+    )
+    assert_user_error(result, "the minimum reachable value is 3")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "change, fragment",
+    [
+        (
+            ("candidates: [3, 4, 8]", "candidates: [3, 5, 8]"),
+            "planner.candidates [3, 5, 8] must be drawn from",
+        ),
+        (("planner: {", "planner: {budget: avg_bits, "), "use KIND=VALUE"),
+    ],
+)
+def test_plan_with_bad_planner_settings(tmp_path, change, fragment):
+    recipe = tmp_path / "adatsq.yaml"
+    recipe.write_text(ADATSQ_RECIPE.replace(*change))
+    result = run_cli("plan", "reference", "--recipe", str(recipe), "--out", str(tmp_path / "plan.json"))
+    assert_user_error(result, fragment)
+
+
+def test_empty_calibration_file(recipe_file, tmp_path):
+    calib = tmp_path / "empty.txt"
+    calib.write_text("# nothing here\n")
+    result = run_cli(
+        "quantize",
+        "reference",
+        "--recipe",
+        str(recipe_file),
+        "--out",
+        str(tmp_path / "o"),
+        "--calib",
+        str(calib),
+    )
+    assert_user_error(result, "holds no inputs")
+
+
+def test_plan_cli_writes_plan_plots_and_frontier_then_quantizes(tmp_path, capsys):
+    recipe = tmp_path / "adatsq.yaml"
+    recipe.write_text(ADATSQ_RECIPE)
+    plan, frontier = tmp_path / "plan.json", tmp_path / "frontier.json"
+    args = ["plan", "reference", "--recipe", str(recipe), "--budget", "avg_bits=4.5", "--out", str(plan)]
+    assert (
+        main([*args, "--frontier", str(frontier), "--sweep", "3.5,4.5,6", "--plot", str(tmp_path / "f.png")])
+        == 0
+    )
+    for name in ("plan.json", "plan.png", "plan.fisher.png", "frontier.json", "f.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert main(["inspect", str(plan)]) == 0
+    assert "transformer_blocks.5.ff.net.2" in capsys.readouterr().out
+    out = tmp_path / "ckpt"
+    assert (
+        main(["quantize", "reference", "--recipe", str(recipe), "--plan", str(plan), "--out", str(out)]) == 0
+    )
+    assert (out / "plan.json").read_text() == plan.read_text()
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(ADATSQ_RECIPE.replace("segments: 2", "segments: 4"))
+    result = run_cli(
+        "quantize", "reference", "--recipe", str(wrong), "--plan", str(plan), "--out", str(tmp_path / "x")
+    )
+    assert_user_error(result, "made for 4 sampler steps in 2 segments")
