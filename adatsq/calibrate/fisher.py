@@ -16,6 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from adatsq.calibrate.distributed import reduce_, shard
 from adatsq.calibrate.runner import batches
 from adatsq.errors import CalibrationError
 from adatsq.models.base import ModelAdapter
@@ -51,13 +52,14 @@ class _OutputProbe:
 
 def _gradient_sensitivity(
     adapter: ModelAdapter, chunk: Sequence[Any], seed: int, num_steps: int
-) -> torch.Tensor:
+) -> torch.Tensor | None:
+    """Squared probe gradients per denoiser call; None when the sampler does not track gradients."""
     probe = _OutputProbe(adapter.denoiser())
     try:
         with torch.enable_grad():
             final = adapter.generate(chunk, seed=seed, num_steps=num_steps)
             if not final.requires_grad:
-                raise NotImplementedError
+                return None
             v = torch.randn(final.shape, generator=torch.Generator().manual_seed(seed + 7919))
             grads = torch.autograd.grad((final * v).sum(), probe.deltas, allow_unused=True)
     finally:
@@ -95,17 +97,14 @@ def fisher_weights(
     if not inputs:
         raise CalibrationError("the calibration set is empty; Fisher weights need at least one input")
     total, method = torch.zeros(num_steps, dtype=torch.float64), "gradient"
-    for i, chunk in enumerate(
-        tqdm(batches(inputs, batch_size), desc="fisher", unit="batch", disable=not progress)
+    for i, chunk in tqdm(
+        shard(batches(inputs, batch_size)), desc="fisher", unit="batch", disable=not progress
     ):
-        try:
-            per_step = (
-                _gradient_sensitivity(adapter, chunk, seed + i, num_steps) if method == "gradient" else None
-            )
-        except NotImplementedError:
-            method = "perturbation"
-            per_step = None
+        per_step = (
+            _gradient_sensitivity(adapter, chunk, seed + i, num_steps) if method == "gradient" else None
+        )
         if per_step is None:
+            method = "perturbation"
             per_step = _perturbation_sensitivity(adapter, chunk, seed + i, num_steps, epsilon)
         if per_step.numel() != num_steps:
             raise CalibrationError(
@@ -113,6 +112,7 @@ def fisher_weights(
                 "need exactly one denoiser call per step (batch classifier-free guidance into one call)"
             )
         total += per_step.double()
+    reduce_(total)
     if not bool(torch.isfinite(total).all()) or float(total.sum()) <= 0:
         raise CalibrationError("Fisher sensitivities are zero or non-finite; check the sampler and inputs")
     return (total / total.sum()).float(), method
