@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from adatsq import __version__
-from adatsq.engine import QuantizedModel, attach_segment_switching, set_module
+from adatsq.engine import QuantizedModel, attach_segment_switching, effective_ignore, set_module
 from adatsq.errors import CheckpointError, ConfigError
 from adatsq.models.base import ADAPTERS, ModelAdapter
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear
@@ -91,7 +91,7 @@ def checkpoint_config(qmodel: QuantizedModel) -> dict[str, Any]:
         "segments": [list(pair) for pair in qmodel.segments.intervals()],
         "segment_steps": [list(pair) for pair in qmodel.segments.step_ranges],
         "layers": layers,
-        "ignore": list(qmodel.recipe.ignore),
+        "ignore": list(effective_ignore(qmodel.adapter, qmodel.recipe)),
         "recipe": qmodel.recipe.to_dict(),
     }
 

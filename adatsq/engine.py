@@ -67,12 +67,21 @@ class QuantizedModel:
         return save_checkpoint(self, Path(directory), overwrite=overwrite)
 
 
-def select_layers(denoiser: nn.Module, recipe: Recipe) -> dict[str, nn.Linear]:
+def effective_ignore(adapter: ModelAdapter, recipe: Recipe) -> tuple[str, ...]:
+    return tuple(adapter.default_ignore()) if recipe.ignore is None else recipe.ignore
+
+
+def select_layers(adapter: ModelAdapter, recipe: Recipe) -> dict[str, nn.Linear]:
     """Linear layers the recipe targets; none matching is an error (a phase that did nothing)."""
-    layers = {n: m for n, m in denoiser.named_modules() if isinstance(m, nn.Linear) and recipe.selects(n)}
+    ignore = effective_ignore(adapter, recipe)
+    layers = {
+        n: m
+        for n, m in adapter.denoiser().named_modules()
+        if isinstance(m, nn.Linear) and recipe.selects(n, ignore)
+    }
     if not layers:
         raise CalibrationError(
-            f"no Linear layer matches targets {list(recipe.targets)} minus ignore {list(recipe.ignore)}; "
+            f"no Linear layer matches targets {list(recipe.targets)} minus ignore {list(ignore)}; "
             "run `adatsq inspect MODEL` to list layer names"
         )
     return layers
@@ -175,7 +184,7 @@ def quantize(
     """
     adapter = adapter_for(model)
     adapter.denoiser().eval()  # calibration and solves see inference behaviour (no label dropout)
-    layers = select_layers(adapter.denoiser(), recipe)
+    layers = select_layers(adapter, recipe)
     groups = len(next(iter(layer_bits.values()))) if layer_bits else recipe.calibration.segments
     segments = SegmentMap.from_schedule(adapter.step_timesteps(recipe.calibration.steps), groups)
     specs = {

@@ -83,7 +83,7 @@ def calibrate(
     start = time.perf_counter()
     adapter = adapter_for(model)
     cal = recipe.calibration
-    layers = select_layers(adapter.denoiser(), recipe)
+    layers = select_layers(adapter, recipe)
     segments = SegmentMap.from_schedule(adapter.step_timesteps(cal.steps), cal.segments)
     inputs = list(inputs) if inputs is not None else adapter.default_inputs(cal.samples, cal.seed)
     stats = collect_stats(
@@ -148,7 +148,7 @@ def precheck_budget(model: Any, recipe: Recipe, budget: Budget) -> None:
     if budget.kind == "bops":
         return  # needs token counts: checked by the search once calibration measured them
     adapter = adapter_for(model)
-    infos = layer_infos(select_layers(adapter.denoiser(), recipe), recipe)
+    infos = layer_infos(select_layers(adapter, recipe), recipe)
     pinned = {i.name: recipe.planner.pin_bits for i in infos if recipe.planner.pins(i.name)}
     candidates = recipe.planner.candidates
     check_budget_feasible(

@@ -120,7 +120,9 @@ class Recipe:
     weight: WeightScheme
     activation: ActScheme = field(default_factory=ActScheme)
     targets: tuple[str, ...] = (".*",)  # regexes (re.search) on module names of the denoiser's Linear layers
-    ignore: tuple[str, ...] = ()  # regexes of layers kept in full precision, applied after targets
+    # regexes of layers kept in full precision, applied after targets; None = the model family's defaults
+    # (embedders, final projection), [] = quantize every targeted layer
+    ignore: tuple[str, ...] | None = None
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     gptq: GPTQConfig = field(default_factory=GPTQConfig)
     planner: PlannerConfig = field(default_factory=PlannerConfig)
@@ -128,14 +130,13 @@ class Recipe:
     outliers: TransformScheme = field(default_factory=TransformScheme)
 
     def __post_init__(self) -> None:
-        for pattern in (*self.targets, *self.ignore):
+        for pattern in (*self.targets, *(self.ignore or ())):
             _check_regex(pattern)
 
-    def selects(self, name: str) -> bool:
-        """Whether a Linear layer called `name` is quantized by this recipe."""
-        return any(re.search(p, name) for p in self.targets) and not any(
-            re.search(p, name) for p in self.ignore
-        )
+    def selects(self, name: str, default_ignore: tuple[str, ...] = ()) -> bool:
+        """Whether a Linear layer called `name` is quantized (`default_ignore` stands in for ignore=None)."""
+        ignore = default_ignore if self.ignore is None else self.ignore
+        return any(re.search(p, name) for p in self.targets) and not any(re.search(p, name) for p in ignore)
 
     def to_dict(self) -> dict:
         return to_mapping(self)

@@ -15,7 +15,7 @@ GPTQ = "method: gptq\nweight: {bits: 4, group_size: 16, symmetric: false}\nactiv
     "calibration: {samples: 4, steps: 4, batch_size: 2}\n"  # fmt: skip
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "wan", "z-image"])
 def test_cli_quantize_load_and_sample(family, tmp_path, capsys):
     source = build_tiny_pipeline(family, tmp_path / family)
     recipe = tmp_path / "gptq.yaml"

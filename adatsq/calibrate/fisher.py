@@ -23,60 +23,82 @@ from adatsq.models.base import ModelAdapter
 from adatsq.plots import new_figure, save_figure
 
 
+def _map_output(output: Any, fn: Any) -> Any:
+    """Apply `fn` to the predicted sample(s) of a denoiser output (tensor, tuple, list or .sample)."""
+    if isinstance(output, torch.Tensor):
+        return fn(output)
+    if isinstance(output, tuple):
+        return (_map_output(output[0], fn), *output[1:])
+    if isinstance(output, list):  # Z-Image: one tensor per sample
+        return [fn(t) for t in output]
+    output.sample = fn(output.sample)
+    return output
+
+
 class _OutputProbe:
-    """Forward hook adding a per-call offset to the denoiser output (zero, or a finite-difference push)."""
+    """Adds an offset to the denoiser output of every call, tagged with the sampler step it belongs to.
 
-    def __init__(self, denoiser: nn.Module, offsets: dict[int, float] | None = None, seed: int = 0) -> None:
-        self.offsets = offsets or {}
-        self.deltas: list[torch.Tensor] = []
+    Steps are counted by the sampler's step callback, not by calls: pipelines that call the denoiser
+    twice per step (true CFG) or return one tensor per sample are handled alike.
+    """
+
+    def __init__(self, denoiser: nn.Module, push: tuple[int, float] | None = None, seed: int = 0) -> None:
+        self.push = push  # (step, epsilon): finite-difference mode; None: zero offsets that track grads
+        self.step = 0
+        self.deltas: list[tuple[int, torch.Tensor]] = []
         self.generator = torch.Generator().manual_seed(seed)
-        self.handle = denoiser.register_forward_hook(self._hook)
+        self.handle = denoiser.register_forward_hook(
+            lambda module, args, output: _map_output(output, self._shift)
+        )
 
-    def _hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        sample = output[0] if isinstance(output, tuple) else getattr(output, "sample", output)
-        step = len(self.deltas)
-        if step in self.offsets:
-            noise = torch.randn(sample.shape, generator=self.generator).to(sample)
-            delta = noise * self.offsets[step]
-        else:
+    def after_step(self, step_index: int, latents: torch.Tensor) -> None:
+        self.step = step_index + 1
+
+    def _shift(self, sample: torch.Tensor) -> torch.Tensor:
+        if self.push is None:
             delta = torch.zeros_like(sample, requires_grad=torch.is_grad_enabled())
-        self.deltas.append(delta)
-        shifted = sample + delta
-        if isinstance(output, tuple):
-            return (shifted, *output[1:])
-        if hasattr(output, "sample"):
-            output.sample = shifted
-            return output
-        return shifted
+            self.deltas.append((self.step, delta))
+            return sample + delta
+        step, epsilon = self.push
+        if step != self.step:
+            return sample
+        return sample + epsilon * torch.randn(sample.shape, generator=self.generator).to(sample)
 
 
 def _gradient_sensitivity(
     adapter: ModelAdapter, chunk: Sequence[Any], seed: int, num_steps: int
 ) -> torch.Tensor | None:
-    """Squared probe gradients per denoiser call; None when the sampler does not track gradients."""
+    """Squared probe gradients summed per sampler step; None when the sampler does not track gradients."""
     probe = _OutputProbe(adapter.denoiser())
     try:
         with torch.enable_grad():
-            final = adapter.generate(chunk, seed=seed, num_steps=num_steps)
+            final = adapter.generate(chunk, seed=seed, num_steps=num_steps, step_callback=probe.after_step)
             if not final.requires_grad:
                 return None
             v = torch.randn(final.shape, generator=torch.Generator().manual_seed(seed + 7919))
-            grads = torch.autograd.grad((final * v).sum(), probe.deltas, allow_unused=True)
+            grads = torch.autograd.grad((final * v).sum(), [d for _, d in probe.deltas], allow_unused=True)
     finally:
         probe.handle.remove()
-    return torch.tensor([0.0 if g is None else float(g.double().pow(2).sum()) for g in grads])
+    out = torch.zeros(num_steps, dtype=torch.float64)
+    for (step, _), g in zip(probe.deltas, grads, strict=True):
+        if g is not None:
+            out[step] += float(g.double().pow(2).sum())
+    return out
 
 
 def _perturbation_sensitivity(
     adapter: ModelAdapter, chunk: Sequence[Any], seed: int, num_steps: int, epsilon: float
 ) -> torch.Tensor:
+    """‖x₀(pushed at step t) − x₀‖² / ε² for each step t: one extra sampling run per step."""
     with torch.no_grad():
         clean = adapter.generate(chunk, seed=seed, num_steps=num_steps)
-        out = torch.zeros(num_steps)
+        out = torch.zeros(num_steps, dtype=torch.float64)
         for step in range(num_steps):
-            probe = _OutputProbe(adapter.denoiser(), {step: epsilon}, seed=seed + step)
+            probe = _OutputProbe(adapter.denoiser(), (step, epsilon), seed=seed + step)
             try:
-                pushed = adapter.generate(chunk, seed=seed, num_steps=num_steps)
+                pushed = adapter.generate(
+                    chunk, seed=seed, num_steps=num_steps, step_callback=probe.after_step
+                )
             finally:
                 probe.handle.remove()
             out[step] = float((pushed - clean).double().pow(2).sum()) / epsilon**2
@@ -106,11 +128,6 @@ def fisher_weights(
         if per_step is None:
             method = "perturbation"
             per_step = _perturbation_sensitivity(adapter, chunk, seed + i, num_steps, epsilon)
-        if per_step.numel() != num_steps:
-            raise CalibrationError(
-                f"the denoiser ran {per_step.numel()} times for {num_steps} sampler steps; Fisher weights "
-                "need exactly one denoiser call per step (batch classifier-free guidance into one call)"
-            )
         total += per_step.double()
     reduce_(total)
     if not bool(torch.isfinite(total).all()) or float(total.sum()) <= 0:

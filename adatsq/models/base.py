@@ -70,6 +70,16 @@ class ModelAdapter(ABC):
     def load_base(cls, directory: Path) -> ModelAdapter:
         """Rebuild the adapter from `save_base`'s folder; the denoiser may come back uninitialised."""
 
+    def default_ignore(self) -> list[str]:
+        """Layers a recipe with no `ignore` list leaves in full precision: embedders, final projection.
+
+        Some models also read `.weight` / `.parameters()` of their embedders at run time, so these
+        must stay nn.Linear unless a recipe asks for them explicitly.
+        """
+        from adatsq.models.diffusers_layers import default_ignore
+
+        return default_ignore(self.denoiser())
+
     def user_model(self) -> Any:
         """What `adatsq.load` hands back: the pipeline when the family has one, else the denoiser."""
         return self.denoiser()
