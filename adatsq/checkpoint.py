@@ -64,7 +64,7 @@ def checkpoint_tensors(qmodel: QuantizedModel) -> dict[str, torch.Tensor]:
         if not key.startswith(prefixes):
             tensors[key] = value
     # safetensors refuses shared storage: tied or expanded tensors are stored as independent copies
-    return {key: value.detach().contiguous().clone() for key, value in tensors.items()}
+    return {key: value.detach().cpu().contiguous().clone() for key, value in tensors.items()}
 
 
 def checkpoint_config(qmodel: QuantizedModel) -> dict[str, Any]:

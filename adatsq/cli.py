@@ -25,6 +25,11 @@ def command(builder: Callable[[argparse._SubParsersAction], None]):
     return builder
 
 
+def add_placement(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="load the model in this dtype")
+    p.add_argument("--device", help="run calibration and solves here, e.g. cuda (default: cpu)")
+
+
 @command
 def _quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a model with a recipe and write a checkpoint folder")
@@ -37,6 +42,7 @@ def _quantize(sub: argparse._SubParsersAction) -> None:
         "--plan", type=Path, help="plan.json from `adatsq plan` (bits per layer × timestep segment)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_placement(p)
     p.set_defaults(handler=run_quantize)
 
 
@@ -53,7 +59,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.seed is not None:
         recipe = replace(recipe, calibration=replace(recipe.calibration, seed=args.seed))
     check_output(args.out, args.overwrite)  # fail before any long work
-    adapter = adapter_for(args.model)
+    adapter = adapter_for(args.model, dtype=args.dtype, device=args.device)
     calibration = read_calibration(args.calib, adapter) if args.calib else None
     qmodel = quantize(adapter, recipe, calibration, plan=args.plan)
     qmodel.save(args.out, overwrite=args.overwrite)
@@ -76,6 +82,7 @@ def _plan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--plot", type=Path, help="frontier plot (PNG) for --frontier")
     p.add_argument("--calib", type=Path, help="calibration inputs, one per line")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    add_placement(p)
     p.set_defaults(handler=run_plan)
 
 
@@ -93,7 +100,7 @@ def run_plan(args: argparse.Namespace) -> int:
     for path in (args.out, args.frontier, args.plot):
         if path is not None:
             check_output(path, args.overwrite)
-    adapter = adapter_for(args.model)
+    adapter = adapter_for(args.model, dtype=args.dtype, device=args.device)
     calibration = read_calibration(args.calib, adapter) if args.calib else None
     summary = plan_command(
         adapter, recipe, args.budget, args.out, calibration, args.frontier, args.sweep, args.plot

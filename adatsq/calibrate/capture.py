@@ -57,11 +57,13 @@ class StatsCapture:
         self.layers = layers
         self.segment = 0
         self.step = 0
-        self.stats = {
+        self.stats = {  # on the layer's device: activations never leave the accelerator
             name: LayerStats(
-                xtx=torch.zeros(segments, m.in_features, m.in_features, dtype=torch.float64),
-                tokens=torch.zeros(segments, dtype=torch.int64),
-                absmax=torch.zeros(segments, m.in_features),
+                xtx=torch.zeros(
+                    segments, m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device
+                ),
+                tokens=torch.zeros(segments, dtype=torch.int64, device=m.weight.device),
+                absmax=torch.zeros(segments, m.in_features, device=m.weight.device),
             )
             for name, m in layers.items()
         }

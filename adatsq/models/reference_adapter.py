@@ -78,7 +78,8 @@ class ReferenceAdapter(ModelAdapter):
         num_steps: int,
         step_callback: StepCallback | None = None,
     ) -> torch.Tensor:
-        latents = initial_noise(len(inputs), seed)
+        transformer = self.pipeline.transformer
+        latents = initial_noise(len(inputs), seed).to(device=transformer.device, dtype=transformer.dtype)
         return sample(
             self.pipeline.transformer,
             build_scheduler(),

@@ -5,14 +5,31 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from adatsq.errors import ConfigError
 from adatsq.models.base import ModelAdapter
 
 REFERENCE = "reference"
 
 
-def adapter_for(model: Any) -> ModelAdapter:
-    """`"reference"`, a local diffusers folder, a DigitsPipeline / DiffusionPipeline, or an adapter."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    if name is None:
+        return None
+    if name not in DTYPES:
+        raise ConfigError(f"dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def adapter_for(model: Any, *, dtype: str | None = None, device: str | None = None) -> ModelAdapter:
+    """`"reference"`, a local diffusers folder, a DigitsPipeline / DiffusionPipeline, or an adapter.
+
+    `dtype` / `device` place a model loaded from a name or folder (e.g. bfloat16 on cuda for Flux).
+    """
+    torch_dtype = parse_dtype(dtype)
     if isinstance(model, ModelAdapter):
         return model
     from adatsq.models.reference import DigitsPipeline
@@ -22,7 +39,11 @@ def adapter_for(model: Any) -> ModelAdapter:
         return ReferenceAdapter(model)
     if isinstance(model, (str, Path)):
         if str(model) == REFERENCE:
-            adapter: ModelAdapter = ReferenceAdapter()
+            from adatsq.models.reference import reference_pipeline
+
+            adapter: ModelAdapter = ReferenceAdapter(
+                reference_pipeline().to(device=device, dtype=torch_dtype)
+            )
         else:
             path = Path(model)
             if not path.exists():
@@ -32,7 +53,7 @@ def adapter_for(model: Any) -> ModelAdapter:
                 )
             from adatsq.models.diffusers_dit import DiffusersPipelineAdapter
 
-            adapter = DiffusersPipelineAdapter.from_folder(path)
+            adapter = DiffusersPipelineAdapter.from_folder(path, dtype=torch_dtype, device=device)
             model = path.resolve()
         adapter.source = str(model)
         return adapter
