@@ -18,26 +18,33 @@ __version__ = "0.1.0"
 
 
 def quantize(
-    model: Any, recipe: Recipe, calibration: Any = None, *, plan: Any = None, progress: bool = True
+    model: Any,
+    recipe: Recipe,
+    calibration: Any = None,
+    *,
+    plan: Any = None,
+    progress: bool = True,
+    resume: Any = None,
 ) -> Any:
     """Quantize a model / pipeline / 'reference' with a recipe; returns a QuantizedModel (`.model`, `.save`).
 
     `plan` (a Plan or a plan.json path) fixes the bits per layer × timestep segment; without it the
     'adatsq' method plans under the recipe's budget and 'rtn' / 'gptq' use the recipe's bits everywhere.
+    `resume` (a file path) saves calibration progress there and continues from it after an interruption.
     """
     if plan is not None:
         from adatsq.plan.schema import Plan, load_plan
         from adatsq.planning import quantize_with_plan
 
         plan = plan if isinstance(plan, Plan) else load_plan(plan)
-        return quantize_with_plan(model, recipe, plan, calibration, progress)
+        return quantize_with_plan(model, recipe, plan, calibration, progress, resume)
     if recipe.method == "adatsq":
         from adatsq.planning import quantize_adaptive
 
-        return quantize_adaptive(model, recipe, calibration, progress)
+        return quantize_adaptive(model, recipe, calibration, progress, resume)
     from adatsq.engine import quantize as quantize_uniform
 
-    return quantize_uniform(model, recipe, calibration, progress=progress)
+    return quantize_uniform(model, recipe, calibration, progress=progress, resume=resume)
 
 
 def load(directory: Any, **options: Any) -> Any:

@@ -25,6 +25,12 @@ def command(builder: Callable[[argparse._SubParsersAction], None]):
     return builder
 
 
+def progress_file(out: Path) -> Path:
+    """Where interrupted calibration for `out` keeps its partial sums (rerun the command to resume)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out.parent / f".{out.name}.calibration.safetensors"
+
+
 def add_placement(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="load the model in this dtype")
     p.add_argument("--device", help="run calibration and solves here, e.g. cuda (default: cpu)")
@@ -61,8 +67,10 @@ def run_quantize(args: argparse.Namespace) -> int:
     check_output(args.out, args.overwrite)  # fail before any long work
     adapter = adapter_for(args.model, dtype=args.dtype, device=args.device)
     calibration = read_calibration(args.calib, adapter) if args.calib else None
-    qmodel = quantize(adapter, recipe, calibration, plan=args.plan)
+    resume = progress_file(args.out)
+    qmodel = quantize(adapter, recipe, calibration, plan=args.plan, resume=resume)
     qmodel.save(args.out, overwrite=args.overwrite)
+    resume.unlink(missing_ok=True)
     report = json.loads((args.out / "report.json").read_text())
     print(f"wrote {args.out}: {len(qmodel.layers)} layers quantized, {report['checkpoint_bytes']} bytes")
     return 0
@@ -102,9 +110,11 @@ def run_plan(args: argparse.Namespace) -> int:
             check_output(path, args.overwrite)
     adapter = adapter_for(args.model, dtype=args.dtype, device=args.device)
     calibration = read_calibration(args.calib, adapter) if args.calib else None
+    resume = progress_file(args.out)
     summary = plan_command(
-        adapter, recipe, args.budget, args.out, calibration, args.frontier, args.sweep, args.plot
+        adapter, recipe, args.budget, args.out, calibration, args.frontier, args.sweep, args.plot, resume
     )
+    resume.unlink(missing_ok=True)
     print(summary)
     return 0
 

@@ -175,12 +175,13 @@ def quantize(
     segment_weights: torch.Tensor | None = None,
     stats: dict[str, LayerStats] | None = None,
     progress: bool = True,
+    resume: Path | None = None,
 ) -> QuantizedModel:
     """Quantize `model` ("reference", a pipeline folder, a pipeline or an adapter) with `recipe`.
 
     `layer_bits` (from a plan) gives a bit-width per timestep segment per layer; without it every selected
     layer uses `recipe.weight.bits` throughout. `segment_weights` (Fisher) weight the per-segment Hessians.
-    Precomputed `stats` skip calibration (the planner already ran it).
+    Precomputed `stats` skip calibration (the planner already ran it); `resume` keeps calibration progress.
     """
     adapter = adapter_for(model)
     adapter.denoiser().eval()  # calibration and solves see inference behaviour (no label dropout)
@@ -212,6 +213,7 @@ def quantize(
             batch_size=recipe.calibration.batch_size,
             seed=recipe.calibration.seed,
             progress=progress,
+            resume=resume,
         )
         timings["calibration_seconds"] = time.perf_counter() - start
 

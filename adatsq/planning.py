@@ -75,6 +75,7 @@ def calibrate(
     inputs: Sequence[Any] | None = None,
     progress: bool = True,
     known_weights: Sequence[float] | None = None,
+    resume: Path | None = None,
 ) -> Calibration:
     """Per-segment statistics plus temporal Fisher weights (uniform when the recipe turns Fisher off).
 
@@ -87,7 +88,14 @@ def calibrate(
     segments = SegmentMap.from_schedule(adapter.step_timesteps(cal.steps), cal.segments)
     inputs = list(inputs) if inputs is not None else adapter.default_inputs(cal.samples, cal.seed)
     stats = collect_stats(
-        adapter, layers, segments, inputs, batch_size=cal.batch_size, seed=cal.seed, progress=progress
+        adapter,
+        layers,
+        segments,
+        inputs,
+        batch_size=cal.batch_size,
+        seed=cal.seed,
+        progress=progress,
+        resume=resume,
     )
     if known_weights is not None:
         step_weights, method = _spread(known_weights, segments), "plan"
@@ -308,11 +316,16 @@ def plan_calibration(recipe: Recipe, plan: Plan) -> Recipe:
 
 
 def quantize_with_plan(
-    model: Any, recipe: Recipe, plan: Plan, inputs: Sequence[Any] | None = None, progress: bool = True
+    model: Any,
+    recipe: Recipe,
+    plan: Plan,
+    inputs: Sequence[Any] | None = None,
+    progress: bool = True,
+    resume: Path | None = None,
 ) -> QuantizedModel:
     """Calibrate per segment and solve each layer's distinct bit-widths as the plan says."""
     recipe = plan_calibration(recipe, plan)
-    calibration = calibrate(model, recipe, inputs, progress, known_weights=plan.fisher_weights)
+    calibration = calibrate(model, recipe, inputs, progress, known_weights=plan.fisher_weights, resume=resume)
     check_plan_matches(plan, list(calibration.layers), len(calibration.segments.timesteps))
     if plan.model.get("fingerprint") not in (None, model_fingerprint(calibration.layers)):
         raise PlanError("the plan was made for a model with other layer shapes; re-plan for this model")
@@ -348,9 +361,14 @@ class Planner:
 
     @classmethod
     def prepare(
-        cls, model: Any, recipe: Recipe, inputs: Sequence[Any] | None = None, progress: bool = True
+        cls,
+        model: Any,
+        recipe: Recipe,
+        inputs: Sequence[Any] | None = None,
+        progress: bool = True,
+        resume: Path | None = None,
     ) -> Planner:
-        calibration = calibrate(model, recipe, inputs, progress)
+        calibration = calibrate(model, recipe, inputs, progress, resume=resume)
         start = time.perf_counter()
         bits = tuple(sorted(set(recipe.planner.candidates) | {recipe.planner.pin_bits}))
         variants = solve_candidates(calibration, recipe, bits, progress)
@@ -392,11 +410,15 @@ def recipe_budget(recipe: Recipe) -> Budget:
 
 
 def quantize_adaptive(
-    model: Any, recipe: Recipe, inputs: Sequence[Any] | None = None, progress: bool = True
+    model: Any,
+    recipe: Recipe,
+    inputs: Sequence[Any] | None = None,
+    progress: bool = True,
+    resume: Path | None = None,
 ) -> QuantizedModel:
     """method 'adatsq' without a plan file: plan under the recipe's budget, then quantize with that plan."""
     precheck_budget(model, recipe, recipe_budget(recipe))
-    planner = Planner.prepare(model, recipe, inputs, progress)
+    planner = Planner.prepare(model, recipe, inputs, progress, resume)
     result = planner.search(recipe_budget(recipe))
     qmodel = planner.quantize(result.plan, progress)
     qmodel.report["search_seconds"] = result.search_seconds
@@ -430,11 +452,12 @@ def plan_command(
     frontier_path: Path | None = None,
     sweep_values: str | None = None,
     plot_path: Path | None = None,
+    resume: Path | None = None,
 ) -> str:
     """`adatsq plan`: search, write plan.json (+ heat map, Fisher plot), optionally a frontier."""
     budget = Budget(*parse_budget(budget_text)) if budget_text else recipe_budget(recipe)
     precheck_budget(model, recipe, budget)
-    planner = Planner.prepare(model, recipe, inputs)
+    planner = Planner.prepare(model, recipe, inputs, resume=resume)
     result = planner.search(budget)
     save_plan(result.plan, out)
     plot_plan(result.plan, out.with_suffix(".png"))
