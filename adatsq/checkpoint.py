@@ -22,6 +22,7 @@ from torch import nn
 from adatsq import __version__
 from adatsq.engine import QuantizedModel, attach_segment_switching, effective_ignore, set_module
 from adatsq.errors import CheckpointError, ConfigError
+from adatsq.io import write_json
 from adatsq.models.base import ADAPTERS, ModelAdapter
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear
 from adatsq.quant.scheme import ActScheme
@@ -94,15 +95,6 @@ def checkpoint_config(qmodel: QuantizedModel) -> dict[str, Any]:
         "ignore": list(effective_ignore(qmodel.adapter, qmodel.recipe)),
         "recipe": qmodel.recipe.to_dict(),
     }
-
-
-def write_json(path: Path, data: Any) -> None:
-    """Atomic JSON write (temp file in the same folder, then rename)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def check_output(path: Path, overwrite: bool) -> None:

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +17,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from adatsq.calibrate.capture import LayerStats
+from adatsq.io import atomic_write
 from adatsq.timesteps import SegmentMap
 
 log = logging.getLogger(__name__)
@@ -54,14 +53,7 @@ def save_progress(path: Path, stats: dict[str, LayerStats], done: int, key: str)
         for name, st in stats.items()
         for f in FIELDS
     }
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={"key": key, "done": str(done)})
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"key": key, "done": str(done)}))
 
 
 def load_progress(path: Path, stats: dict[str, LayerStats], key: str) -> int:

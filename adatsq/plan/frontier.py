@@ -12,7 +12,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from adatsq.errors import PlanError
-from adatsq.plan._io import atomic_write_text
+from adatsq.io import atomic_write_text
 from adatsq.plan.allocate import pareto_mask
 from adatsq.plan.beam import METHODS
 from adatsq.plan.problem import Measure, PlanProblem, SearchConfig, SearchResult

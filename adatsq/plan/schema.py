@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from adatsq.errors import PlanError
-from adatsq.plan._io import atomic_write_text
+from adatsq.io import atomic_write_text
 
 FORMAT_VERSION = 1
 SUPPORTED_BITS = (2, 3, 4, 6, 8)  # weight bit-widths the packer and kernels handle
