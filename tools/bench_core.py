@@ -416,7 +416,16 @@ def targets(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             "measured": f"{quant_time:.1f} s",
             "pass": quant_time < 120.0,
         },
-    ]
+    ] + [size_target(name, results[name]) for name in ("rtn-w4a8", "gptq-w4a8")]
+
+
+def size_target(name: str, result: dict[str, Any]) -> dict[str, Any]:
+    size, stored = result["size"], result["eval"]["checkpoint_bytes"]
+    return {
+        "target": f"{name} checkpoint ≤ {BOUND_SLACK} × (packed + scales/zeros) + unquantized bytes",
+        "measured": f"{stored:,} vs {size['bound_bytes']:,.0f} bytes ({size['ratio_to_bound']:.3f} × bound)",
+        "pass": size["within_bound"],
+    }
 
 
 def fmt(x: Any, spec: str = ".2f") -> str:
@@ -676,6 +685,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if "cli" in report:
         report["cli"]["identical_to_in_process"] = same_tensors(work / "cli-gptq-w4a8", work / "gptq-w4a8")
     report["targets"] = targets(results)
+    if "cli" in report:
+        seconds = report["cli"]["wall_seconds"]
+        report["targets"].append(
+            {
+                "target": f"`adatsq quantize reference` (gptq-w4a8, subprocess, {threads} thread(s)) < 120 s",
+                "measured": f"{seconds:.1f} s",
+                "pass": seconds < 120.0 and report["cli"]["returncode"] == 0,
+            }
+        )
 
     start = time.perf_counter()
     report["gptq_random"] = gptq_vs_rtn(args.seed)
