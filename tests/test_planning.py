@@ -6,13 +6,14 @@ import pytest
 import torch
 
 import adatsq
+import adatsq.checkpoint
 from adatsq.calibrate.fisher import fisher_weights
 from adatsq.errors import PlanError
 from adatsq.models.reference import DigitsPipeline, build_scheduler, build_transformer
 from adatsq.models.reference_adapter import ReferenceAdapter
 from adatsq.plan.schema import Budget, load_plan, save_plan
 from adatsq.planning import Planner
-from adatsq.quant.linear import TimestepQuantLinear
+from adatsq.quant.linear import QuantLinear, TimestepQuantLinear
 from adatsq.recipe import recipe_from_dict
 
 RECIPE = {
@@ -93,3 +94,21 @@ def test_plan_with_other_segments_than_the_recipe(planner):
     other = dataclasses.replace(recipe, calibration=dataclasses.replace(recipe.calibration, steps=6))
     with pytest.raises(PlanError, match="made for 4 sampler steps in 2 segments"):
         adatsq.quantize(tiny_adapter(), other, plan=plan, progress=False)
+
+
+def test_outlier_transforms_survive_save_and_load(tmp_path):
+    recipe = recipe_from_dict(
+        {
+            **RECIPE,
+            "method": "gptq",
+            "activation": {"bits": 4},
+            "outliers": {"smooth_alpha": 0.5, "rotate": True, "lowrank_rank": 4},
+        }
+    )
+    qmodel = adatsq.quantize(tiny_adapter(), recipe, progress=False)
+    layer = next(m for m in qmodel.adapter.denoiser().modules() if isinstance(m, QuantLinear))
+    assert layer.smooth is not None and layer.rotation_signs is not None and layer.lowrank_a.shape[0] == 4
+    qmodel.save(tmp_path / "ckpt")
+    loaded = adatsq.checkpoint.load_checkpoint(tmp_path / "ckpt")[0]
+    before = qmodel.adapter.generate([5, 6], seed=1, num_steps=4)
+    torch.testing.assert_close(loaded.generate([5, 6], seed=1, num_steps=4), before)
