@@ -1,10 +1,10 @@
 """adatsq: timestep-adaptive quantization for diffusion transformers, token reduction for UMMs.
 
-import adatsq
-qmodel = adatsq.quantize("reference", adatsq.load_recipe("recipes/reference/gptq-w4a8.yaml"))
-qmodel.save("out/w4a8")
-pipe = adatsq.load("out/w4a8")          # the diffusers-style pipeline, quantized
-images = pipe(class_labels=[3, 7]).images
+    import adatsq
+    qmodel = adatsq.quantize("reference", "recipes/reference/gptq-w4a8.yaml")
+    qmodel.save("out/w4a8")
+    pipe = adatsq.load("out/w4a8")          # the diffusers-style pipeline, quantized
+    images = pipe(class_labels=[3, 7]).images
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ __version__ = "0.1.0"
 
 def quantize(
     model: Any,
-    recipe: Recipe,
+    recipe: Recipe | str,
     calibration: Any = None,
     *,
     plan: Any = None,
@@ -32,6 +32,8 @@ def quantize(
     'adatsq' method plans under the recipe's budget and 'rtn' / 'gptq' use the recipe's bits everywhere.
     `resume` (a file path) saves calibration progress there and continues from it after an interruption.
     """
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
     if plan is not None:
         from adatsq.plan.schema import Plan, load_plan
         from adatsq.planning import quantize_with_plan
