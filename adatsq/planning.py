@@ -20,108 +20,30 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from adatsq.calibrate.capture import LayerStats
-from adatsq.calibrate.fisher import fisher_weights, plot_fisher, segment_weights
-from adatsq.calibrate.runner import collect_stats
+from adatsq.calibrate.fisher import plot_fisher
+from adatsq.calibrate.session import Calibration, calibrate, measured_tokens
 from adatsq.engine import (
     LayerSpec,
     QuantizedModel,
     Variant,
     quantize,
     select_layers,
-    set_module,
     solve_variant,
     variant_statistics,
 )
 from adatsq.errors import ConfigError, PlanError
-from adatsq.models.base import ModelAdapter
+from adatsq.measure import TrajectoryMeter
 from adatsq.models.resolve import adapter_for
 from adatsq.plan.beam import METHODS
 from adatsq.plan.cost import budget_cost, cheapest_plan_cost, check_budget_feasible
 from adatsq.plan.frontier import save_frontier, sweep
 from adatsq.plan.plots import plot_frontier, plot_plan
 from adatsq.plan.problem import PlanProblem, SearchConfig, SearchResult
-from adatsq.plan.schema import Budget, LayerInfo, PartialPlan, Plan, check_plan_matches, save_plan
-from adatsq.quant.linear import QuantLinear, TimestepQuantLinear
+from adatsq.plan.schema import Budget, LayerInfo, Plan, check_plan_matches, save_plan
 from adatsq.quant.transforms import transform_hessian
 from adatsq.recipe import Recipe, parse_budget
-from adatsq.timesteps import SegmentMap, install_segment_hook
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Calibration:
-    """What one calibration pass yields; planning and the final GPTQ solves both reuse it."""
-
-    adapter: ModelAdapter
-    layers: dict[str, nn.Linear]
-    segments: SegmentMap
-    stats: dict[str, LayerStats]
-    step_weights: torch.Tensor  # Fisher weight per sampler step (sums to 1)
-    fisher_method: str
-    seconds: float
-    inputs: int  # calibration inputs sampled
-
-    @property
-    def weights(self) -> torch.Tensor:
-        """Fisher weight per segment."""
-        return segment_weights(self.step_weights, self.segments.step_ranges)
-
-
-def calibrate(
-    model: Any,
-    recipe: Recipe,
-    inputs: Sequence[Any] | None = None,
-    progress: bool = True,
-    known_weights: Sequence[float] | None = None,
-    resume: Path | None = None,
-) -> Calibration:
-    """Per-segment statistics plus temporal Fisher weights (uniform when the recipe turns Fisher off).
-
-    `known_weights` (per segment, e.g. from a plan file) skip the Fisher estimate.
-    """
-    start = time.perf_counter()
-    adapter = adapter_for(model)
-    cal = recipe.calibration
-    layers = select_layers(adapter, recipe)
-    segments = SegmentMap.from_schedule(adapter.step_timesteps(cal.steps), cal.segments)
-    inputs = list(inputs) if inputs is not None else adapter.default_inputs(cal.samples, cal.seed)
-    stats = collect_stats(
-        adapter,
-        layers,
-        segments,
-        inputs,
-        batch_size=cal.batch_size,
-        seed=cal.seed,
-        progress=progress,
-        resume=resume,
-    )
-    if known_weights is not None:
-        step_weights, method = _spread(known_weights, segments), "plan"
-    elif recipe.planner.fisher:
-        fisher_inputs = inputs[: recipe.planner.fisher_samples]
-        step_weights, method = fisher_weights(
-            adapter, fisher_inputs, cal.steps, seed=cal.seed, batch_size=cal.batch_size, progress=progress
-        )
-    else:
-        step_weights, method = torch.full((cal.steps,), 1.0 / cal.steps), "uniform"
-    return Calibration(
-        adapter, layers, segments, stats, step_weights, method, time.perf_counter() - start, len(inputs)
-    )
-
-
-def _spread(segment_weights: Sequence[float], segments: SegmentMap) -> torch.Tensor:
-    """Per-step weights whose segment sums are `segment_weights` (equal share inside a segment)."""
-    if len(segment_weights) != segments.count:
-        raise PlanError(
-            f"{len(segment_weights)} segment weights for {segments.count} segments; "
-            "the plan was made for another segmentation"
-        )
-    out = torch.zeros(len(segments.timesteps))
-    for w, (start, end) in zip(segment_weights, segments.step_ranges, strict=True):
-        out[start:end] = w / (end - start)
-    return out
 
 
 def layer_infos(
@@ -143,12 +65,6 @@ def layer_infos(
         )
         for name, linear in layers.items()
     ]
-
-
-def measured_tokens(calibration: Calibration) -> dict[str, float]:
-    """Tokens entering each layer per denoiser step per sample (CFG batch included), from calibration."""
-    steps = len(calibration.segments.timesteps)
-    return {name: int(st.tokens.sum()) / steps / calibration.inputs for name, st in calibration.stats.items()}
 
 
 def precheck_budget(model: Any, recipe: Recipe, budget: Budget) -> None:
@@ -204,79 +120,6 @@ def error_table(
                 H = transform_hessian(stats.segment_hessian(s), variant.transform)
                 table[row, s, b] = float(seg_w[s]) * float(((D @ H) * D).sum())
     return table
-
-
-class _StopSampling(Exception):
-    """Raised from the step callback once the segments a partial plan covers have run."""
-
-
-class TrajectoryMeter:
-    """Measures partial plans by running the real quantized layers against the float trajectory.
-
-    Every selected layer is swapped for a TimestepQuantLinear holding all candidate variants; a partial
-    plan only rewires which variant each segment uses, and sampling stops after its last segment.
-    """
-
-    def __init__(
-        self,
-        calibration: Calibration,
-        variants: dict[str, dict[int, Variant]],
-        recipe: Recipe,
-        inputs: Sequence[Any],
-        seed: int,
-    ) -> None:
-        self.adapter = calibration.adapter
-        self.segments = calibration.segments
-        self.inputs, self.seed = list(inputs), seed
-        self.num_steps = len(self.segments.timesteps)
-        self.reference = self._trajectory()
-        self.layers = calibration.layers
-        self.switching: dict[str, dict[int, QuantLinear]] = {}
-        for name, linear in calibration.layers.items():
-            bias = None if linear.bias is None else linear.bias.detach().clone()
-            self.switching[name] = {b: v.module(bias, recipe.activation) for b, v in variants[name].items()}
-        self.calls = 0
-
-    def _trajectory(self, stop_after: int | None = None) -> dict[int, torch.Tensor]:
-        latents: dict[int, torch.Tensor] = {}
-
-        def record(step: int, x: torch.Tensor) -> None:
-            latents[step] = x.detach().clone()
-            if stop_after is not None and step + 1 >= stop_after:
-                raise _StopSampling
-
-        try:
-            with torch.no_grad():
-                self.adapter.generate(
-                    self.inputs, seed=self.seed, num_steps=self.num_steps, step_callback=record
-                )
-        except _StopSampling:
-            pass
-        return latents
-
-    def __call__(self, partial: PartialPlan) -> float:
-        denoiser = self.adapter.denoiser()
-        covered = partial.last_segment + 1
-        modules = {}
-        for name, row in partial.bits.items():
-            full_row = tuple(row) + (row[-1],) * (self.segments.count - covered)
-            modules[name] = TimestepQuantLinear([self.switching[name][b] for b in set(full_row)], full_row)
-            set_module(denoiser, name, modules[name])
-
-        def on_call(segment: int, step: int) -> None:
-            for module in modules.values():
-                module.set_segment(segment)
-
-        handle = install_segment_hook(self.adapter, self.segments, on_call)
-        try:
-            end = partial.end_step
-            latents = self._trajectory(stop_after=end)
-        finally:
-            handle.remove()
-            for name, linear in self.layers.items():
-                set_module(denoiser, name, linear)
-        self.calls += 1
-        return float((latents[end - 1] - self.reference[end - 1]).double().pow(2).mean())
 
 
 def build_problem(

@@ -1,0 +1,103 @@
+"""One calibration pass for AdaTSQ: per-segment statistics plus temporal Fisher weights, reused by the
+planner's error table, its trajectory meter and the final Fisher-weighted GPTQ solves."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from adatsq.calibrate.capture import LayerStats
+from adatsq.calibrate.fisher import fisher_weights, segment_weights
+from adatsq.calibrate.runner import collect_stats
+from adatsq.engine import select_layers
+from adatsq.errors import PlanError
+from adatsq.models.base import ModelAdapter
+from adatsq.models.resolve import adapter_for
+from adatsq.recipe import Recipe
+from adatsq.timesteps import SegmentMap
+
+
+@dataclass
+class Calibration:
+    """What one calibration pass yields; planning and the final GPTQ solves both reuse it."""
+
+    adapter: ModelAdapter
+    layers: dict[str, nn.Linear]
+    segments: SegmentMap
+    stats: dict[str, LayerStats]
+    step_weights: torch.Tensor  # Fisher weight per sampler step (sums to 1)
+    fisher_method: str
+    seconds: float
+    inputs: int  # calibration inputs sampled
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """Fisher weight per segment."""
+        return segment_weights(self.step_weights, self.segments.step_ranges)
+
+
+def calibrate(
+    model: Any,
+    recipe: Recipe,
+    inputs: Sequence[Any] | None = None,
+    progress: bool = True,
+    known_weights: Sequence[float] | None = None,
+    resume: Path | None = None,
+) -> Calibration:
+    """Per-segment statistics plus temporal Fisher weights (uniform when the recipe turns Fisher off).
+
+    `known_weights` (per segment, e.g. from a plan file) skip the Fisher estimate.
+    """
+    start = time.perf_counter()
+    adapter = adapter_for(model)
+    cal = recipe.calibration
+    layers = select_layers(adapter, recipe)
+    segments = SegmentMap.from_schedule(adapter.step_timesteps(cal.steps), cal.segments)
+    inputs = list(inputs) if inputs is not None else adapter.default_inputs(cal.samples, cal.seed)
+    stats = collect_stats(
+        adapter,
+        layers,
+        segments,
+        inputs,
+        batch_size=cal.batch_size,
+        seed=cal.seed,
+        progress=progress,
+        resume=resume,
+    )
+    if known_weights is not None:
+        step_weights, method = _spread(known_weights, segments), "plan"
+    elif recipe.planner.fisher:
+        fisher_inputs = inputs[: recipe.planner.fisher_samples]
+        step_weights, method = fisher_weights(
+            adapter, fisher_inputs, cal.steps, seed=cal.seed, batch_size=cal.batch_size, progress=progress
+        )
+    else:
+        step_weights, method = torch.full((cal.steps,), 1.0 / cal.steps), "uniform"
+    return Calibration(
+        adapter, layers, segments, stats, step_weights, method, time.perf_counter() - start, len(inputs)
+    )
+
+
+def _spread(segment_weights: Sequence[float], segments: SegmentMap) -> torch.Tensor:
+    """Per-step weights whose segment sums are `segment_weights` (equal share inside a segment)."""
+    if len(segment_weights) != segments.count:
+        raise PlanError(
+            f"{len(segment_weights)} segment weights for {segments.count} segments; "
+            "the plan was made for another segmentation"
+        )
+    out = torch.zeros(len(segments.timesteps))
+    for w, (start, end) in zip(segment_weights, segments.step_ranges, strict=True):
+        out[start:end] = w / (end - start)
+    return out
+
+
+def measured_tokens(calibration: Calibration) -> dict[str, float]:
+    """Tokens entering each layer per denoiser step per sample (CFG batch included), from calibration."""
+    steps = len(calibration.segments.timesteps)
+    return {name: int(st.tokens.sum()) / steps / calibration.inputs for name, st in calibration.stats.items()}
