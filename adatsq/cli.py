@@ -146,7 +146,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
 @command
 def _inspect(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("inspect", help="per-layer table of a checkpoint folder (or a plan.json)")
+    p = sub.add_parser(
+        "inspect", help="per-layer table of a checkpoint, a plan.json / frontier.json, or a float model"
+    )
     p.add_argument("path", type=Path)
     p.set_defaults(handler=run_inspect)
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from safetensors import safe_open
+from torch import nn
 
 from adatsq.checkpoint import WEIGHTS, read_config, variant_prefix
 from adatsq.errors import CheckpointError
@@ -72,11 +74,43 @@ def inspect_checkpoint(directory: Path) -> str:
     return table(["layer", "bits/segment", "group", "scheme", "bytes"], rows) + "\n" + summary
 
 
+def inspect_model(model: str | Path) -> str:
+    """Every Linear layer of a float model: what recipes' targets / ignore / pin regexes match against."""
+    from adatsq.models.diffusers_layers import sensitive_layers
+    from adatsq.models.resolve import adapter_for
+
+    adapter = adapter_for(model)
+    denoiser = adapter.denoiser()
+    ignored, sensitive = adapter.default_ignore(), sensitive_layers(denoiser)
+    rows, total = [], 0
+    for name, module in denoiser.named_modules():
+        if isinstance(module, nn.Linear):
+            params = module.in_features * module.out_features
+            total += params
+            note = "default ignore" if any(re.search(p, name) for p in ignored) else ""
+            note = note or ("sensitive (adaLN)" if any(re.search(p, name) for p in sensitive) else "")
+            rows.append([name, f"{module.out_features}x{module.in_features}", str(params), note])
+    header = ["layer", "out x in", "params", "note"]
+    return table(header, rows) + f"\n{len(rows)} Linear layers, {total} weights ({adapter.family})"
+
+
 def inspect_path(path: Path) -> str:
+    """A checkpoint folder, a plan / frontier JSON, or a float model ('reference' or a diffusers folder)."""
+    if (
+        path.is_dir()
+        and not (path / "adatsq_config.json").exists()
+        and ((path / "model_index.json").exists() or (path / "config.json").exists())
+    ):
+        return inspect_model(path)
+    if str(path) == "reference":
+        return inspect_model("reference")
     if path.is_dir():
         return inspect_checkpoint(path)
     if path.suffix == ".json" and path.is_file():
         from adatsq.plan.inspect import inspect_plan_file
 
         return inspect_plan_file(path)
-    raise CheckpointError(f"{str(path)!r} is neither a checkpoint folder nor a plan/frontier .json file")
+    raise CheckpointError(
+        f"{str(path)!r} is neither a checkpoint folder, a plan/frontier .json file, 'reference' "
+        "nor a diffusers folder"
+    )

@@ -55,3 +55,10 @@ def test_adatsq_plans_and_switches_on_flux(tmp_path):
         ["a red fox"], seed=3, num_steps=4
     )
     torch.testing.assert_close(after, before)
+
+
+def test_inspect_lists_layers_of_a_float_pipeline(tmp_path, capsys):
+    source = build_tiny_pipeline("flux", tmp_path / "flux")
+    assert main(["inspect", str(source)]) == 0
+    out = capsys.readouterr().out
+    assert "transformer_blocks.0.attn.to_q" in out and "default ignore" in out and "sensitive (adaLN)" in out
