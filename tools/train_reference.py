@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval-only", action="store_true", help="skip training, evaluate the shipped weights")
     p.add_argument("--no-eval", action="store_true", help="train and save only")
     p.add_argument("--eval-per-class", type=int, default=50, help="samples per class for each guidance scale")
-    p.add_argument("--guidance", default="1,2,3,4,5", help="guidance scales to compare (comma-separated)")
+    p.add_argument("--guidance", default="1,1.5,2,3,4", help="guidance scales to compare (comma-separated)")
     p.add_argument("--weights-out", type=Path, default=WEIGHTS_FILE)
     p.add_argument("--reports", type=Path, default=ROOT / "reports")
     return p.parse_args(argv)
@@ -91,8 +91,34 @@ def lr_at(step: int, args: argparse.Namespace) -> float:
     return args.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
+def train_step(
+    model, opt, images, labels, args: argparse.Namespace, gen: torch.Generator, lr: float
+) -> float:
+    """One rectified-flow step on a random augmented batch: x_s = (1-s)·x0 + s·noise, target noise - x0."""
+    idx = torch.randint(0, images.shape[0], (args.batch,), generator=gen)
+    x0 = augment(images[idx], gen)
+    y = labels[idx].clone()
+    # Drop labels consistently for the whole network; the DiT's own LabelEmbedding dropout would drop
+    # independently in every block (each block owns an embedder), so the null id is fed explicitly.
+    y[torch.rand(args.batch, generator=gen) < args.cfg_dropout] = NULL_CLASS
+    sigma = torch.rand(args.batch, generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    s = sigma.view(-1, 1, 1, 1)
+    x_s = (1.0 - s) * x0 + s * noise
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
+        pred = model(x_s, timestep=sigma * TIMESTEP_SCALE, class_labels=y, return_dict=False)[0]
+    loss = F.mse_loss(pred.float(), noise - x0)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss.item()
+
+
 def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rectified flow: x_s = (1-s)·x0 + s·noise, target velocity noise - x0, s ~ U(0, 1)."""
+    """The whole run from a fixed seed; returns the EMA model and the training metadata."""
     torch.manual_seed(args.seed)
     gen = torch.Generator().manual_seed(args.seed)
     images, labels = load_digits_16("train")
@@ -103,30 +129,11 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
     window: list[float] = []
     start = time.perf_counter()
     for step in range(args.steps):
-        idx = torch.randint(0, images.shape[0], (args.batch,), generator=gen)
-        x0 = augment(images[idx], gen)
-        y = labels[idx].clone()
-        # Drop labels consistently for the whole network; the DiT's own LabelEmbedding dropout would drop
-        # independently in every block (each block owns an embedder), so the null id is fed explicitly.
-        y[torch.rand(args.batch, generator=gen) < args.cfg_dropout] = NULL_CLASS
-        sigma = torch.rand(args.batch, generator=gen)
-        noise = torch.randn(x0.shape, generator=gen)
-        s = sigma.view(-1, 1, 1, 1)
-        x_s = (1.0 - s) * x0 + s * noise
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, args)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16):
-            pred = model(x_s, timestep=sigma * TIMESTEP_SCALE, class_labels=y, return_dict=False)[0]
-        loss = F.mse_loss(pred.float(), noise - x0)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        window.append(train_step(model, opt, images, labels, args, gen, lr_at(step, args)))
         decay = min(args.ema, (1.0 + step) / (10.0 + step))
         with torch.no_grad():
             for p_ema, p in zip(ema.parameters(), model.parameters(), strict=True):
                 p_ema.lerp_(p, 1.0 - decay)
-        window.append(loss.item())
         if (step + 1) % 50 == 0 or step + 1 == args.steps:
             elapsed = time.perf_counter() - start
             history.append((step + 1, sum(window) / len(window)))
@@ -158,6 +165,7 @@ def train(args: argparse.Namespace) -> tuple[torch.nn.Module, dict[str, Any]]:
         "seed": args.seed,
         "threads": args.threads,
         "train_seconds": round(seconds, 1),
+        "load_average_at_end": [round(v, 2) for v in os.getloadavg()],  # the machine is shared
         "seconds_per_step": round(seconds / args.steps, 4),
         "final_loss": round(sum(v for _, v in history[-2:]) / len(history[-2:]), 5),
         "loss_history": [[s, round(v, 5)] for s, v in history],
@@ -182,6 +190,25 @@ def generate(model, labels: torch.Tensor, steps: int, guidance: float, seed: int
         noise = initial_noise(len(part), seed + start)
         out.append(sample(model, build_scheduler(), part, noise, steps, guidance).clamp(-1, 1))
     return torch.cat(out)
+
+
+def benchmark_speed(args: argparse.Namespace, steps: int = 8) -> dict[str, Any]:
+    """s/step of the training step at 1 and 2 threads, with the load average: the machine is shared."""
+    images, labels = load_digits_16("train")
+    gen = torch.Generator().manual_seed(0)
+    out: dict[str, Any] = {"batch": args.batch, "load_average_before": [round(v, 2) for v in os.getloadavg()]}
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        model = build_transformer().train()
+        opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
+        train_step(model, opt, images, labels, args, gen, args.lr)  # warm-up
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            train_step(model, opt, images, labels, args, gen, args.lr)
+        out[f"seconds_per_step_{threads}_threads"] = round((time.perf_counter() - t0) / steps, 3)
+    torch.set_num_threads(args.threads)
+    out["load_average_after"] = [round(v, 2) for v in os.getloadavg()]
+    return out
 
 
 def evaluate(args: argparse.Namespace) -> dict[str, Any]:
@@ -221,6 +248,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         "samples_per_class": args.eval_per_class,
         "sweep": sweep,
         "default_sampling": {"num_steps": default.num_steps, "guidance_scale": default.guidance_scale},
+        "speed_benchmark": benchmark_speed(args),
     }
 
 
@@ -273,7 +301,7 @@ def write_reports(meta: dict[str, Any], results: dict[str, Any], reports: Path) 
 
 def render_markdown(doc: dict[str, Any]) -> str:
     tr, ev, mc = doc["training"], doc["evaluation"], doc["machine"]
-    default = ev["default_sampling"]
+    default, sp = ev["default_sampling"], ev["speed_benchmark"]
     rows = "\n".join(
         f"| {r['guidance_scale']:.1f} | {r['num_steps']} | {r['class_accuracy']:.3f} "
         f"| {r['frechet_distance']:.2f} | {r['seconds']} |"
@@ -301,6 +329,13 @@ id: {tr["null_class"]}. Sampling: `FlowMatchEulerDiscreteScheduler` (shift 1), t
 | threads | {tr["threads"]} |
 | time | {tr["train_seconds"] / 60:.1f} min ({tr["seconds_per_step"]} s/step) |
 | final loss (mean of last 100 steps) | {tr["final_loss"]} |
+| load average at end of training | {tr.get("load_average_at_end", "not recorded")} |
+
+Time and s/step are wall-clock during the run, under whatever else ran on the machine. The training step
+timed alone ({sp["batch"]} images, load average {sp["load_average_before"]} before,
+{sp["load_average_after"]} after): **{sp["seconds_per_step_1_threads"]} s/step on 1 thread,
+{sp["seconds_per_step_2_threads"]} s/step on 2 threads**, i.e. {tr["steps"]} steps ≈
+{tr["steps"] * sp["seconds_per_step_2_threads"] / 60:.0f} min at that 2-thread speed (a busy machine is slower).
 
 ## Quality
 Digit classifier (`adatsq/assets/digit_classifier.safetensors`) held-out accuracy on real test digits:
