@@ -335,7 +335,7 @@ Time and s/step are wall-clock during the run, under whatever else ran on the ma
 timed alone ({sp["batch"]} images, load average {sp["load_average_before"]} before,
 {sp["load_average_after"]} after): **{sp["seconds_per_step_1_threads"]} s/step on 1 thread,
 {sp["seconds_per_step_2_threads"]} s/step on 2 threads**, i.e. {tr["steps"]} steps ≈
-{tr["steps"] * sp["seconds_per_step_2_threads"] / 60:.0f} min at that 2-thread speed (a busy machine is slower).
+{tr["steps"] * sp["seconds_per_step_2_threads"] / 60:.0f} min at that 2-thread speed.
 
 ## Quality
 Digit classifier (`adatsq/assets/digit_classifier.safetensors`) held-out accuracy on real test digits:
