@@ -113,7 +113,7 @@ left/right), quadrant ('is there a digit in the top-left ?': yes/no). Generation
    for 11+ min without such a warm-up.
 3. Joint: {cfg["joint_steps"]} steps; each step {cfg["und_batch"]} canvases with all four question types
    packed in one sequence (block mask: each question sees the image and itself, exactly like separate
-   sequences), {cfg["gen_batch"]} generation samples (logit-normal t) and the dense loss (weight
+   sequences), {cfg["gen_batch"]} generation samples (uniform t) and the dense loss (weight
    {cfg["aux_weight"]}); VAE frozen.
 4. **Random token dropout** from {cfg["dropout_start"]:.0%} of the joint steps on: every understanding
    batch keeps a random subset of image tokens (keep ratio ~ U[{cfg["keep_min"]}, 1], original positions).

@@ -20,7 +20,7 @@ from adatsq.models.digits import load_digits_16
 
 CANVAS = 48  # canvas side in pixels
 DIGIT = 16  # side of one pasted digit (8x8 scikit-learn digit upsampled 2x, the classifier's input size)
-MID_BAND = 3  # digit centres stay more than this many px away from the midlines
+MID_BAND = 6  # digit centres stay more than this many px from the midlines: a box crosses one by <= 2 px
 LEFT_MARGIN = 4  # px between the left-most digit centre and the next one
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
 QUESTION_TYPES = ("count", "leftmost", "where", "quadrant")

@@ -112,6 +112,21 @@ def segment_mask(segments: Tensor, dtype: torch.dtype = torch.float32) -> Tensor
     return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None]
 
 
+def sincos_2d(grid: int, dim: int) -> Tensor:
+    """[grid*grid, dim] 2-D sine-cosine position table (rows in the first half, columns in the second).
+
+    Used to initialise the learned 2-D position embeddings: with a small random start, questions about
+    places ("top-left", "left-most") stayed near chance long after counting was learned.
+    """
+    quarter = dim // 4
+    freqs = 1.0 / 10000 ** (torch.arange(quarter) / quarter)
+    coords = torch.arange(grid, dtype=torch.float32)[:, None] * freqs[None]  # [grid, dim/4]
+    axis = torch.cat([torch.sin(coords), torch.cos(coords)], dim=1)  # [grid, dim/2]
+    rows = axis[:, None, :].expand(grid, grid, dim // 2)
+    cols = axis[None, :, :].expand(grid, grid, dim // 2)
+    return torch.cat([rows, cols], dim=-1).reshape(grid * grid, dim).clone()
+
+
 def timestep_embedding(t: Tensor, dim: int) -> Tensor:
     """Sinusoidal embedding of t in [0, 1] (scaled by 1000 like DiT)."""
     half = dim // 2
@@ -149,7 +164,7 @@ class MiniUMM(nn.Module):
         self.connector = nn.Sequential(
             nn.Linear(c.vit_hidden, c.lm_hidden), nn.GELU(), nn.Linear(c.lm_hidden, c.lm_hidden)
         )
-        self.und_pos = nn.Parameter(torch.randn(c.grid**2, c.lm_hidden) * 0.02)
+        self.und_pos = nn.Parameter(sincos_2d(c.grid, c.lm_hidden))
         self.vae = AutoencoderKL(
             in_channels=1,
             out_channels=1,
@@ -164,7 +179,7 @@ class MiniUMM(nn.Module):
             shift_factor=0.0,
         )
         self.vae2llm = nn.Linear(c.gen_token_dim, c.lm_hidden)
-        self.gen_pos = nn.Parameter(torch.randn(c.gen_grid**2, c.lm_hidden) * 0.02)
+        self.gen_pos = nn.Parameter(sincos_2d(c.gen_grid, c.lm_hidden))
         self.time_embed = nn.Sequential(
             nn.Linear(c.lm_hidden, c.lm_hidden), nn.SiLU(), nn.Linear(c.lm_hidden, c.lm_hidden)
         )

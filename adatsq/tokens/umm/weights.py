@@ -24,6 +24,7 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; shipped assets must be readable by everyone
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
