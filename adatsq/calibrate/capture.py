@@ -15,9 +15,13 @@ from adatsq.errors import CalibrationError
 
 
 def accumulate_hessian(H: torch.Tensor, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Add the rows of `x` (any leading shape, last dim = in_features) to the XᵀX sum `H`."""
-    rows = x.reshape(-1, x.shape[-1]).to(torch.float64)
-    return H.addmm_(rows.T, rows), n + rows.shape[0]
+    """Add the rows of `x` (any leading shape, last dim = in_features) to the XᵀX sum `H`.
+
+    One batch's product runs in float32 (fast kernels; a few thousand rows lose nothing that matters);
+    the running sum over the whole calibration set is kept in float64, where cancellation would bite.
+    """
+    rows = x.reshape(-1, x.shape[-1]).float()
+    return H.add_(rows.T @ rows), n + rows.shape[0]
 
 
 def accumulate_absmax(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
