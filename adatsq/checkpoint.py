@@ -219,8 +219,8 @@ def load_checkpoint(directory: str | Path) -> tuple[ModelAdapter, dict[str, Any]
             try:
                 state = dict(state)
                 variants[bits] = QuantLinear.from_tensors(
-                    state.pop("qweight"), state.pop("scales"), state.pop("zeros"), state.pop("g_idx", None),
-                    state.pop("bias", None), bits, layer["group_size"], layer["in_features"], act, **state,
+                    state.pop("qweight"), state.pop("scales"), state.pop("zeros"), state.pop("bias", None),
+                    bits, layer["group_size"], layer["in_features"], act, **state,
                 )  # fmt: skip
             except (KeyError, ValueError, RuntimeError, TypeError) as err:
                 raise CheckpointError(

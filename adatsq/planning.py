@@ -50,7 +50,6 @@ def layer_infos(
     layers: dict[str, nn.Linear], recipe: Recipe, tokens_per_step: dict[str, float] | None = None
 ) -> list[LayerInfo]:
     """Sizes and per-step MACs; without measured token counts MACs assume one token (sizes still exact)."""
-    stores_g_idx = recipe.method != "rtn" and recipe.gptq.act_order and recipe.weight.group_size is not None
     return [
         LayerInfo(
             name=name,
@@ -61,7 +60,6 @@ def layer_infos(
                 1, round((tokens_per_step or {}).get(name, 1.0) * linear.in_features * linear.out_features)
             ),
             group_size=recipe.weight.group_size,
-            g_idx=stores_g_idx,
         )
         for name, linear in layers.items()
     ]

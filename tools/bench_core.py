@@ -209,7 +209,7 @@ def size_bound(adapter: ModelAdapter, recipe: Recipe) -> dict[str, Any]:
 
 def checkpoint_breakdown(path: Path, quantized: set[str]) -> dict[str, int]:
     """Bytes of model.safetensors by tensor kind, plus the header (file size minus tensor bytes)."""
-    parts = {"qweight": 0, "scales": 0, "zeros": 0, "g_idx": 0, "quantized_layer_bias": 0, "other": 0}
+    parts = {"qweight": 0, "scales": 0, "zeros": 0, "quantized_layer_bias": 0, "other": 0}
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
             t = f.get_tensor(key)
@@ -541,23 +541,20 @@ def markdown(report: dict[str, Any]) -> str:
         rows.append(
             [name, f"{e['checkpoint_bytes']:,}", f"{size['bound_bytes']:,.0f}", size["within_bound"],
              fmt(size["ratio_to_fp32"], ".3f"), f"{b['qweight']:,}", f"{b['scales'] + b['zeros']:,}",
-             f"{b['g_idx']:,}", f"{b['other'] + b['quantized_layer_bias']:,}", f"{b['header']:,}",
+             f"{b['other'] + b['quantized_layer_bias']:,}", f"{b['header']:,}",
              f"{e['denoiser_state_bytes']:,}",
              fmt(e["denoiser_state_bytes"] / e["fp_denoiser_state_bytes"], ".3f")]
         )  # fmt: skip
     header = ["recipe", "checkpoint bytes", "bound bytes", "≤ bound", "/ fp32", "qweight", "scales+zeros"]
-    lines += table([*header, "g_idx", "other", "header", "in-memory bytes", "memory / float"], rows)
+    lines += table([*header, "other", "header", "in-memory bytes", "memory / float"], rows)
     lines += [
         "",
         f"Terms for W4 / group {rec['gptq-w4a8']['recipe']['weight']['group_size']}: {w4['quantized_layers']}"
         f" quantized layers, {w4['quantized_params']:,} quantized params → {w4['packed_weight_bytes']:,.0f}",
         f"packed bytes; scales/zeros {w4['scales_zeros_bytes']:,} bytes; unquantized tensors",
         f"{w4['unquantized_bytes']:,} bytes; fp32 {w4['fp32_bytes']:,} bytes ({w4['fp32_file_bytes']:,} as a",
-        'safetensors file). "other" = biases and unquantized tensors. act-order checkpoints also store',
-        "g_idx (int64 per input column), which the bound does not count: gptq-w4a8 without it would be",
-        f"{w4['bytes_without_g_idx']:,} bytes ({w4['bytes_without_g_idx'] / w4['bound_bytes']:.3f} × bound),",
-        f"with an int16 g_idx {w4['bytes_with_int16_g_idx']:,} bytes"
-        f" ({w4['bytes_with_int16_g_idx'] / w4['bound_bytes']:.3f} × bound).",
+        'safetensors file). "other" = biases and unquantized tensors. GPTQ act-order uses static groups',
+        "(grids of the original contiguous column groups), so no column permutation is stored.",
         "",
     ]
 
@@ -688,9 +685,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         size["ratio_to_bound"] = evaluation["checkpoint_bytes"] / size["bound_bytes"]
         size["ratio_to_fp32"] = evaluation["checkpoint_bytes"] / size["fp32_bytes"]
         size["breakdown"] = checkpoint_breakdown(out / WEIGHTS, set(quant.pop("layers")))
-        g_idx = size["breakdown"]["g_idx"]
-        size["bytes_without_g_idx"] = evaluation["checkpoint_bytes"] - g_idx
-        size["bytes_with_int16_g_idx"] = evaluation["checkpoint_bytes"] - g_idx + g_idx // 4
         results[name] = {"recipe": recipe.to_dict(), "quantize": quant, "eval": evaluation, "size": size}
         print(
             f"[bench_core] {name}: quantize {quant['wall_seconds']:.1f} s, "

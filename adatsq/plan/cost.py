@@ -16,20 +16,19 @@ from adatsq.plan.schema import ACT_BITS, BUDGET_KINDS, SUPPORTED_BITS, Budget, L
 
 SCALE_BYTES = 2  # one fp16 scale per (group, output channel)
 ZERO_BYTES = 1  # one uint8 zero point per (group, output channel)
-G_IDX_BYTES = 8  # one int64 group index per input column, when the layer stores g_idx
 
 ActBits = int | Sequence[int] | Mapping[str, int] | np.ndarray
 
 
 def variant_bytes(layer: LayerInfo, bits: int) -> int:
-    """Bytes of ONE quantized copy of `layer` in a checkpoint: packed weights + scales + zeros (+ g_idx).
+    """Bytes of ONE quantized copy of `layer` in a checkpoint: packed weights + scales + zeros.
 
     The single place the stored-size formula lives. Rows pack separately (quant/pack.py layout
     uint8 [out, ceil(in·bits/8)]), scales are fp16 and zeros uint8 [out, n_groups]; bias is not counted.
     """
     packed = layer.out_features * -(-layer.in_features * int(bits) // 8)
     overhead = layer.n_groups * layer.out_features * (SCALE_BYTES + ZERO_BYTES)
-    return packed + overhead + (G_IDX_BYTES * layer.in_features if layer.g_idx else 0)
+    return packed + overhead
 
 
 def act_bits_array(act_bits: ActBits, layers: Sequence[LayerInfo]) -> np.ndarray:

@@ -83,7 +83,6 @@ class LayerInfo:
     out_features: int
     macs_per_step: int  # multiply-accumulates of this layer in one denoiser step (all tokens, CFG batch)
     group_size: int | None = None  # None = one scale per output channel
-    g_idx: bool = False  # the checkpoint stores an int64 g_idx [in] per variant (GPTQ act-order + groups)
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:

@@ -56,8 +56,9 @@ def gptq(
     """Quantize W [out, in] column by column, pushing each column's error onto the columns not yet done.
 
     H [in, in] is the (weighted) sum of x x^T over calibration inputs. act_order processes columns by
-    descending diag(H); codes are returned in the original column order and, with groups, g_idx maps each
-    original column to its group (groups are formed in the processing order).
+    descending diag(H); codes are returned in the original column order. With groups and act_order the
+    grids are those of the original contiguous groups, fixed before the loop ("static groups"), so
+    checkpoints store no column permutation and dequantization needs no gather.
     """
     _check_inputs(W, H, damp, block_size, max_damp)
     W_orig, H_orig = W, H
@@ -91,9 +92,15 @@ def gptq(
             )
 
     gs = scheme.group_size
+    static = gs is not None and perm is not None
     if gs is None:  # per output channel: one grid, settled before the column loop
         scale, zero = compute_qparams(W, scheme)
         scales, zeros = [scale], [zero]
+    elif static:  # act-order: grids of the ORIGINAL contiguous groups, so no permutation is stored
+        W0 = W[:, torch.argsort(perm)]
+        grids = [compute_qparams(W0[:, g : g + gs], scheme) for g in range(0, cols, gs)]
+        scales, zeros = [s for s, _ in grids], [z for _, z in grids]
+        column_group = perm // gs  # group of the column at each processing position
     else:
         scales, zeros = [], []
         block_size = max(gs, block_size // gs * gs)  # groups never straddle two blocks
@@ -105,7 +112,9 @@ def gptq(
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
         for i in range(i2 - i1):
-            if gs is not None and (i1 + i) % gs == 0:  # lazy group grid on the updated columns
+            if static:
+                scale, zero = scales[column_group[i1 + i]], zeros[column_group[i1 + i]]
+            elif gs is not None and (i1 + i) % gs == 0:  # lazy group grid on the updated columns
                 scale, zero = compute_qparams(W1[:, i : i + gs], scheme)
                 scales.append(scale)
                 zeros.append(zero)
@@ -117,17 +126,12 @@ def gptq(
             Err1[:, i] = err1
         W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]  # lazy batch update of the remaining columns
 
-    g_idx = None
     if perm is not None:
-        invperm = torch.argsort(perm)
-        Q = Q[:, invperm]
-        if gs is not None:
-            g_idx = (torch.arange(cols, device=W.device) // gs)[invperm]
+        Q = Q[:, torch.argsort(perm)]
     weight = QuantizedWeight(
         codes=Q.to(torch.uint8),
         scales=torch.stack(scales, dim=1),
         zeros=torch.stack(zeros, dim=1).to(torch.uint8),
-        g_idx=g_idx,
         bits=scheme.bits,
         group_size=gs,
     )

@@ -2,7 +2,7 @@
 
 QuantLinear buffers (all saved by `state_dict`, so checkpoints round-trip through `from_tensors`):
   qweight uint8 [out, ceil(in*bits/8)] (pack.py layout), scales float16 [out, n_groups],
-  zeros uint8 [out, n_groups], g_idx int64 [in] (act-order only), bias [out],
+  zeros uint8 [out, n_groups] (group = column // group_size), bias [out],
   smooth [in], rotation_signs [in], lowrank_a [rank, in], lowrank_b [out, rank] (transforms.py; optional).
 Optional buffers that are absent are registered as None and do not appear in the state dict.
 The weight is dequantized in the input's dtype on every call; activations are fake-quantized per token.
@@ -45,7 +45,6 @@ class QuantLinear(nn.Module):
         qweight: Tensor,
         scales: Tensor,
         zeros: Tensor,
-        g_idx: Tensor | None,
         bias: Tensor | None,
         bits: int,
         group_size: int | None,
@@ -65,7 +64,6 @@ class QuantLinear(nn.Module):
         _check_shape("qweight", qweight, (out_features, packed_cols(in_features, bits)))
         _check_shape("scales", scales, groups)
         _check_shape("zeros", zeros, groups)
-        _check_shape("g_idx", g_idx, (in_features,))
         _check_shape("bias", bias, (out_features,))
         _check_shape("smooth", smooth, (in_features,))
         _check_shape("rotation_signs", rotation_signs, (in_features,))
@@ -74,15 +72,11 @@ class QuantLinear(nn.Module):
         if lowrank_a is not None:
             _check_shape("lowrank_a", lowrank_a, (lowrank_a.shape[0], in_features))
             _check_shape("lowrank_b", lowrank_b, (out_features, lowrank_a.shape[0]))
-        bad_g_idx = g_idx is not None and not 0 <= int(g_idx.min()) <= int(g_idx.max()) < groups[1]
-        if bad_g_idx or (g_idx is not None and group_size is None):
-            raise CheckpointError(f"g_idx values must lie in [0, {groups[1]}) and need a group_size")
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size, self.act = bits, group_size, act
         self.register_buffer("qweight", qweight.to(torch.uint8))
         self.register_buffer("scales", scales.to(torch.float16))
         self.register_buffer("zeros", zeros.to(torch.uint8))
-        self.register_buffer("g_idx", None if g_idx is None else g_idx.to(torch.int64))
         self.register_buffer("bias", bias)
         self.register_buffer("smooth", smooth)
         self.register_buffer("rotation_signs", rotation_signs)
@@ -95,7 +89,6 @@ class QuantLinear(nn.Module):
         qweight: Tensor,
         scales: Tensor,
         zeros: Tensor,
-        g_idx: Tensor | None,
         bias: Tensor | None,
         bits: int,
         group_size: int | None,
@@ -104,7 +97,7 @@ class QuantLinear(nn.Module):
         **transform: Tensor | None,
     ) -> QuantLinear:
         """Rebuild from stored tensors (checkpoint loader); `transform` takes the optional buffers by name."""
-        return cls(qweight, scales, zeros, g_idx, bias, bits, group_size, in_features, act, **transform)
+        return cls(qweight, scales, zeros, bias, bits, group_size, in_features, act, **transform)
 
     @classmethod
     def from_quantized(
@@ -125,7 +118,6 @@ class QuantLinear(nn.Module):
             pack(qw.codes, qw.bits),
             qw.scales,
             qw.zeros,
-            qw.g_idx,
             cast(bias),
             qw.bits,
             qw.group_size,
@@ -144,7 +136,7 @@ class QuantLinear(nn.Module):
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> Tensor:
         """The [out, in] weight the quantized path multiplies by (in the transformed input basis)."""
         codes = unpack(self.qweight, self.bits, self.in_features)
-        return dequantize_codes(codes, self.scales, self.zeros, self.group_size, self.g_idx, dtype)
+        return dequantize_codes(codes, self.scales, self.zeros, self.group_size, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.transform.apply(x)
@@ -160,7 +152,7 @@ class QuantLinear(nn.Module):
         extras = [n for n in ("smooth", "rotation_signs", "lowrank_a") if getattr(self, n) is not None]
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"group_size={self.group_size}, act_bits={self.act.bits}, act_order={self.g_idx is not None}"
+            f"group_size={self.group_size}, act_bits={self.act.bits}"
             + (f", transforms={extras}" if extras else "")
         )
 

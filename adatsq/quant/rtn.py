@@ -26,7 +26,6 @@ def rtn(W: Tensor, scheme: WeightScheme) -> QuantizedWeight:
         codes=torch.cat(codes, dim=1).to(torch.uint8),
         scales=torch.stack(scales, dim=1),
         zeros=torch.stack(zeros, dim=1).to(torch.uint8),
-        g_idx=None,
         bits=scheme.bits,
         group_size=scheme.group_size,
     )

@@ -112,17 +112,16 @@ def dequantize_codes(
     scales: Tensor,
     zeros: Tensor,
     group_size: int | None,
-    g_idx: Tensor | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """(codes - zero[group]) * scale[group] for codes [out, in] and scales/zeros [out, n_groups]."""
     rows, cols = codes.shape
     scales, zeros = scales.to(dtype), zeros.to(dtype)
-    if g_idx is None and (group_size is None or cols % group_size == 0):
+    if group_size is None or cols % group_size == 0:
         n = scales.shape[1]  # fast path: a reshape instead of a gather
         c = codes.to(dtype).view(rows, n, cols // n)  # [out, n_groups, group_size]
         return ((c - zeros[:, :, None]) * scales[:, :, None]).view(rows, cols)
-    idx = g_idx if g_idx is not None else torch.arange(cols, device=codes.device) // group_size
+    idx = torch.arange(cols, device=codes.device) // group_size  # partial last group
     return (codes.to(dtype) - zeros[:, idx]) * scales[:, idx]
 
 
@@ -131,14 +130,13 @@ class QuantizedWeight:
     """A quantized matrix before packing: what RTN / GPTQ return and what QuantLinear packs.
 
     codes: uint8 [out, in] in ORIGINAL column order; scales float32 [out, n_groups] (float16-exact);
-    zeros uint8 [out, n_groups] (mid code 2**(bits-1) when symmetric); g_idx: LongTensor [in] giving each
-    column's group, only when act-order made groups non-contiguous (else None: group = column // group_size).
+    zeros uint8 [out, n_groups] (mid code 2**(bits-1) when symmetric). Groups are always contiguous
+    (group = column // group_size; GPTQ act-order uses static groups), so no column index is stored.
     """
 
     codes: Tensor
     scales: Tensor
     zeros: Tensor
-    g_idx: Tensor | None
     bits: int
     group_size: int | None
 
@@ -153,8 +151,6 @@ class QuantizedWeight:
             )
         if self.zeros.shape != self.scales.shape:
             raise ConfigError(f"zeros {tuple(self.zeros.shape)} must match scales {tuple(self.scales.shape)}")
-        if self.g_idx is not None and tuple(self.g_idx.shape) != (cols,):
-            raise ConfigError(f"g_idx must be a LongTensor [{cols}]; got {tuple(self.g_idx.shape)}")
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -162,14 +158,12 @@ class QuantizedWeight:
 
     def group_index(self) -> Tensor:
         """LongTensor [in]: the scale/zero column used by each input column."""
-        if self.g_idx is not None:
-            return self.g_idx
         cols = self.codes.shape[1]
         return torch.arange(cols, device=self.codes.device) // (self.group_size or cols)
 
     def dequantize(self) -> Tensor:
         """The float32 [out, in] matrix these codes stand for."""
-        return dequantize_codes(self.codes, self.scales, self.zeros, self.group_size, self.g_idx)
+        return dequantize_codes(self.codes, self.scales, self.zeros, self.group_size)
 
 
 def quant_error(W: Tensor, Wq: Tensor, H: Tensor) -> float:

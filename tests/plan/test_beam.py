@@ -20,8 +20,8 @@ def brute_force_optimum(problem, kind, value, candidates):
     n = np.array([layer.n_params for layer in problem.layers], dtype=float)
     assert kind == "avg_bits"
     costs = (n[None, :, None] * bits).sum(axis=(1, 2)) / (n_seg * n.sum())
-    layer_idx, seg_idx = np.meshgrid(range(n_layers), range(n_seg), indexing="ij")
-    errors = problem.error_table[layer_idx[None], seg_idx[None], plans].sum(axis=(1, 2))
+    layer_pos, seg_pos = np.meshgrid(range(n_layers), range(n_seg), indexing="ij")
+    errors = problem.error_table[layer_pos[None], seg_pos[None], plans].sum(axis=(1, 2))
     return errors[costs <= value + 1e-9].min()
 
 

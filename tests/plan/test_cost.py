@@ -40,11 +40,11 @@ def test_bytes_count_every_distinct_variant_with_scales_and_zeros():
     assert plan_costs(BITS, LAYERS, 8) == {"avg_bits": 4.5, "bops": 64000, "bytes": 540}
 
 
-def test_variant_bytes_packs_rows_separately_and_counts_g_idx():
+def test_variant_bytes_packs_rows_separately_and_counts_group_grids():
     # 3 columns of 3 bits need 2 bytes per row (not 9/8 of a byte): 2 rows -> 4 bytes
     assert variant_bytes(LayerInfo("c", 6, 3, 2, 6), 3) == 4 + 2 * 3
-    grouped = LayerInfo("d", 64 * 32, 64, 32, 1, group_size=32, g_idx=True)
-    assert variant_bytes(grouped, 4) == 32 * 32 + 2 * 32 * 3 + 64 * 8
+    grouped = LayerInfo("d", 64 * 32, 64, 32, 1, group_size=32)
+    assert variant_bytes(grouped, 4) == 32 * 32 + 2 * 32 * 3
 
 
 def test_cheapest_cost_puts_free_layers_at_the_lowest_candidate_and_keeps_pins():

@@ -6,7 +6,7 @@ import torch
 from adatsq.errors import CalibrationError, ConfigError
 from adatsq.quant.gptq import gptq
 from adatsq.quant.rtn import rtn
-from adatsq.quant.scheme import WEIGHT_BITS, WeightScheme, quant_error
+from adatsq.quant.scheme import WEIGHT_BITS, WeightScheme, compute_qparams, quant_error
 
 
 def _layer(rows=64, cols=128, seed=0):
@@ -32,17 +32,18 @@ def test_gptq_beats_rtn(bits, group_size, symmetric, act_order):
     assert result.damp == 0.01 and result.damp_escalations == 0 and result.dead_columns == 0
     qw = result.weight
     assert qw.codes.dtype == torch.uint8 and int(qw.codes.max()) < 2**bits
-    assert (qw.g_idx is not None) == (act_order and group_size is not None)
+    assert torch.equal(qw.group_index(), torch.arange(128) // (group_size or 128))  # static groups
 
 
-def test_act_order_groups_follow_processing_order():
+def test_act_order_keeps_static_contiguous_groups():
     W, H = _layer(16, 96)
-    result = gptq(W, H, WeightScheme(4, 32), act_order=True)
-    g_idx = result.weight.g_idx
-    order = torch.argsort(torch.diag(H), descending=True, stable=True)
-    # the 32 columns with the largest diag(H) form group 0, and so on
-    assert torch.equal(g_idx[order], torch.arange(96) // 32)
-    assert torch.equal(result.weight.group_index(), g_idx)
+    scheme = WeightScheme(4, 32)
+    result = gptq(W, H, scheme, act_order=True)
+    assert torch.equal(result.weight.group_index(), torch.arange(96) // 32)
+    for g in range(3):  # each grid is the min-max grid of the original columns of its group
+        scale, zero = compute_qparams(W[:, 32 * g : 32 * (g + 1)], scheme)
+        torch.testing.assert_close(result.weight.scales[:, g], scale)
+        torch.testing.assert_close(result.weight.zeros[:, g].float(), zero)
 
 
 def test_partial_last_group_and_uneven_block():

@@ -60,21 +60,17 @@ def test_state_dict_round_trip_through_from_tensors():
     qw = gptq(W, X.T @ X, WeightScheme(3, 32), act_order=True).weight
     layer = QuantLinear.from_quantized(qw, b, ActScheme(4))
     sd = layer.state_dict()
-    assert set(sd) == {"qweight", "scales", "zeros", "g_idx", "bias"}
+    assert set(sd) == {"qweight", "scales", "zeros", "bias"}  # act-order: static groups, nothing extra
     assert sd["qweight"].dtype == torch.uint8 and sd["scales"].dtype == torch.float16
     rebuilt = QuantLinear.from_tensors(
-        sd["qweight"], sd["scales"], sd["zeros"], sd["g_idx"], sd["bias"], 3, 32, 100, ActScheme(4)
+        sd["qweight"], sd["scales"], sd["zeros"], sd["bias"], 3, 32, 100, ActScheme(4)
     )
     x = torch.randn(3, 100)
     assert torch.equal(rebuilt(x), layer(x))
     with pytest.raises(CheckpointError, match="qweight"):
-        QuantLinear.from_tensors(
-            sd["qweight"], sd["scales"], sd["zeros"], None, None, 4, 32, 100, ActScheme()
-        )
+        QuantLinear.from_tensors(sd["qweight"], sd["scales"], sd["zeros"], None, 4, 32, 100, ActScheme())
     with pytest.raises(CheckpointError, match="scales"):
-        QuantLinear.from_tensors(
-            sd["qweight"], sd["scales"], sd["zeros"], None, None, 3, 64, 100, ActScheme()
-        )
+        QuantLinear.from_tensors(sd["qweight"], sd["scales"], sd["zeros"], None, 3, 64, 100, ActScheme())
 
 
 def test_activation_quant_error_small_at_8_bits():

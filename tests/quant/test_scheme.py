@@ -91,7 +91,6 @@ def test_quantized_weight_validates_shapes():
             codes=torch.zeros(4, 64, dtype=torch.uint8),
             scales=torch.ones(4, 3),
             zeros=torch.zeros(4, 3, dtype=torch.uint8),
-            g_idx=None,
             bits=4,
             group_size=32,
         )
