@@ -253,7 +253,12 @@ def load_checkpoint(directory: str | Path) -> tuple[ModelAdapter, dict[str, Any]
     return adapter, config
 
 
-def load(directory: str | Path) -> Any:
-    """`adatsq.load(DIR)`: the quantized pipeline (or model) ready to sample with its normal call."""
+def load(directory: str | Path, token_reduction: str | None = None, keep: float = 0.5) -> Any:
+    """`adatsq.load(DIR)`: the quantized pipeline (or model) ready to sample with its normal call.
+
+    `token_reduction` (e.g. "g2tr") with `keep` reduces the understanding tokens of a unified model.
+    """
     adapter, _ = load_checkpoint(directory)
+    if token_reduction is not None:
+        return adapter.with_token_reduction(token_reduction, keep)
     return adapter.user_model()

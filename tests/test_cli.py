@@ -59,7 +59,7 @@ def test_inspect_lists_every_layer(checkpoint, capsys):
 
 def test_unknown_model(recipe_file, tmp_path):
     result = run_cli("quantize", "flux-dev", "--recipe", str(recipe_file), "--out", str(tmp_path / "o"))
-    assert_user_error(result, "neither 'reference' nor an existing folder")
+    assert_user_error(result, "neither 'reference', 'umm' nor an existing folder")
     assert not (tmp_path / "o").exists()
 
 

@@ -80,6 +80,15 @@ class ModelAdapter(ABC):
 
         return default_ignore(self.denoiser())
 
+    def with_token_reduction(self, method: str, keep: float) -> Any:
+        """The loaded model with understanding-token reduction; only unified models have such tokens."""
+        from adatsq.errors import TokenReductionError
+
+        raise TokenReductionError(
+            f"token_reduction={method!r}: {self.family!r} models have no understanding tokens to reduce; "
+            "it applies to unified multimodal models (family 'umm')"
+        )
+
     def user_model(self) -> Any:
         """What `adatsq.load` hands back: the pipeline when the family has one, else the denoiser."""
         return self.denoiser()

@@ -11,6 +11,7 @@ from adatsq.errors import ConfigError
 from adatsq.models.base import ModelAdapter
 
 REFERENCE = "reference"
+UMM = "umm"  # the shipped reference unified model (its generation path)
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -25,7 +26,7 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
 
 
 def adapter_for(model: Any, *, dtype: str | None = None, device: str | None = None) -> ModelAdapter:
-    """`"reference"`, a local diffusers folder, a DigitsPipeline / DiffusionPipeline, or an adapter.
+    """`"reference"`, `"umm"`, a local diffusers folder, a DigitsPipeline / DiffusionPipeline, or an adapter.
 
     `dtype` / `device` place a model loaded from a name or folder (e.g. bfloat16 on cuda for Flux).
     """
@@ -38,18 +39,20 @@ def adapter_for(model: Any, *, dtype: str | None = None, device: str | None = No
     if isinstance(model, DigitsPipeline):
         return ReferenceAdapter(model)
     if isinstance(model, (str, Path)):
-        if str(model) == REFERENCE:
+        if str(model) == UMM:
+            from adatsq.tokens.umm.generation import UMMGenerationAdapter
+
+            adapter: ModelAdapter = UMMGenerationAdapter()
+        elif str(model) == REFERENCE:
             from adatsq.models.reference import reference_pipeline
 
-            adapter: ModelAdapter = ReferenceAdapter(
-                reference_pipeline().to(device=device, dtype=torch_dtype)
-            )
+            adapter = ReferenceAdapter(reference_pipeline().to(device=device, dtype=torch_dtype))
         else:
             path = Path(model)
             if not path.exists():
                 raise ConfigError(
-                    f"model {str(model)!r} is neither {REFERENCE!r} nor an existing folder; "
-                    "pass 'reference' or the path of a local diffusers pipeline folder"
+                    f"model {str(model)!r} is neither {REFERENCE!r}, {UMM!r} nor an existing folder; "
+                    "pass 'reference', 'umm' or the path of a local diffusers pipeline folder"
                 )
             from adatsq.models.diffusers_dit import DiffusersPipelineAdapter
 
