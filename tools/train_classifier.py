@@ -8,35 +8,19 @@ Writes adatsq/assets/digit_classifier.{safetensors,json}; the JSON records the h
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from adatsq.eval.metrics import accuracy
+from adatsq.io import atomic_write, write_json
 from adatsq.models.classifier import META_FILE, WEIGHTS_FILE, DigitClassifier
 from adatsq.models.digits import augment, load_digits_16
 
 log = logging.getLogger("train_classifier")
-
-
-def atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
         "train_accuracy": train_acc,
         "test_size": len(test_y),
     }
-    atomic_write(META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    write_json(META_FILE, meta)
     log.info(
         "held-out accuracy %.4f (train %.4f) in %.1f s; saved %s", test_acc, train_acc, seconds, WEIGHTS_FILE
     )

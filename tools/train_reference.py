@@ -18,7 +18,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -28,6 +27,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from adatsq.eval.metrics import accuracy, frechet_distance
+from adatsq.io import atomic_write, atomic_write_text, write_json
 from adatsq.models.classifier import load_classifier
 from adatsq.models.digits import NUM_CLASSES, augment, load_digits_16
 from adatsq.models.reference import (
@@ -69,20 +69,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weights-out", type=Path, default=WEIGHTS_FILE)
     p.add_argument("--reports", type=Path, default=ROOT / "reports")
     return p.parse_args(argv)
-
-
-def atomic_write(path: Path, write) -> None:
-    """Write via a temp file in the same folder, then os.replace (no half-written assets)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def lr_at(step: int, args: argparse.Namespace) -> float:
@@ -180,7 +166,7 @@ def save_reference(model: torch.nn.Module, meta: dict[str, Any], path: Path) -> 
     config = {k: model.config[k] for k in REFERENCE_CONFIG}
     doc = {"format_version": 1, "config": config, "training": meta, "sampling": {}}
     meta_path = path.with_suffix(".json")
-    atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n"))
+    write_json(meta_path, doc)
 
 
 @torch.no_grad()
@@ -302,11 +288,13 @@ def write_reports(meta: dict[str, Any], results: dict[str, Any], reports: Path) 
 
 
 def write_report_files(doc: dict[str, Any], reports: Path) -> None:
+    ev = doc["evaluation"]
+    default_rows = [r for r in ev["sweep"] if r["guidance_scale"] == ev["default_sampling"]["guidance_scale"]]
+    # the headline number: class accuracy of FP samples at the default sampler settings
+    ev["default_sample_accuracy"] = default_rows[0]["class_accuracy"] if default_rows else None
     reports.mkdir(parents=True, exist_ok=True)
-    atomic_write(
-        reports / "reference.json", lambda tmp: Path(tmp).write_text(json.dumps(doc, indent=2) + "\n")
-    )
-    atomic_write(reports / "reference.md", lambda tmp: Path(tmp).write_text(render_markdown(doc)))
+    write_json(reports / "reference.json", doc)
+    atomic_write_text(reports / "reference.md", render_markdown(doc))
 
 
 def render_markdown(doc: dict[str, Any]) -> str:
@@ -361,7 +349,8 @@ against the same test split give FD {ev["frechet_distance_real_train_vs_test"]:.
 |---|---|---|---|---|
 {rows}
 
-Default sampling (`ReferenceSampling`): {default["num_steps"]} steps, guidance {default["guidance_scale"]}.
+Default sampling (`ReferenceSampling`): {default["num_steps"]} steps, guidance {default["guidance_scale"]}
+(class accuracy of samples there: **{ev["default_sample_accuracy"]}**).
 Grid (rows = classes 0–9): `reports/reference_samples.png`.
 
 ## Machine
@@ -388,7 +377,7 @@ def main(argv: list[str] | None = None) -> None:
     meta = json.loads(META_FILE.read_text())
     results = evaluate(args)
     meta["sampling"] = results["default_sampling"]
-    atomic_write(META_FILE, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    write_json(META_FILE, meta)
     write_reports(meta, results, args.reports)
     log.info("wrote %s", args.reports / "reference.md")
 
