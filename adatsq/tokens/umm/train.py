@@ -7,8 +7,8 @@ Stages (measured reasons in reports/umm_training.md):
    it, recognition questions sit at chance for many minutes while counting is learned.
 3. `joint`: all questions of all four types per canvas (packed, exact block mask) + rectified-flow
    generation + the dense loss as auxiliary; VAE frozen. From `dropout_start` on, every understanding
-   batch keeps a random subset of image tokens (keep ratio ~ U[keep_min, 1]) so that reducers are
-   measured, not the shift from full token sets.
+   batch keeps a random subset of image tokens (keep ratio ~ U[keep_min, 1], a random bias for or
+   against digit tokens: `random_keep`) so that reducers are measured, not the shift from full sets.
 
 Each step's data and noise come from seeds (seed, stage, step), so a resumed run repeats exactly the
 batches it would have seen; checkpoints (model + optimizer, safetensors) are written every few minutes.
@@ -116,10 +116,21 @@ def dense_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return per_patch + presence
 
 
-def random_keep(batch: int, n: int, keep: float, gen: torch.Generator) -> Tensor:
-    """Ascending random kept indices [B, K] (the same K for the whole batch)."""
+def random_keep(
+    n: int, keep: float, gen: torch.Generator, foreground: Tensor, max_bias: float = 16.0
+) -> Tensor:
+    """Ascending random kept indices [B, K] (the same K for the whole batch), foreground-biased.
+
+    Tokens are drawn without replacement (Gumbel top-k) with weight `bias` on digit tokens and 1 on
+    background, log(bias) ~ U[-log max_bias, log max_bias] per batch. Uniform dropout alone keeps the
+    share of digit tokens unbiased, so a model can still count from token density, which any
+    content-based reducer (keeping mostly digits, or mostly background) then breaks.
+    """
     k = keep_count(n, keep)
-    return torch.rand(batch, n, generator=gen).argsort(1)[:, :k].sort(1).values
+    log_bias = (2 * float(torch.rand(1, generator=gen)) - 1) * math.log(max_bias)
+    uniform = torch.rand(foreground.shape, generator=gen).clamp_min(1e-9)
+    keys = log_bias * foreground.float() - torch.log(-torch.log(uniform))  # log weight + Gumbel noise
+    return keys.topk(k, dim=1).indices.sort(1).values
 
 
 def joint_loss(
@@ -134,7 +145,7 @@ def joint_loss(
     kept = torch.arange(n).expand(b, n)
     if dropout:
         keep = cfg.keep_min + (1 - cfg.keep_min) * float(torch.rand(1, generator=gen))
-        kept = random_keep(b, n, keep, gen)
+        kept = random_keep(n, keep, gen, foreground=qa.token_labels < 10)
         tokens = tokens.gather(1, kept[..., None].expand(-1, -1, d))
     logits = model.understand_tokens(tokens, kept, [qa.questions[k] for k in QUESTION_TYPES])
     und = sum(F.cross_entropy(lg, qa.answers[k]) for lg, k in zip(logits, QUESTION_TYPES, strict=True)) / 4
