@@ -160,6 +160,47 @@ def run_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+@command
+def _tokens(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tokens", help="visual-token reduction in the reference unified model")
+    tokens = p.add_subparsers(dest="tokens_command", required=True)
+    bench = tokens.add_parser("bench", help="accuracy / FLOPs / KV / latency of reducers × keep ratios")
+    bench.add_argument("model", nargs="?", default="umm", help="'umm' or a checkpoint quantized from it")
+    bench.add_argument("--methods", default="g2tr,vnorm,fastv,pdrop,visionzip,tome,random,grid")
+    bench.add_argument("--keep", default="0.25,0.5,0.75", help="comma-separated keep ratios in (0, 1]")
+    bench.add_argument("--samples", type=int, default=256, help="held-out canvases (default 256)")
+    bench.add_argument("--seed", type=int, default=1234)
+    bench.add_argument("--out", type=Path, help="also write the JSON result here")
+    bench.set_defaults(handler=run_tokens_bench)
+    show = tokens.add_parser("show", help="draw which understanding tokens a reducer keeps")
+    show.add_argument("image", help="48x48 PNG / .npy canvas, or canvas:SEED for a held-out one")
+    show.add_argument("--method", default="g2tr")
+    show.add_argument("--keep", type=float, default=0.5)
+    show.add_argument("--out", type=Path, required=True, help="PNG to write")
+    show.add_argument("--model", default="umm", help="'umm' or a checkpoint quantized from it")
+    show.add_argument("--overwrite", action="store_true")
+    show.set_defaults(handler=run_tokens_show)
+
+
+def run_tokens_bench(args: argparse.Namespace) -> int:
+    from adatsq.checkpoint import check_output
+    from adatsq.tokens.commands import run_bench
+
+    if args.out is not None:
+        check_output(args.out, overwrite=True)
+    print(run_bench(args.model, args.methods, args.keep, args.samples, args.seed, args.out))
+    return 0
+
+
+def run_tokens_show(args: argparse.Namespace) -> int:
+    from adatsq.checkpoint import check_output
+    from adatsq.tokens.commands import run_show
+
+    check_output(args.out, args.overwrite)
+    print(run_show(args.image, args.method, args.keep, args.out, args.model))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adatsq", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
