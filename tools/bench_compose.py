@@ -88,8 +88,8 @@ def markdown(result: dict) -> str:
         "same model answers questions with all 144 understanding tokens or with G2TR keeping 50%, and",
         "generates digits (never with reduced tokens). Understanding runs the decoder variants of the last",
         f"(clean) timestep segment. {result['samples']} held-out canvases, "
-        f"{result['generations']} generations, same seeds for every row. torch {result['versions']['torch']}, "
-        f"{result['machine']['threads']} thread(s).",
+        f"{result['generations']} generations, same seeds for every row. "
+        f"torch {result['versions']['torch']}, {result['machine']['threads']} thread(s).",
         "Reproduce: `python tools/bench_compose.py`.",
         "",
         "| model | avg bits | QA full tokens | QA G2TR keep 0.5 | count / leftmost / where / quadrant (G2TR) "
@@ -101,8 +101,8 @@ def markdown(result: dict) -> str:
         per_type = " / ".join(f"{g[k]:.3f}" for k in ("count", "leftmost", "where", "quadrant"))
         gen = row["generation"]
         lines.append(
-            f"| {name} | {row.get('avg_bits', 32):.2f} | {row['qa_full']['overall']:.3f} | {g['overall']:.3f} | "
-            f"{per_type} | {gen['classifier_accuracy']:.3f} | {gen['ink_in_quadrant']:.3f} |"
+            f"| {name} | {row.get('avg_bits', 32):.2f} | {row['qa_full']['overall']:.3f} | "
+            f"{g['overall']:.3f} | {per_type} | {gen['classifier_accuracy']:.3f} | {gen['ink_in_quadrant']:.3f} |"
         )
     lines.append("")
     return "\n".join(lines)
