@@ -102,7 +102,8 @@ def markdown(result: dict) -> str:
         gen = row["generation"]
         lines.append(
             f"| {name} | {row.get('avg_bits', 32):.2f} | {row['qa_full']['overall']:.3f} | "
-            f"{g['overall']:.3f} | {per_type} | {gen['classifier_accuracy']:.3f} | {gen['ink_in_quadrant']:.3f} |"
+            f"{g['overall']:.3f} | {per_type} | {gen['classifier_accuracy']:.3f} | "
+            f"{gen['ink_in_quadrant']:.3f} |"
         )
     lines.append("")
     return "\n".join(lines)
