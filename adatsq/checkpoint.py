@@ -218,7 +218,7 @@ def load_checkpoint(directory: str | Path) -> tuple[ModelAdapter, dict[str, Any]
             used.update(variant_prefix(name, bits) + key for key in state)
             try:
                 state = dict(state)
-                variants[bits] = QuantLinear.from_tensors(
+                variants[bits] = QuantLinear(
                     state.pop("qweight"), state.pop("scales"), state.pop("zeros"), state.pop("bias", None),
                     bits, layer["group_size"], layer["in_features"], act, **state,
                 )  # fmt: skip

@@ -94,22 +94,6 @@ def test_corrupted_checkpoint(tmp_path):
     assert_user_error(run_cli("inspect", str(tmp_path / "missing")), "neither a checkpoint folder")
 
 
-def test_bad_calibration_file(recipe_file, tmp_path):
-    calib = tmp_path / "calib.txt"
-    calib.write_text("3\nseven\n")
-    result = run_cli(
-        "quantize",
-        "reference",
-        "--recipe",
-        str(recipe_file),
-        "--out",
-        str(tmp_path / "o"),
-        "--calib",
-        str(calib),
-    )
-    assert_user_error(result, "'seven' is not a class label")
-
-
 ADATSQ_RECIPE = (
     FAST_RECIPE.replace("method: gptq", "method: adatsq").replace(
         "batch_size: 8}", "batch_size: 8, segments: 2}"
@@ -146,20 +130,19 @@ def test_plan_with_bad_planner_settings(tmp_path, change, fragment):
     assert_user_error(result, fragment)
 
 
-def test_empty_calibration_file(recipe_file, tmp_path):
-    calib = tmp_path / "empty.txt"
-    calib.write_text("# nothing here\n")
+@pytest.mark.parametrize(
+    "text, fragment",
+    [("3\nseven\n", "'seven' is not a class label"), ("# nothing here\n", "holds no inputs")],
+)
+def test_bad_calibration_file(recipe_file, tmp_path, text, fragment):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(text)
+    out = tmp_path / "o"
     result = run_cli(
-        "quantize",
-        "reference",
-        "--recipe",
-        str(recipe_file),
-        "--out",
-        str(tmp_path / "o"),
-        "--calib",
-        str(calib),
+        "quantize", "reference", "--recipe", str(recipe_file), "--out", str(out), "--calib", str(calib)
     )
-    assert_user_error(result, "holds no inputs")
+    assert_user_error(result, fragment)
+    assert not out.exists()
 
 
 def test_plan_cli_writes_plan_plots_and_frontier_then_quantizes(tmp_path, capsys):

@@ -95,3 +95,22 @@ class ModelAdapter(ABC):
 
 
 ADAPTERS: Registry[type[ModelAdapter]] = Registry("model family")
+
+
+def write_base_json(directory: Path, name: str, data: dict[str, Any]) -> None:
+    """The small JSON an adapter's `save_base` keeps (configs, sampler settings)."""
+    from adatsq.io import write_json
+
+    write_json(directory / name, data)
+
+
+def read_base_json(directory: Path, name: str) -> dict[str, Any]:
+    """Counterpart of `write_base_json`; a missing file means the checkpoint folder is incomplete."""
+    import json
+
+    from adatsq.errors import CheckpointError
+
+    path = directory / name
+    if not path.is_file():
+        raise CheckpointError(f"{path} is missing; the checkpoint folder is incomplete: re-run quantize")
+    return json.loads(path.read_text())

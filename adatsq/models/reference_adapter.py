@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -10,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from adatsq.errors import CheckpointError, ConfigError
-from adatsq.models.base import ADAPTERS, ModelAdapter, StepCallback
+from adatsq.errors import ConfigError
+from adatsq.models.base import ADAPTERS, ModelAdapter, StepCallback, read_base_json, write_base_json
 from adatsq.models.digits import NUM_CLASSES
 from adatsq.models.reference import (
     REFERENCE_CONFIG,
@@ -91,22 +90,17 @@ class ReferenceAdapter(ModelAdapter):
         )
 
     def save_base(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
+        transformer = {k: v for k, v in self.pipeline.transformer.config.items() if k in REFERENCE_CONFIG}
         config = {
-            "transformer": dict(self.pipeline.transformer.config),
+            "transformer": transformer,
             "guidance_scale": self.sampling.guidance_scale,
             "num_steps": self.sampling.num_steps,
         }
-        (directory / BASE_FILE).write_text(json.dumps(config, indent=2, default=list))
+        write_base_json(directory, BASE_FILE, config)
 
     @classmethod
     def load_base(cls, directory: Path) -> ReferenceAdapter:
-        path = directory / BASE_FILE
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing; the checkpoint folder is incomplete: re-run quantize")
-        config = json.loads(path.read_text())
-        transformer = build_transformer(
-            {k: v for k, v in config["transformer"].items() if k in REFERENCE_CONFIG}
-        )
+        config = read_base_json(directory, BASE_FILE)
+        transformer = build_transformer(config["transformer"])
         pipeline = DigitsPipeline(transformer=transformer.eval(), scheduler=build_scheduler())
         return cls(pipeline, ReferenceSampling(config["num_steps"], config["guidance_scale"]))

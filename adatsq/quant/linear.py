@@ -1,6 +1,6 @@
 """Runtime layers: QuantLinear (packed weights, dequantized on the fly) and TimestepQuantLinear.
 
-QuantLinear buffers (all saved by `state_dict`, so checkpoints round-trip through `from_tensors`):
+QuantLinear buffers (all saved by `state_dict`, so checkpoints round-trip through the constructor):
   qweight uint8 [out, ceil(in*bits/8)] (pack.py layout), scales float16 [out, n_groups],
   zeros uint8 [out, n_groups] (group = column // group_size), bias [out],
   smooth [in], rotation_signs [in], lowrank_a [rank, in], lowrank_b [out, rank] (transforms.py; optional).
@@ -82,22 +82,6 @@ class QuantLinear(nn.Module):
         self.register_buffer("rotation_signs", rotation_signs)
         self.register_buffer("lowrank_a", lowrank_a)
         self.register_buffer("lowrank_b", lowrank_b)
-
-    @classmethod
-    def from_tensors(
-        cls,
-        qweight: Tensor,
-        scales: Tensor,
-        zeros: Tensor,
-        bias: Tensor | None,
-        bits: int,
-        group_size: int | None,
-        in_features: int,
-        act: ActScheme,
-        **transform: Tensor | None,
-    ) -> QuantLinear:
-        """Rebuild from stored tensors (checkpoint loader); `transform` takes the optional buffers by name."""
-        return cls(qweight, scales, zeros, bias, bits, group_size, in_features, act, **transform)
 
     @classmethod
     def from_quantized(

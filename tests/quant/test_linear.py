@@ -54,7 +54,7 @@ def test_memory_really_shrinks():
         assert nbytes < dense_bytes * (bits / 32 + 0.01)
 
 
-def test_state_dict_round_trip_through_from_tensors():
+def test_state_dict_round_trip_through_the_constructor():
     W, b = _linear()
     X = torch.randn(200, 100)
     qw = gptq(W, X.T @ X, WeightScheme(3, 32), act_order=True).weight
@@ -62,15 +62,13 @@ def test_state_dict_round_trip_through_from_tensors():
     sd = layer.state_dict()
     assert set(sd) == {"qweight", "scales", "zeros", "bias"}  # act-order: static groups, nothing extra
     assert sd["qweight"].dtype == torch.uint8 and sd["scales"].dtype == torch.float16
-    rebuilt = QuantLinear.from_tensors(
-        sd["qweight"], sd["scales"], sd["zeros"], sd["bias"], 3, 32, 100, ActScheme(4)
-    )
+    rebuilt = QuantLinear(sd["qweight"], sd["scales"], sd["zeros"], sd["bias"], 3, 32, 100, ActScheme(4))
     x = torch.randn(3, 100)
     assert torch.equal(rebuilt(x), layer(x))
     with pytest.raises(CheckpointError, match="qweight"):
-        QuantLinear.from_tensors(sd["qweight"], sd["scales"], sd["zeros"], None, 4, 32, 100, ActScheme())
+        QuantLinear(sd["qweight"], sd["scales"], sd["zeros"], None, 4, 32, 100, ActScheme())
     with pytest.raises(CheckpointError, match="scales"):
-        QuantLinear.from_tensors(sd["qweight"], sd["scales"], sd["zeros"], None, 3, 64, 100, ActScheme())
+        QuantLinear(sd["qweight"], sd["scales"], sd["zeros"], None, 3, 64, 100, ActScheme())
 
 
 def test_activation_quant_error_small_at_8_bits():

@@ -8,7 +8,6 @@ Understanding runs the decoder variants of the last (clean-image) timestep segme
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from adatsq.errors import CheckpointError, ConfigError
-from adatsq.models.base import ADAPTERS, ModelAdapter, StepCallback
+from adatsq.errors import ConfigError
+from adatsq.models.base import ADAPTERS, ModelAdapter, StepCallback, read_base_json, write_base_json
 from adatsq.quant.linear import TimestepQuantLinear
 from adatsq.tokens.umm.adapter import Answer, UMMReduction
 from adatsq.tokens.umm.data import QUADRANTS, VOCAB, gen_prompt, tokenize
@@ -108,16 +107,12 @@ class UMMGenerationAdapter(ModelAdapter):
         return model.decode_latents(model.unpatchify(x))
 
     def save_base(self, directory: Path) -> None:
-        directory.mkdir(parents=True, exist_ok=True)
         base = {"config": self.model.config.to_dict(), "steps": self.steps, "guidance": self.guidance}
-        (directory / BASE_FILE).write_text(json.dumps(base, indent=1))
+        write_base_json(directory, BASE_FILE, base)
 
     @classmethod
     def load_base(cls, directory: Path) -> UMMGenerationAdapter:
-        path = directory / BASE_FILE
-        if not path.is_file():
-            raise CheckpointError(f"{path} is missing; the checkpoint folder is incomplete: re-run quantize")
-        base = json.loads(path.read_text())
+        base = read_base_json(directory, BASE_FILE)
         return cls(MiniUMM(UMMConfig.from_dict(base["config"])), base["steps"], base["guidance"])
 
     def user_model(self) -> UnifiedModel:
