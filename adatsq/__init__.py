@@ -1,10 +1,10 @@
 """adatsq: timestep-adaptive quantization for diffusion transformers, token reduction for UMMs.
 
-    import adatsq
-    qmodel = adatsq.quantize("reference", "recipes/reference/gptq-w4a8.yaml")
-    qmodel.save("out/w4a8")
-    pipe = adatsq.load("out/w4a8")          # the diffusers-style pipeline, quantized
-    images = pipe(class_labels=[3, 7]).images
+import adatsq
+qmodel = adatsq.quantize("reference", "recipes/reference/gptq-w4a8.yaml")
+qmodel.save("out/w4a8")
+pipe = adatsq.load("out/w4a8")          # the diffusers-style pipeline, quantized
+images = pipe(class_labels=[3, 7]).images
 """
 
 from __future__ import annotations
