@@ -22,7 +22,6 @@ CANVAS = 48  # canvas side in pixels
 DIGIT = 16  # side of one pasted digit (8x8 scikit-learn digit upsampled 2x, the classifier's input size)
 MID_BAND = 6  # digit centres stay more than this many px from the midlines: a box crosses one by <= 2 px
 LEFT_MARGIN = 4  # px between the left-most digit centre and the next one
-GEN_JITTER = 2  # px a generation target may sit off its quadrant centre
 QUADRANTS = ("top-left", "top-right", "bottom-left", "bottom-right")
 QUESTION_TYPES = ("count", "leftmost", "where", "quadrant")
 SPLITS = ("train", "test")
@@ -112,18 +111,13 @@ def quadrant_of(top: int, left: int) -> str:
     return f"{row}-{col}"
 
 
-def box_for_quadrant(rng: np.random.Generator, quadrant: str, jitter: int = GEN_JITTER) -> tuple[int, int]:
-    """(top, left) of a box centred in the quadrant, shifted by up to `jitter` px per axis.
-
-    Generation canvases place the digit near the quadrant centre: with positions spread over the whole
-    quadrant, the class-conditional mean image is a blur and in-context conditioning never picked up
-    the digit class in our budget (measured: loss with the right vs a wrong digit, 0.373 vs 0.375).
-    """
-    row, col = quadrant.split("-")
-    top = (CANVAS // 4 if row == "top" else 3 * CANVAS // 4) - DIGIT // 2
-    left = (CANVAS // 4 if col == "left" else 3 * CANVAS // 4) - DIGIT // 2
-    dy, dx = (int(v) for v in rng.integers(-jitter, jitter + 1, size=2))
-    return top + dy, left + dx
+def box_for_quadrant(rng: np.random.Generator, quadrant: str) -> tuple[int, int]:
+    """A random (top, left) whose box centre lies in the given quadrant (off the midline band)."""
+    while True:
+        top, left = (int(v) for v in rng.integers(0, CANVAS - DIGIT + 1, size=2))
+        ok = _centre_ok(top + DIGIT / 2) and _centre_ok(left + DIGIT / 2)
+        if ok and quadrant_of(top, left) == quadrant:
+            return top, left
 
 
 def render(digits: list[tuple[np.ndarray, int, int, int]]) -> Canvas:
@@ -219,7 +213,7 @@ def gen_prompt(label: int | None, quadrant: str | None) -> str:
 
 @dataclass(frozen=True)
 class GenBatch:
-    images: torch.Tensor  # [B, 1, CANVAS, CANVAS]: one digit, near the centre of the prompt's quadrant
+    images: torch.Tensor  # [B, 1, CANVAS, CANVAS]: one digit, at the prompt's quadrant
     prompts: torch.Tensor  # LongTensor [B, 3]
     labels: torch.Tensor  # LongTensor [B]
     quadrants: tuple[str, ...]

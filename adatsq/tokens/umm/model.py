@@ -192,7 +192,7 @@ class MiniUMM(nn.Module):
             num_attention_heads=c.lm_heads,
             num_key_value_heads=c.lm_kv_heads,
             max_position_embeddings=512,
-            tie_word_embeddings=True,  # digit answers and digit words in prompts share a vector
+            tie_word_embeddings=False,
         )
         lm_config._attn_implementation = "sdpa"
         self.lm = Qwen2ForCausalLM(lm_config)

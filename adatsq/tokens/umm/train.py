@@ -35,7 +35,7 @@ from adatsq.tokens.base import keep_count
 from adatsq.tokens.umm.data import QUESTION_TYPES, gen_batch, qa_batch, sample_canvas
 from adatsq.tokens.umm.evaluate import full_answers, qa_accuracy
 from adatsq.tokens.umm.model import MiniUMM, UMMConfig
-from adatsq.tokens.umm.weights import _atomic_write, load_portable, portable_state
+from adatsq.tokens.umm.weights import _atomic_write
 
 log = logging.getLogger(__name__)
 STAGES = ("vae", "warm", "joint")
@@ -168,7 +168,7 @@ def _save_checkpoint(run: Path, model: MiniUMM, opt: torch.optim.Optimizer, stat
         for idx, entry in osd["state"].items()
         for key, value in entry.items()
     }
-    _atomic_write(run / "model.safetensors", lambda tmp: save_file(portable_state(model), tmp))
+    _atomic_write(run / "model.safetensors", lambda tmp: save_file(dict(model.state_dict()), tmp))
     _atomic_write(run / "optim.safetensors", lambda tmp: save_file(tensors, tmp))
     meta = {**state, "config": model.config.to_dict(), "param_groups": osd["param_groups"]}
     _atomic_write(run / "state.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
@@ -216,7 +216,7 @@ def train(
         if meta["train_config"] != asdict(cfg):
             raise CheckpointError(f"{run} was started with another TrainConfig; use a new run folder")
         model = MiniUMM(UMMConfig.from_dict(meta["config"]))
-        load_portable(model, load_file(str(run / "model.safetensors")), run)
+        model.load_state_dict(load_file(str(run / "model.safetensors")))
         done = meta["stage"] == "done"
         stage_index = len(STAGES) if done else STAGES.index(meta["stage"])
         start, history = meta["step"], meta["history"]

@@ -31,30 +31,12 @@ def _atomic_write(path: Path, write) -> None:
             os.unlink(tmp)
 
 
-TIED = ("lm.lm_head.weight",)  # the same tensor as lm.model.embed_tokens.weight
-
-
-def portable_state(model: MiniUMM) -> dict[str, torch.Tensor]:
-    """state_dict without tied duplicates (safetensors stores every tensor once)."""
-    return {k: v for k, v in model.state_dict().items() if k not in TIED}
-
-
-def load_portable(model: MiniUMM, state: dict[str, torch.Tensor], source: Path) -> None:
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in TIED]
-    if missing or unexpected:
-        raise CheckpointError(
-            f"UMM weights in {source} do not match its config: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}; retrain with `python tools/train_umm.py`"
-        )
-
-
 def save_umm(
     model: MiniUMM, directory: Path, dtype: torch.dtype = torch.float16, extra: dict | None = None
 ) -> None:
     """Weights (cast to `dtype`) + config (+ `extra` metadata such as training metrics) into `directory`."""
     directory = Path(directory)
-    tensors = {k: v.detach().to(dtype).contiguous() for k, v in portable_state(model).items()}
+    tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
     _atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp))
     meta = {"config": model.config.to_dict(), **(extra or {})}
     _atomic_write(directory / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
@@ -75,5 +57,10 @@ def load_umm(directory: Path | None = None) -> MiniUMM:
         state = {k: v.float() for k, v in load_file(str(weights)).items()}
     except (OSError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"cannot read reference UMM from {directory}: {err}") from err
-    load_portable(model, state, weights)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"UMM weights in {weights} do not match its config: missing {missing[:5]}, unexpected "
+            f"{unexpected[:5]}; retrain with `python tools/train_umm.py`"
+        )
     return model.eval()
