@@ -13,7 +13,7 @@ def test_accumulate_hessian_streams_the_same_sum_as_one_batch():
         H, n = accumulate_hessian(H, n, chunk)
     rows = x.reshape(-1, 4).double()
     assert n == 15
-    torch.testing.assert_close(H, rows.T @ rows)
+    torch.testing.assert_close(H, rows.T @ rows, rtol=1e-6, atol=1e-5)  # per-batch products run in float32
 
 
 def test_accumulate_absmax_is_per_channel():
