@@ -31,11 +31,11 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from adatsq.errors import CheckpointError, ConfigError
+from adatsq.io import atomic_write, write_json
 from adatsq.tokens.base import keep_count
 from adatsq.tokens.umm.data import QUESTION_TYPES, gen_batch, qa_batch, sample_canvas
 from adatsq.tokens.umm.evaluate import full_answers, qa_accuracy
 from adatsq.tokens.umm.model import MiniUMM, UMMConfig
-from adatsq.tokens.umm.weights import _atomic_write
 
 log = logging.getLogger(__name__)
 STAGES = ("vae", "warm", "joint")
@@ -168,10 +168,10 @@ def _save_checkpoint(run: Path, model: MiniUMM, opt: torch.optim.Optimizer, stat
         for idx, entry in osd["state"].items()
         for key, value in entry.items()
     }
-    _atomic_write(run / "model.safetensors", lambda tmp: save_file(dict(model.state_dict()), tmp))
-    _atomic_write(run / "optim.safetensors", lambda tmp: save_file(tensors, tmp))
+    atomic_write(run / "model.safetensors", lambda tmp: save_file(dict(model.state_dict()), tmp))
+    atomic_write(run / "optim.safetensors", lambda tmp: save_file(tensors, tmp))
     meta = {**state, "config": model.config.to_dict(), "param_groups": osd["param_groups"]}
-    _atomic_write(run / "state.json", lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+    write_json(run / "state.json", meta)
 
 
 def _load_optimizer(run: Path, opt: torch.optim.Optimizer, meta: dict) -> None:

@@ -3,32 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from adatsq.errors import CheckpointError
+from adatsq.io import atomic_write, write_json
 from adatsq.tokens.umm.model import MiniUMM, UMMConfig
 
 ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "umm"
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
-
-
-def _atomic_write(path: Path, write) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; shipped assets must be readable by everyone
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def save_umm(
@@ -37,9 +23,9 @@ def save_umm(
     """Weights (cast to `dtype`) + config (+ `extra` metadata such as training metrics) into `directory`."""
     directory = Path(directory)
     tensors = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp))
+    atomic_write(directory / WEIGHTS, lambda tmp: save_file(tensors, tmp))
     meta = {"config": model.config.to_dict(), **(extra or {})}
-    _atomic_write(directory / CONFIG, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=1)))
+    write_json(directory / CONFIG, meta)
 
 
 def load_umm(directory: Path | None = None) -> MiniUMM:
