@@ -42,6 +42,7 @@ from adatsq.checkpoint import WEIGHTS, load_checkpoint
 from adatsq.engine import quantize as engine_quantize
 from adatsq.engine import select_layers
 from adatsq.eval.run import average_bits, compare_samples, evaluate_checkpoint, timed_samples
+from adatsq.io import atomic_write_text
 from adatsq.models.base import ModelAdapter
 from adatsq.models.reference import META_FILE, DigitsPipeline, build_scheduler, build_transformer
 from adatsq.models.reference_adapter import ReferenceAdapter
@@ -746,13 +747,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return report
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=("auto", "reference", "random"), default="auto")
@@ -772,11 +766,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--from-json", type=Path, help="only re-render the Markdown of an earlier core.json")
     args = p.parse_args(argv)
     if args.from_json:
-        write_atomic(args.out / f"{args.name}.md", markdown(json.loads(args.from_json.read_text())))
+        atomic_write_text(args.out / f"{args.name}.md", markdown(json.loads(args.from_json.read_text())))
         return 0
     report = run(args)
-    write_atomic(args.out / f"{args.name}.json", json.dumps(report, indent=2) + "\n")
-    write_atomic(args.out / f"{args.name}.md", markdown(report))
+    atomic_write_text(args.out / f"{args.name}.json", json.dumps(report, indent=2) + "\n")
+    atomic_write_text(args.out / f"{args.name}.md", markdown(report))
     print(f"[bench_core] wrote {args.out / args.name}.json/.md in {report['total_seconds'] / 60:.1f} min")
     return 0
 

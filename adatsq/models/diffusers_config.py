@@ -8,7 +8,6 @@ adatsq_pipeline.json so that a saved base, or a tiny test pipeline, reloads exac
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 
 from adatsq.errors import ConfigError
+from adatsq.io import write_json
 
 SETTINGS_FILE = "adatsq_pipeline.json"
 SETTINGS_VERSION = 1
@@ -129,9 +129,7 @@ def write_settings(folder: Path, sampling: DiffusersSampling, dtype: torch.dtype
         "sampling": sampling.to_dict(),
         "dtype": str(dtype).removeprefix("torch."),
     }
-    tmp = folder / f".{SETTINGS_FILE}.tmp"
-    tmp.write_text(json.dumps(settings, indent=2) + "\n")
-    os.replace(tmp, folder / SETTINGS_FILE)
+    write_json(folder / SETTINGS_FILE, settings)
 
 
 def read_settings(folder: Path) -> tuple[DiffusersSampling | None, torch.dtype | None]:
