@@ -23,7 +23,8 @@ from adatsq import __version__
 from adatsq.engine import QuantizedModel, attach_segment_switching, effective_ignore, set_module
 from adatsq.errors import CheckpointError, ConfigError
 from adatsq.io import write_json
-from adatsq.models.base import ADAPTERS, ModelAdapter
+from adatsq.models.base import ModelAdapter
+from adatsq.models.resolve import adapter_class
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear
 from adatsq.quant.scheme import ActScheme
 from adatsq.timesteps import SegmentMap
@@ -203,7 +204,7 @@ def load_checkpoint(directory: str | Path) -> tuple[ModelAdapter, dict[str, Any]
     directory = Path(directory)
     config = read_config(directory)
     tensors = read_tensors(directory)
-    adapter = ADAPTERS.get(config["model"]["family"]).load_base(directory / BASE)
+    adapter = adapter_class(config["model"]["family"]).load_base(directory / BASE)
     denoiser = adapter.denoiser()
     act = ActScheme(bits=config["activation"]["bits"])
     grouped = _split_variants(config, tensors)

@@ -51,6 +51,12 @@ def test_eval_json_has_exactly_the_documented_keys(checkpoint, capsys):
     assert metrics["avg_bits"] == 4.0 and metrics["psnr_db"] > 15 and 0 < metrics["ssim"] <= 1
 
 
+def test_eval_in_a_fresh_process(checkpoint):
+    result = run_cli("eval", str(checkpoint), "--samples", "2", "--json")
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["avg_bits"] == 4.0
+
+
 def test_inspect_lists_every_layer(checkpoint, capsys):
     assert main(["inspect", str(checkpoint)]) == 0
     out = capsys.readouterr().out

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from adatsq.errors import ConfigError
-from adatsq.models.base import ModelAdapter
+from adatsq.errors import CheckpointError, ConfigError
+from adatsq.models.base import ADAPTERS, ModelAdapter
 
 REFERENCE = "reference"
 UMM = "umm"  # the shipped reference unified model (its generation path)
@@ -23,6 +24,24 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     if name not in DTYPES:
         raise ConfigError(f"dtype {name!r} is not supported; use one of {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+# Where each family's adapter lives: imported on demand, so `import adatsq` stays light.
+FAMILY_MODULES = {
+    "reference": "adatsq.models.reference_adapter",
+    "diffusers": "adatsq.models.diffusers_dit",
+    "umm": "adatsq.tokens.umm.generation",
+}
+
+
+def adapter_class(family: str) -> type[ModelAdapter]:
+    """The registered adapter of a checkpoint's model family (its module imported first)."""
+    if family not in FAMILY_MODULES:
+        raise CheckpointError(
+            f"unknown model family {family!r} in the checkpoint; supported: {', '.join(FAMILY_MODULES)}"
+        )
+    importlib.import_module(FAMILY_MODULES[family])
+    return ADAPTERS.get(family)
 
 
 def adapter_for(model: Any, *, dtype: str | None = None, device: str | None = None) -> ModelAdapter:
