@@ -311,6 +311,7 @@ class Evaluator:
     def __init__(self, source: ModelSource, knobs: Knobs, work: Path) -> None:
         self.knobs, self.work = knobs, work
         fp = source.adapter()
+        self.guidance_scale = fp.sampling.guidance_scale
         self.inputs = fp.default_inputs(knobs.samples, knobs.seed)
         self.reference, self.fp_seconds = timed_samples(
             fp, self.inputs, knobs.seed, knobs.steps, knobs.batch_size, "float samples"
@@ -320,17 +321,22 @@ class Evaluator:
         self.fp_bytes = path.stat().st_size
         self.fp_metrics = compare_samples(self.reference, self.reference, self.inputs, fp.family)
 
-    def __call__(self, qmodel: Any, name: str) -> dict[str, Any]:
-        directory = qmodel.save(self.work / name, overwrite=True)
-        adapter, config = load_checkpoint(directory)
+    def sample(self, adapter: Any, name: str) -> dict[str, Any]:
         samples, seconds = timed_samples(
             adapter, self.inputs, self.knobs.seed, self.knobs.steps, self.knobs.batch_size, name
         )
         return {
             **compare_samples(samples, self.reference, self.inputs, adapter.family),
+            "sample_seconds": seconds,
+        }
+
+    def __call__(self, qmodel: Any, name: str) -> dict[str, Any]:
+        directory = qmodel.save(self.work / name, overwrite=True)
+        adapter, config = load_checkpoint(directory)
+        return {
+            **self.sample(adapter, name),
             "checkpoint_avg_bits": average_bits(config),
             "checkpoint_bytes": (directory / WEIGHTS).stat().st_size,
-            "sample_seconds": seconds,
             "switching_layers": sum(isinstance(m, TimestepQuantLinear) for m in adapter.denoiser().modules()),
         }
 
@@ -393,14 +399,15 @@ def run_setting(
     pooled: tuple[dict, float],
     calib_seconds: dict[str, float],
     evaluate: Evaluator,
+    methods: Sequence[str] = UNIFORM + MIXED,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
-    """Every method of one setting; returns the rows and the search results (plans) by method."""
+    """The methods of one setting; returns the rows and the search results (plans) by method."""
     recipe = recipes[setting.act_bits]
     outliers = recipe.outliers
     stats, stats_seconds = pooled
     rows, results = {}, {}
     problem = planners.get(setting.act_bits).problem
-    for method in UNIFORM:
+    for method in (m for m in UNIFORM if m in methods):
         r = uniform_recipe(recipe, method, setting, outliers)
         qmodel, wall = timed(
             lambda r=r: engine_quantize(
@@ -430,10 +437,10 @@ def run_setting(
     searches = {
         "static": (planners.get(setting.act_bits), "static"),
         "adatsq": (planners.get(setting.act_bits), "beam"),
-        "adatsq_no_fisher": (planners.get(setting.act_bits, fisher=False), "beam"),
+        "adatsq_no_fisher": (planners.by_key.get((setting.act_bits, False)), "beam"),
         "adatsq_greedy": (planners.get(setting.act_bits), "greedy"),
     }
-    for method, (planner, search) in searches.items():
+    for method, (planner, search) in ((m, v) for m, v in searches.items() if m in methods):
         planner = with_candidates(planner, setting.candidates)
         result = planner.search(budget, search)
         qmodel, wall = timed(lambda p=planner, res=result: quantize_plan(p, res.plan, source))
@@ -451,6 +458,11 @@ def run_setting(
             "outliers": dataclasses.asdict(planner.recipe.outliers),
         }
         row.update(evaluate(qmodel, f"{setting.name}_{method}"))
+        if method == "adatsq":  # the model the search scored, before the final per-segment re-solves
+            measured = evaluate.sample(
+                as_measured(planner, result.plan, source), f"{setting.name}_as_measured"
+            )
+            row["as_measured"] = {k: measured[k] for k in ("psnr_db", "ssim", "accuracy", "fid")}
         rows[method], results[method] = row, result
         log.info(
             "%s %-18s PSNR %.2f dB (search %.1f s, %d measured)",
@@ -461,6 +473,46 @@ def run_setting(
             result.measure_calls,
         )
     return rows, results
+
+
+def as_measured(planner: Planner, plan: Plan, source: ModelSource) -> ReferenceAdapter:
+    """`plan` wired from the planner's candidate variants (each solved on every segment's statistics),
+    i.e. the model its TrajectoryMeter measured; the shipped checkpoint re-solves each (layer, bits) on
+    the segments that use it (and re-calibrates smoothing on them)."""
+    adapter = source.adapter()
+    for name, row in plan.layers.items():
+        variants = planner.meter.switching[name]
+        distinct = sorted(set(row))
+        module = (
+            variants[row[0]]
+            if len(distinct) == 1
+            else TimestepQuantLinear([variants[b] for b in distinct], row)
+        )
+        set_module(adapter.denoiser(), name, module)
+    attach_segment_switching(adapter, planner.calibration.segments)
+    return adapter
+
+
+def run_ceiling(
+    act_bits: int,
+    source: ModelSource,
+    recipes: dict[int, Recipe],
+    pooled: tuple[dict, float],
+    evaluate: Evaluator,
+) -> dict[str, Any]:
+    """Uniform GPTQ W8 with the setting's activations and outlier handling: roughly the best any 3-8 bit
+    weight allocation can reach, since what is left is the activation quantization error."""
+    recipe = recipes[act_bits]
+    setting = Setting(f"W8A{act_bits}", 8, act_bits, (8,))
+    qmodel = engine_quantize(
+        source.adapter(),
+        uniform_recipe(recipe, "gptq", setting, recipe.outliers),
+        stats=pooled[0],
+        progress=False,
+    )
+    row = evaluate(qmodel, f"ceiling_w8a{act_bits}")
+    log.info("ceiling W8A%d (GPTQ, same outliers) PSNR %.2f dB", act_bits, row["psnr_db"])
+    return row
 
 
 # --------------------------------------------------------------------------------------------- frontier
@@ -610,9 +662,15 @@ def run_overhead(source: ModelSource, checkpoints: dict[str, Path], knobs: Knobs
 
 
 # ------------------------------------------------------------------------------------------------ report
-def targets(table: dict[str, dict[str, dict[str, Any]]], frontier: dict[str, Any], overhead: dict[str, Any]):
+def targets(
+    table: dict[str, dict[str, dict[str, Any]]],
+    frontier: dict[str, Any] | None,
+    overhead: dict[str, Any] | None,
+) -> list[dict[str, Any]]:
     out = []
     for name in ("W4A8", "W4A4"):
+        if name not in table or not {"adatsq", "gptq", "static"} <= set(table[name]):
+            continue
         rows = table[name]
         ada, gptq, static = rows["adatsq"]["psnr_db"], rows["gptq"]["psnr_db"], rows["static"]["psnr_db"]
         out.append(
@@ -629,6 +687,8 @@ def targets(table: dict[str, dict[str, dict[str, Any]]], frontier: dict[str, Any
                 "pass": ada > static,
             }
         )
+    if frontier is None or overhead is None:
+        return out
     raw = ", ".join(f"{p['avg_bits']:.2f}→{p['measured_error']:.3g}" for p in frontier["points"])
     out.append(
         {
@@ -679,15 +739,18 @@ def _header(report: dict[str, Any]) -> list[str]:
             "",
         ]
     dirty = ", library files modified in the work tree" if v["library_tree_dirty"] else ""
+    candidates = "; ".join(
+        f"{x['name']} {{{','.join(map(str, x['candidates']))}}}" for x in report["settings"]
+    )
     lines += [
         "Every method quantizes the same float model in one process, calibrated on the same "
         f"{k['calib_samples']} class labels (seed 0, {k['steps']} Euler steps) and evaluated on the same "
         f"{k['samples']} samples from the same noise (seed {k['seed']}, {k['steps']} steps, shipped "
-        "guidance). PSNR / SSIM compare each quantized sample with the FP sample of the same noise; "
-        "accuracy is the shipped digit classifier's; FID is the Fréchet distance of its features to the "
-        "FP samples' features.",
+        f"guidance {report['guidance_scale']}). PSNR / SSIM compare each quantized sample with the FP "
+        "sample of the same noise; accuracy is the shipped digit classifier's; FID is the Fréchet distance "
+        "of its features to the FP samples' features.",
         "",
-        f"Reproduce: `python tools/bench_adatsq.py` (this run: {report['total_seconds'] / 60:.1f} min).",
+        f"Reproduce: `{report['command']}` (this run: {report['total_seconds'] / 60:.1f} min).",
         "",
         f"Machine: {m['cpu_model']}, {m['cpus']} CPUs, load average at start "
         f"{m['load_average_at_start'][0]} (shared with other developers); torch threads "
@@ -701,9 +764,9 @@ def _header(report: dict[str, Any]) -> list[str]:
         f"({report['calibration']['fisher_method']}), shared by every planner; uniform methods use one "
         "pooled pass over the same inputs (segments 1).",
         "- Weights asymmetric, group 64, GPTQ with act-order (shipped recipes); activations per token.",
-        "- Mixed methods: avg_bits budget = the setting's W bits; candidates {3,4,6,8} at W4 (shipped "
-        f"recipe), {{2,3,4,6,8}} at W3. Beam width {k['beam_width']}, 6 proposals per stage, measured "
-        f"trajectory error on {k['measure_samples']} samples (not the evaluation samples).",
+        f"- Mixed methods: avg_bits budget = the setting's W bits; candidates {candidates}. Beam width "
+        f"{k['beam_width']}, 6 proposals per stage, measured trajectory error on {k['measure_samples']} "
+        "samples (not the evaluation samples).",
         "- A4: GPTQ / static / AdaTSQ use smoothing 0.5 + rotation (recipes/reference/adatsq-w4a4.yaml); "
         "RTN and SmoothQuant run plain.",
         "- `static` = one bit-width per layer for all timesteps, chosen on the same (Fisher-weighted) error "
@@ -747,8 +810,20 @@ def _results(report: dict[str, Any]) -> list[str]:
                 f"{r['sample_seconds']:.1f}",
             ]
             lines.append("| " + " | ".join(cells) + " |")
+        if "as_measured" in rows.get("adatsq", {}):
+            m = rows["adatsq"]["as_measured"]
+            lines += [
+                "",
+                "The AdaTSQ plan wired from the search's own candidate variants (what its meter scored, "
+                f"before the final per-segment GPTQ re-solves): PSNR {m['psnr_db']:.2f} dB, SSIM "
+                f"{m['ssim']:.4f}, FID {fmt(m['fid'], '.3f')}.",
+            ]
         lines.append("")
+    ceilings = ", ".join(f"{name} {row['psnr_db']:.2f} dB" for name, row in report["ceilings"].items())
     lines += [
+        f"Weight-allocation ceilings (uniform GPTQ W8 with the same activations and outlier handling): "
+        f"{ceilings}. No 3-8 bit weight allocation is expected to do better at that activation width.",
+        "",
         "Calibration seconds of the planners include the Fisher estimate "
         f"({report['calibration']['fisher_seconds']:.1f} s, not paid by the no-Fisher ablation). Table "
         "seconds = solving every layer at every candidate bit-width + the error table + the meter's float "
@@ -832,17 +907,25 @@ def _overhead(report: dict[str, Any]) -> list[str]:
         f"{o['cpu']['adatsq_vs_gptq_w4a8']:.3f}× the CPU time of the uniform GPTQ W4A8 one (fake-quant: "
         "weights are dequantized on every call, so neither is faster than FP here).",
         "",
+    ]
+    return lines
+
+
+def _timing(report: dict[str, Any]) -> list[str]:
+    return [
         "## Where the time went",
         "",
         "| section | seconds |",
         "|---|---|",
         *(f"| {name} | {secs:.1f} |" for name, secs in report["time_sections"].items()),
     ]
-    return lines
 
 
 def markdown(report: dict[str, Any]) -> str:
-    sections = (_header, _results, _frontier, _overhead)
+    sections = [_header, _results]
+    sections += [_frontier] if report["frontier"] is not None else []
+    sections += [_overhead] if report["overhead"] is not None else []
+    sections.append(_timing)
     return "\n".join(line for part in sections for line in part(report)) + "\n"
 
 
@@ -868,6 +951,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--work", type=Path, default=Path("/tmp/adatsq_bench"), help="checkpoints (deleted at the end)"
     )
     p.add_argument("--keep-work", action="store_true")
+    p.add_argument("--settings", default=",".join(x.name for x in SETTINGS), help="subset, e.g. W4A4")
+    p.add_argument("--methods", default=",".join(UNIFORM + MIXED), help="subset, e.g. gptq,static,adatsq")
+    p.add_argument("--w4-candidates", default="3,4,6,8", help="mixed-precision choices at the 4-bit budget")
+    p.add_argument(
+        "--table-only",
+        action="store_true",
+        help="skip frontier, plots and overhead (trials of search settings)",
+    )
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run on a 1-block random DiT")
     args = p.parse_args(argv)
     if args.tiny:
@@ -908,71 +999,87 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         args.overhead_repeats,
     )
     clock = Clock()
+    machine, library = machine_info(threads, reason), versions()  # at start: the library may change meanwhile
     source = ModelSource(args.model)
     log.info("model %s, %d thread(s) (%s)", source.kind, threads, reason)
     args.work.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    recipes = {8: base_recipe(RECIPE_A8, knobs), 4: base_recipe(RECIPE_A4, knobs)}
+    w4 = tuple(int(b) for b in args.w4_candidates.split(","))
+    chosen = args.settings.split(",")
+    settings = [replace(x, candidates=w4) if x.weight_bits == 4 else x for x in SETTINGS if x.name in chosen]
+    acts = sorted({x.act_bits for x in settings}, reverse=True)
+    methods = tuple(args.methods.split(","))
+    recipes = {a: base_recipe(RECIPE_A8 if a == 8 else RECIPE_A4, knobs) for a in acts}
 
     evaluate, secs = timed(lambda: Evaluator(source, knobs, args.work))
     clock.add("float samples", secs)
-    (fisher_cal, uniform_cal, fisher_secs), secs = timed(lambda: shared_calibration(source, recipes[8]))
+    (fisher_cal, uniform_cal, fisher_secs), secs = timed(lambda: shared_calibration(source, recipes[acts[0]]))
     clock.add("planner calibration (segments + Fisher)", secs)
-    pooled = pooled_stats(source, recipes[8])
+    pooled = pooled_stats(source, recipes[acts[0]])
     clock.add("uniform calibration (segments 1)", pooled[1])
     table_bits = {
-        a: tuple(sorted({b for s in SETTINGS if s.act_bits == a for b in s.candidates})) for a in recipes
+        a: tuple(sorted({b for x in settings if x.act_bits == a for b in x.candidates})) for a in acts
     }
-    planners, secs = timed(
-        lambda: build_planners({True: fisher_cal, False: uniform_cal}, recipes, table_bits)
+    calibrations = (
+        {True: fisher_cal, False: uniform_cal} if "adatsq_no_fisher" in methods else {True: fisher_cal}
     )
+    planners, secs = timed(lambda: build_planners(calibrations, recipes, table_bits))
     clock.add("candidate solves + error tables", secs)
     calib_seconds = {"fisher": fisher_cal.seconds, "uniform": uniform_cal.seconds}
 
     table, results = {}, {}
-    for setting in SETTINGS:
+    for setting in settings:
         (rows, res), secs = timed(
-            lambda s=setting: run_setting(s, source, recipes, planners, pooled, calib_seconds, evaluate)
+            lambda s=setting: run_setting(
+                s, source, recipes, planners, pooled, calib_seconds, evaluate, methods
+            )
         )
         table[setting.name], results[setting.name] = rows, res
         clock.add(f"{setting.name}: quantize + search + evaluate", secs)
         (args.work / "partial.json").write_text(json.dumps(table, indent=1, default=float))
-
-    frontier_planner = with_candidates(planners.get(8), SETTINGS[0].candidates)
-    reuse = {float(SETTINGS[0].weight_bits): results["W4A8"]["adatsq"]}
-    frontier, secs = timed(
-        lambda: run_frontier(frontier_planner, knobs.frontier_budgets, reuse, args.out / "adatsq_frontier")
+    ceilings, secs = timed(
+        lambda: {f"W8A{a}": run_ceiling(a, source, recipes, pooled, evaluate) for a in acts}
     )
-    clock.add("frontier (A8)", secs)
+    clock.add("W8 ceilings", secs)
 
-    plot_fisher(
-        fisher_cal.step_weights,
-        fisher_cal.segments.timesteps,
-        args.out / "adatsq_fisher.png",
-        title=f"Temporal Fisher weights ({fisher_cal.fisher_method}, {knobs.fisher_samples} inputs)",
-    )
-    plot_plan(results["W4A8"]["adatsq"].plan, args.out / "adatsq_plan_w4a8.png")
+    frontier = overhead = None
+    if not args.table_only and {"adatsq", "gptq"} <= set(table.get("W4A8", {})):  # they build on W4A8
+        w4a8 = next(x for x in settings if x.name == "W4A8")
+        frontier_planner = with_candidates(planners.get(8), w4a8.candidates)
+        reuse = {float(w4a8.weight_bits): results["W4A8"]["adatsq"]}
+        frontier, secs = timed(
+            lambda: run_frontier(
+                frontier_planner, knobs.frontier_budgets, reuse, args.out / "adatsq_frontier"
+            )
+        )
+        clock.add("frontier (A8)", secs)
+        plot_fisher(
+            fisher_cal.step_weights,
+            fisher_cal.segments.timesteps,
+            args.out / "adatsq_fisher.png",
+            title=f"Temporal Fisher weights ({fisher_cal.fisher_method}, {knobs.fisher_samples} inputs)",
+        )
+        plot_plan(results["W4A8"]["adatsq"].plan, args.out / "adatsq_plan_w4a8.png")
+        checkpoints = {m: args.work / f"W4A8_{m}" for m in ("adatsq", "gptq")}
+        overhead, secs = timed(lambda: run_overhead(source, checkpoints, knobs))
+        clock.add("switching overhead", secs)
 
-    checkpoints = {m: args.work / f"W4A8_{m}" for m in ("adatsq", "gptq")}
-    overhead, secs = timed(lambda: run_overhead(source, checkpoints, knobs))
-    clock.add("switching overhead", secs)
-
+    layers = planners.get(acts[0]).problem.layers
     fp = {
         **evaluate.fp_metrics,
         "avg_bits": 32.0,
-        "bops": plan_costs(
-            np.full((len(planners.get(8).problem.layers), 1), 8), planners.get(8).problem.layers, 8
-        )["bops"]
-        * 16,  # macs · 32 · 32 = (macs · 8 · 8) · 16
+        "bops": plan_costs(np.full((len(layers), 1), 8), layers, 8)["bops"] * 16,  # macs·32·32 = macs·8·8·16
         "checkpoint_bytes": evaluate.fp_bytes,
         "sample_seconds": evaluate.fp_seconds,
     }
     report = {
         "model": source.kind,
-        "machine": machine_info(threads, reason),
-        "versions": versions(),
+        "machine": machine,
+        "versions": library,
+        "command": " ".join(["python tools/bench_adatsq.py", *(argv if argv is not None else sys.argv[1:])]),
         "knobs": dataclasses.asdict(knobs),
-        "settings": [dataclasses.asdict(s) for s in SETTINGS],
+        "guidance_scale": evaluate.guidance_scale,
+        "settings": [dataclasses.asdict(x) for x in settings],
         "calibration": {
             "fisher_method": fisher_cal.fisher_method,
             "step_weights": fisher_cal.step_weights.tolist(),
@@ -985,6 +1092,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         },
         "fp": fp,
         "table": table,
+        "ceilings": ceilings,
         "plans": {s: {m: r.plan.to_dict() for m, r in res.items()} for s, res in results.items()},
         "frontier": frontier,
         "overhead": overhead,
