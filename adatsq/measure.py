@@ -67,6 +67,7 @@ class TrajectoryMeter:
         denoiser = self.adapter.denoiser()
         covered = partial.last_segment + 1
         modules = {}
+        previous = {name: denoiser.get_submodule(name) for name in partial.bits}  # restored afterwards
         for name, row in partial.bits.items():
             full_row = tuple(row) + (row[-1],) * (self.segments.count - covered)
             modules[name] = TimestepQuantLinear([self.switching[name][b] for b in set(full_row)], full_row)
@@ -82,7 +83,7 @@ class TrajectoryMeter:
             latents = self._trajectory(stop_after=end)
         finally:
             handle.remove()
-            for name, linear in self.layers.items():
-                set_module(denoiser, name, linear)
+            for name, module in previous.items():  # a model quantized meanwhile stays quantized
+                set_module(denoiser, name, module)
         self.calls += 1
         return float((latents[end - 1] - self.reference[end - 1]).double().pow(2).mean())

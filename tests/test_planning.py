@@ -112,3 +112,11 @@ def test_outlier_transforms_survive_save_and_load(tmp_path):
     loaded = adatsq.checkpoint.load_checkpoint(tmp_path / "ckpt")[0]
     before = qmodel.adapter.generate([5, 6], seed=1, num_steps=4)
     torch.testing.assert_close(loaded.generate([5, 6], seed=1, num_steps=4), before)
+
+
+def test_search_after_quantize_keeps_the_quantized_layers(planner):
+    qmodel = planner.quantize(planner.search(Budget("avg_bits", 4.0)).plan)
+    planner.search(Budget("avg_bits", 5.0))
+    assert not any(
+        type(m) is torch.nn.Linear for n, m in qmodel.adapter.denoiser().named_modules() if n in qmodel.layers
+    )
