@@ -21,7 +21,7 @@ import torch
 import adatsq
 from adatsq.io import atomic_write_text, write_json
 from adatsq.models.classifier import load_classifier
-from adatsq.tokens.umm.data import QUADRANTS, gen_prompt
+from adatsq.tokens.umm.data import QUADRANTS, QUESTION_TYPES, gen_prompt
 from adatsq.tokens.umm.evaluate import generation_quality, qa_accuracy
 from adatsq.tokens.umm.generation import UMMGenerationAdapter, UnifiedModel
 
@@ -92,13 +92,13 @@ def markdown(result: dict) -> str:
         f"torch {result['versions']['torch']}, {result['machine']['threads']} thread(s).",
         "Reproduce: `python tools/bench_compose.py`.",
         "",
-        "| model | avg bits | QA full tokens | QA G2TR keep 0.5 | count / leftmost / where / quadrant (G2TR) "
+        f"| model | avg bits | QA full tokens | QA G2TR keep 0.5 | {' / '.join(QUESTION_TYPES)} (G2TR) "
         "| generation accuracy | ink in quadrant |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, row in result["rows"].items():
         g = row["qa_g2tr_0.5"]
-        per_type = " / ".join(f"{g[k]:.3f}" for k in ("count", "leftmost", "where", "quadrant"))
+        per_type = " / ".join(f"{g[k]:.3f}" for k in QUESTION_TYPES)
         gen = row["generation"]
         lines.append(
             f"| {name} | {row.get('avg_bits', 32):.2f} | {row['qa_full']['overall']:.3f} | "

@@ -110,24 +110,28 @@ def markdown(result: dict, env: dict) -> str:
         "one question of every type. Costs are per single-question sequence, averaged over question types "
         f"(question tokens: {result['question_lengths']}); FLOPs = LM prefill + reducer overhead (G2TR: "
         "VAE encoder + vae2llm anchors + scoring + merge); KV bytes at 2 bytes/value; "
-        "latency = image -> answer, median per image at batch 16 (vision tower included, the same for all).",
+        "latency = image -> answer, median per image at batch 16 (vision tower included, the same for all). "
+        "Where the budget goes: 'kept on digits' = share of the kept tokens that lie on a digit, 'digits "
+        "kept' = share of the digits with at least one kept token (tokens kept for the counting question; "
+        "merges not counted).",
         "",
         "| method | keep | image tokens / layer | overall | "
         + " | ".join(QUESTION_TYPES)
         + " | prefill MFLOPs | "
-        "FLOPs ÷ | KV KiB | KV ÷ | latency ms |",
-        "|---|---|---|---|" + "---|" * len(QUESTION_TYPES) + "---|---|---|---|---|",
+        "FLOPs ÷ | KV KiB | KV ÷ | latency ms | kept on digits | digits kept |",
+        "|---|---|---|---|" + "---|" * len(QUESTION_TYPES) + "---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "infeasible" in r:
-            lines.append(f"| {r['method']} | {r['keep']:g} | infeasible: {r['infeasible']} |" + " |" * 10)
+            lines.append(f"| {r['method']} | {r['keep']:g} | infeasible: {r['infeasible']} |" + " |" * 12)
             continue
         acc = r["accuracy"]
         lines.append(
             f"| {r['method']} | {r['keep']:g} | {r['layer_image_tokens']} | {_pct(acc['overall'])} | "
             + " | ".join(_pct(acc[k]) for k in QUESTION_TYPES)
             + f" | {r['prefill_flops'] / 1e6:.1f} | {r.get('flops_ratio', 1.0):.2f}× | "
-            f"{r['kv_bytes'] / 1024:.1f} | {r.get('kv_ratio', 1.0):.2f}× | {1e3 * r['latency_s']:.2f} |"
+            f"{r['kv_bytes'] / 1024:.1f} | {r.get('kv_ratio', 1.0):.2f}× | {1e3 * r['latency_s']:.2f} | "
+            f"{_pct(r['coverage']['digit_token_share'])} | {_pct(r['coverage']['digits_kept'])} |"
         )
     lines += ["", "## Targets (G2TR)", ""]
     g2 = {r["keep"]: r for r in rows if r["method"] == "g2tr" and "accuracy" in r}

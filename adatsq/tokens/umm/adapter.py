@@ -248,7 +248,7 @@ class UMMReduction:
         m = self.model
         b = tokens.shape[0]
         index = torch.arange(self.n).expand(b, self.n)
-        hidden, positions, segments, _ = m.assemble(m.place_image_tokens(tokens, index), index, [ids])
+        hidden, positions, segments, _ = m.assemble(m.place_image_tokens(tokens, index), [ids])
         cos, sin = m.rope(hidden, positions)
         mask = segment_mask(segments, hidden.dtype)
         current = self.n

@@ -94,6 +94,31 @@ def _answer_fn(adapter: UMMReduction, method: str | None, keep: float, seed: int
     return answer
 
 
+@torch.no_grad()
+def digit_coverage(adapter: UMMReduction, method: str, keep: float, samples: int, seed: int) -> dict:
+    """Where a method spends its budget: share of kept tokens on digits, share of digits left with one.
+
+    Read from the tokens kept for the counting question (in-LM methods: at their last pruning layer);
+    merged tokens are not counted, so this explains a selection, it does not score it.
+    """
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    shares, hit, digits, done = [], 0, 0, 0
+    while done < samples:
+        b = qa_batch(
+            rng, min(64, samples - done), split="test", kinds=("count",), patch=adapter.model.config.vit_patch
+        )
+        kept = adapter.answer(b.images, b.questions, method, keep, generator).kept["count"]
+        labels = b.token_labels.gather(1, kept)
+        shares.extend((labels < 10).float().mean(1).tolist())
+        for canvas, kept_labels in zip(b.canvases, labels, strict=True):
+            present = {d[0] for d in canvas.digits}
+            hit += len(present & set(kept_labels.tolist()))
+            digits += len(present)
+        done += b.images.shape[0]
+    return {"digit_token_share": float(np.mean(shares)), "digits_kept": hit / digits}
+
+
 def latency(adapter: UMMReduction, method: str | None, keep: float, repeats: int, seed: int) -> float:
     """Median seconds per image of image -> answer (one question, batch 16)."""
     batch = qa_batch(np.random.default_rng(seed), 16, split="test", kinds=("leftmost",))
@@ -154,6 +179,7 @@ def bench(
             "accuracy": qa_accuracy(_answer_fn(adapter, None, 1.0, seed), samples, seed),
             **full_cost,
             "latency_s": latency(adapter, None, 1.0, latency_repeats, seed),
+            "coverage": digit_coverage(adapter, None, 1.0, samples, seed),
         }
     ]
     for method in methods:
@@ -164,6 +190,7 @@ def bench(
                 row.update(prefill_cost(adapter, method, keep))
                 row["accuracy"] = qa_accuracy(_answer_fn(adapter, method, keep, seed), samples, seed)
                 row["latency_s"] = latency(adapter, method, keep, latency_repeats, seed)
+                row["coverage"] = digit_coverage(adapter, method, keep, samples, seed)
             except TokenReductionError as err:  # e.g. PDrop cannot average below 1/stages
                 row = {"method": method, "keep": keep, "infeasible": str(err)}
             else:

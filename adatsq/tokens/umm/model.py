@@ -8,8 +8,9 @@ Generation: diffusers `AutoencoderKL` latent, patchified -> `vae2llm` (+ 2-D pos
 The decoder runs layer by layer with an explicit additive mask so adapters can drop tokens between
 layers (FastV, PDrop) and packed sequences stay exact: image tokens attend to image tokens only,
 every text segment attends to the image and causally to itself, latent tokens attend to their prompt
-and to each other. Rotary positions of image tokens are their original row-major grid index, so a
-kept token sits where it sat in the full sequence whatever the reducer drops. No I/O here.
+and to each other. All image tokens share one rotary position (BAGEL's convention); their place on the
+grid is the learned 2-D position embedding, so a kept token sits where it sat whatever a reducer
+drops. No I/O here.
 """
 
 from __future__ import annotations
@@ -264,23 +265,23 @@ class MiniUMM(nn.Module):
         return self.llm2vae(self.lm.model.norm(hidden))
 
     # ---- sequences -------------------------------------------------------------------------------
-    def assemble(
-        self, image_embeds: Tensor, image_index: Tensor, texts: list[Tensor]
-    ) -> tuple[Tensor, Tensor, Tensor, list[int]]:
+    def assemble(self, image_embeds: Tensor, texts: list[Tensor]) -> tuple[Tensor, Tensor, Tensor, list[int]]:
         """Pack [image (K) | text_1 | ... | text_m] -> embeds, rope positions, segment ids, text ends.
 
-        Image tokens keep their grid index as position; every text starts at position N (the full
-        image length), so a question sees the same positions whether the image was reduced or not.
+        As in BAGEL, every image token has the same rotary position (0; where a token sits is its 2-D
+        position embedding) and every text starts at position 1, so a question sees the same positions
+        whatever a reducer kept. With row-major rotary positions instead, questions that look up a
+        digit by its class ("is there a digit 3 ?") stayed at chance (reports/umm_training.md).
         """
         b, k, _ = image_embeds.shape
-        n = self.config.grid**2
-        parts, positions = [image_embeds], [image_index]
+        parts = [image_embeds]
+        positions = [torch.zeros(b, k, dtype=torch.long, device=image_embeds.device)]
         segments = [torch.zeros(b, k, dtype=torch.long, device=image_embeds.device)]
         ends, offset = [], k
         for j, ids in enumerate(texts):
             length = ids.shape[1]
             parts.append(self.embed_text(ids))
-            positions.append((n + torch.arange(length, device=ids.device)).expand(b, length))
+            positions.append((1 + torch.arange(length, device=ids.device)).expand(b, length))
             segments.append(torch.full((b, length), j + 1, dtype=torch.long, device=ids.device))
             offset += length
             ends.append(offset - 1)
@@ -294,9 +295,7 @@ class MiniUMM(nn.Module):
 
     def understand_tokens(self, tokens: Tensor, kept_index: Tensor, texts: list[Tensor]) -> list[Tensor]:
         """Answer logits from (reduced) connector tokens [B, K, D] sitting at grid indices [B, K]."""
-        embeds, positions, segments, ends = self.assemble(
-            self.place_image_tokens(tokens, kept_index), kept_index, texts
-        )
+        embeds, positions, segments, ends = self.assemble(self.place_image_tokens(tokens, kept_index), texts)
         hidden = self.run_layers(embeds, self.rope(embeds, positions), segment_mask(segments, embeds.dtype))
         return [self.answer_logits(hidden[:, e]) for e in ends]
 

@@ -44,14 +44,14 @@ STAGES = ("vae", "warm", "joint")
 @dataclass(frozen=True)
 class TrainConfig:
     seed: int = 0
-    vae_steps: int = 300
+    vae_steps: int = 1200  # 300 steps: the classifier read 81.5% of VAE reconstructions, 1200: 98%
     vae_batch: int = 32
     vae_lr: float = 2e-3
     vae_kl: float = 1e-5  # small: enough to keep latents bounded, not enough to blur digits
     warm_steps: int = 250
     warm_batch: int = 64
     warm_lr: float = 2e-3
-    joint_steps: int = 1200
+    joint_steps: int = 1600
     und_batch: int = 32  # canvases per step; each asks all four question types
     gen_batch: int = 96
     lr: float = 1e-3
@@ -148,7 +148,8 @@ def joint_loss(
         kept = random_keep(n, keep, gen, foreground=qa.token_labels < 10)
         tokens = tokens.gather(1, kept[..., None].expand(-1, -1, d))
     logits = model.understand_tokens(tokens, kept, [qa.questions[k] for k in QUESTION_TYPES])
-    und = sum(F.cross_entropy(lg, qa.answers[k]) for lg, k in zip(logits, QUESTION_TYPES, strict=True)) / 4
+    und = sum(F.cross_entropy(lg, qa.answers[k]) for lg, k in zip(logits, QUESTION_TYPES, strict=True))
+    und = und / len(QUESTION_TYPES)
 
     gb = gen_batch(rng, cfg.gen_batch)
     x0 = model.patchify(model.encode_latents(gb.images))

@@ -11,15 +11,25 @@ from adatsq.tokens.umm.adapter import UMMReduction
 from adatsq.tokens.umm.data import (
     CANVAS,
     DIGIT,
+    GEN_JITTER,
+    QUADRANTS,
     QUESTION_TYPES,
     TOKEN_ID,
+    box_near_centre,
     gen_batch,
     qa_batch,
     quadrant_of,
+    question,
     sample_canvas,
     tokenize,
 )
-from adatsq.tokens.umm.evaluate import crop_digit, full_answers, generation_prompts, qa_accuracy
+from adatsq.tokens.umm.evaluate import (
+    crop_digit,
+    full_answers,
+    generation_prompts,
+    qa_accuracy,
+    quadrant_mask,
+)
 from adatsq.tokens.umm.model import MiniUMM, UMMConfig, segment_mask
 from adatsq.tokens.umm.weights import load_umm, save_umm
 
@@ -81,6 +91,32 @@ def test_data_is_consistent() -> None:
         tokenize("what is this")
 
 
+def test_present_question_asks_both_ways() -> None:
+    rng = np.random.default_rng(4)
+    answers = []
+    for _ in range(200):
+        canvas = sample_canvas(rng, "train")
+        text, answer = question(canvas, "present", rng)
+        label = int(text.split()[-2])
+        assert answer == ("yes" if label in [d[0] for d in canvas.digits] else "no")
+        answers.append(answer)
+    assert 0.35 < answers.count("yes") / len(answers) < 0.65
+
+
+def test_generation_targets_sit_at_their_quadrant_centre() -> None:
+    rng = np.random.default_rng(2)
+    for quadrant in QUADRANTS:
+        row = CANVAS // 4 if quadrant.startswith("top") else 3 * CANVAS // 4
+        col = CANVAS // 4 if quadrant.endswith("left") else 3 * CANVAS // 4
+        boxes = np.array([box_near_centre(rng, quadrant) for _ in range(100)]) + DIGIT // 2
+        assert np.abs(boxes - [row, col]).max() == GEN_JITTER  # every offset within +-2 px is drawn
+        assert {quadrant_of(t - DIGIT // 2, lf - DIGIT // 2) for t, lf in boxes} == {quadrant}
+    g = gen_batch(np.random.default_rng(2), 8, p_anywhere=0.0, p_null=0.0)
+    for image, quadrant in zip(g.images, g.quadrants, strict=True):
+        ink = (image[0] + 1) / 2
+        assert float((ink * quadrant_mask(quadrant)).sum()) > 0.95 * float(ink.sum())
+
+
 def test_understanding_shapes_full(tiny: MiniUMM, batch) -> None:
     lengths, hooks = _lm_lengths(tiny)
     logits = tiny.understand(batch.images, [batch.questions[k] for k in QUESTION_TYPES])
@@ -88,7 +124,7 @@ def test_understanding_shapes_full(tiny: MiniUMM, batch) -> None:
         h.remove()
     q_len = sum(batch.questions[k].shape[1] for k in QUESTION_TYPES)
     assert lengths == [144 + q_len] * TINY.lm_layers
-    assert [tuple(x.shape) for x in logits] == [(3, len(TINY.vocab))] * 4
+    assert [tuple(x.shape) for x in logits] == [(3, len(TINY.vocab))] * len(QUESTION_TYPES)
 
 
 def test_packed_questions_equal_separate_sequences(tiny: MiniUMM, batch) -> None:
@@ -194,7 +230,7 @@ def test_save_load_round_trip(tiny: MiniUMM, tmp_path, batch) -> None:
 def test_shipped_weights_answer_above_chance() -> None:
     model = load_umm()
     acc = qa_accuracy(full_answers(model), samples=64, seed=99)
-    chance = {"count": 1 / 3, "leftmost": 0.1, "where": 0.5, "quadrant": 0.5}
+    chance = {"count": 1 / 3, "leftmost": 0.1, "present": 0.5, "where": 0.5, "quadrant": 0.5}
     for kind, p in chance.items():
         assert acc[kind] > p + 0.15, (kind, acc)  # "where" sits near 0.7 (reports/tokens.md)
     assert TOKEN_ID["yes"] != TOKEN_ID["no"]
