@@ -27,7 +27,9 @@ from adatsq.tokens.umm.train import TrainConfig, train
 from adatsq.tokens.umm.weights import ASSET_DIR, save_umm
 
 ROOT = Path(__file__).resolve().parents[1]
-SMOKE = TrainConfig(vae_steps=4, warm_steps=4, joint_steps=6, eval_every=3, checkpoint_every_s=0.0)
+SMOKE = TrainConfig(
+    vae_steps=4, warm_steps=4, joint_steps=6, gen_steps=3, eval_every=3, checkpoint_every_s=0.0
+)
 
 
 def main() -> None:
@@ -135,6 +137,10 @@ took classifier accuracy from 5% to 65%; with random places it had stayed at 2-1
    (measured: a model trained that way answered 'how many digits' right 100% of the time with full
    tokens or random keep-50%, but 43-50% when a content-based selection kept mostly digit tokens).
    With the biased dropout, the token-reduction benchmark measures the reducers.
+5. Generation only: {cfg["gen_steps"]} steps of the flow loss alone (decoder + generation heads, batch
+   {cfg["gen_batch"]}, peak lr {cfg["gen_lr"]}): the joint stage learns where to draw long before
+   which digit (measured: fine-tuning a 1600-step joint model this way took classifier accuracy from
+   25% to 55% in 500 steps, question accuracy unchanged).
 
 Wall time of this invocation: {meta["minutes_this_invocation"]:.1f} min (CPU time
 {meta.get("cpu_minutes_this_invocation", float("nan")):.1f} min) on {meta["machine"]}; the machine was

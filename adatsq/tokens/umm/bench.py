@@ -21,6 +21,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from adatsq.errors import TokenReductionError
+from adatsq.tokens import g2tr
 from adatsq.tokens.base import get_reducer, keep_count
 from adatsq.tokens.flops import kv_cache_bytes, lm_prefill_flops, measure_latency, reducer_overhead_flops
 from adatsq.tokens.umm.adapter import ANCHOR_POOL, GENERATION_REDUCERS, IN_LM, UMMReduction
@@ -119,6 +120,23 @@ def digit_coverage(adapter: UMMReduction, method: str, keep: float, samples: int
     return {"digit_token_share": float(np.mean(shares)), "digits_kept": hit / digits}
 
 
+@torch.no_grad()
+def g2tr_score_split(adapter: UMMReduction, samples: int, seed: int) -> dict:
+    """Mean G2TR score (cosine with the cell's anchor) of digit tokens and of background tokens.
+
+    G2TR keeps the highest scores, so this says which kind of token it favours on this model.
+    """
+    b = qa_batch(
+        np.random.default_rng(seed), samples, split="test", kinds=(), patch=adapter.model.config.vit_patch
+    )
+    tokens = adapter.model.connect(b.images)
+    anchors, latent_grid = adapter.anchors(b.images)
+    grid = (adapter.model.config.grid,) * 2
+    score = torch.stack([g2tr.scores(t, a, grid, latent_grid) for t, a in zip(tokens, anchors, strict=True)])
+    digit = b.token_labels < 10
+    return {"digit": float(score[digit].mean()), "background": float(score[~digit].mean())}
+
+
 def latency(adapter: UMMReduction, method: str | None, keep: float, repeats: int, seed: int) -> float:
     """Median seconds per image of image -> answer (one question, batch 16)."""
     batch = qa_batch(np.random.default_rng(seed), 16, split="test", kinds=("leftmost",))
@@ -204,6 +222,7 @@ def bench(
         "model": {"config": adapter.model.config.to_dict(), "parameters": adapter.model.num_parameters()},
         "rows": rows,
         "generation": generation(adapter, methods, generation_count, seed, classifier),
+        "g2tr_scores": g2tr_score_split(adapter, min(samples, 256), seed),
     }
 
 

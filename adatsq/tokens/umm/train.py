@@ -5,10 +5,13 @@ Stages (measured reasons in reports/umm_training.md):
    scale is set so the flow sees unit-variance latents.
 2. `warm`: the conv stem + SigLIP tower alone on a dense task (digit class under every patch): without
    it, recognition questions sit at chance for many minutes while counting is learned.
-3. `joint`: all questions of all four types per canvas (packed, exact block mask) + rectified-flow
+3. `joint`: all questions of all five types per canvas (packed, exact block mask) + rectified-flow
    generation + the dense loss as auxiliary; VAE frozen. From `dropout_start` on, every understanding
    batch keeps a random subset of image tokens (keep ratio ~ U[keep_min, 1], a random bias for or
    against digit tokens: `random_keep`) so that reducers are measured, not the shift from full sets.
+4. `gen`: the generation loss alone (decoder + generation heads; vision and VAE untouched). In the joint
+   stage the flow head learns where to draw long before it learns which digit; a generation-only phase
+   after it lifted classifier accuracy from 25% to 55% in 500 steps while question accuracy held.
 
 Each step's data and noise come from seeds (seed, stage, step), so a resumed run repeats exactly the
 batches it would have seen; checkpoints (model + optimizer, safetensors) are written every few minutes.
@@ -38,7 +41,7 @@ from adatsq.tokens.umm.evaluate import full_answers, qa_accuracy
 from adatsq.tokens.umm.model import MiniUMM, UMMConfig
 
 log = logging.getLogger(__name__)
-STAGES = ("vae", "warm", "joint")
+STAGES = ("vae", "warm", "joint", "gen")
 
 
 @dataclass(frozen=True)
@@ -51,13 +54,15 @@ class TrainConfig:
     warm_steps: int = 250
     warm_batch: int = 64
     warm_lr: float = 2e-3
-    joint_steps: int = 1600
+    joint_steps: int = 3000
     und_batch: int = 32  # canvases per step; each asks all four question types
     gen_batch: int = 96
     lr: float = 1e-3
     dropout_start: float = 0.6  # fraction of joint steps after which random token dropout is on
     keep_min: float = 0.25
     aux_weight: float = 0.5
+    gen_steps: int = 1200
+    gen_lr: float = 5e-4
     eval_every: int = 200
     checkpoint_every_s: float = 180.0
 
@@ -66,7 +71,12 @@ class TrainConfig:
             raise ConfigError("dropout_start must be in [0, 1] and keep_min in (0, 1]")
 
     def steps(self, stage: str) -> int:
-        return {"vae": self.vae_steps, "warm": self.warm_steps, "joint": self.joint_steps}[stage]
+        return {
+            "vae": self.vae_steps,
+            "warm": self.warm_steps,
+            "joint": self.joint_steps,
+            "gen": self.gen_steps,
+        }[stage]
 
 
 def lr_at(step: int, steps: int, peak: float, warmup: int = 30) -> float:
@@ -82,6 +92,9 @@ def stage_params(model: MiniUMM, stage: str) -> list[torch.nn.Parameter]:
         return list(model.vae.parameters())
     if stage == "warm":
         return [*model.stem.parameters(), *model.vision.parameters(), *model.token_head.parameters()]
+    if stage == "gen":
+        heads = (model.lm, model.vae2llm, model.time_embed, model.llm2vae)
+        return [*(p for m in heads for p in m.parameters()), model.gen_pos]
     vae = {id(p) for p in model.vae.parameters()}
     return [p for p in model.parameters() if id(p) not in vae]
 
@@ -133,6 +146,16 @@ def random_keep(
     return keys.topk(k, dim=1).indices.sort(1).values
 
 
+def flow_loss(model: MiniUMM, rng: np.random.Generator, gen: torch.Generator, cfg: TrainConfig) -> Tensor:
+    """Rectified-flow velocity loss on one batch of single-digit canvases and their prompts."""
+    gb = gen_batch(rng, cfg.gen_batch)
+    x0 = model.patchify(model.encode_latents(gb.images))
+    noise = torch.randn(x0.shape, generator=gen)
+    t = torch.rand(x0.shape[0], generator=gen)  # uniform: the class is decided at high noise levels
+    xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
+    return F.mse_loss(model.predict_velocity(gb.prompts, model.latent_tokens(xt, t)), noise - x0)
+
+
 def joint_loss(
     model: MiniUMM, rng: np.random.Generator, gen: torch.Generator, cfg: TrainConfig, dropout: bool
 ) -> tuple[Tensor, dict]:
@@ -151,12 +174,7 @@ def joint_loss(
     und = sum(F.cross_entropy(lg, qa.answers[k]) for lg, k in zip(logits, QUESTION_TYPES, strict=True))
     und = und / len(QUESTION_TYPES)
 
-    gb = gen_batch(rng, cfg.gen_batch)
-    x0 = model.patchify(model.encode_latents(gb.images))
-    noise = torch.randn(x0.shape, generator=gen)
-    t = torch.rand(x0.shape[0], generator=gen)  # uniform: the class is decided at high noise levels
-    xt = (1 - t[:, None, None]) * x0 + t[:, None, None] * noise
-    flow = F.mse_loss(model.predict_velocity(gb.prompts, model.latent_tokens(xt, t)), noise - x0)
+    flow = flow_loss(model, rng, gen, cfg)
     loss = und + flow + cfg.aux_weight * aux
     return loss, {"und": und.item(), "flow": flow.item(), "dense": aux.item()}
 
@@ -189,7 +207,7 @@ def _make_optimizer(model: MiniUMM, stage: str, lr: float) -> torch.optim.Optimi
 
 
 def _peak_lr(cfg: TrainConfig, stage: str) -> float:
-    return {"vae": cfg.vae_lr, "warm": cfg.warm_lr, "joint": cfg.lr}[stage]
+    return {"vae": cfg.vae_lr, "warm": cfg.warm_lr, "joint": cfg.lr, "gen": cfg.gen_lr}[stage]
 
 
 @torch.no_grad()
@@ -238,8 +256,11 @@ def train(
                 loss, parts = vae_loss(model, rng, cfg)
             elif stage == "warm":
                 loss, parts = warm_loss(model, rng, cfg)
-            else:
+            elif stage == "joint":
                 loss, parts = joint_loss(model, rng, gen, cfg, dropout=step >= cfg.dropout_start * steps)
+            else:
+                loss = flow_loss(model, rng, gen, cfg)
+                parts = {"flow": loss.item()}
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(stage_params(model, stage), 1.0)
@@ -247,7 +268,7 @@ def train(
             if step % 25 == 0 or step == steps - 1:
                 rate = (time.monotonic() - t0) / (step - start + 1)
                 log.info("%s %d/%d %s (%.2f s/step)", stage, step, steps, _fmt(parts), rate)
-            record = stage == "joint" and ((step + 1) % cfg.eval_every == 0 or step == steps - 1)
+            record = stage in ("joint", "gen") and ((step + 1) % cfg.eval_every == 0 or step == steps - 1)
             if record:
                 model.eval()
                 entry = {"stage": stage, "step": step + 1, "loss": parts}

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from adatsq.errors import CheckpointError
-from adatsq.tokens.umm.model import UMMConfig
-from adatsq.tokens.umm.train import TrainConfig, lr_at, train
+from adatsq.tokens.umm.model import MiniUMM, UMMConfig
+from adatsq.tokens.umm.train import TrainConfig, lr_at, stage_params, train
 
 TINY = UMMConfig(
     stem_channels=8,
@@ -27,6 +27,7 @@ CFG = TrainConfig(
     warm_steps=1,
     warm_batch=2,
     joint_steps=2,
+    gen_steps=1,
     und_batch=2,
     gen_batch=2,
     dropout_start=0.5,  # the second joint step trains with random token dropout
@@ -46,7 +47,7 @@ def test_lr_schedule_warms_up_and_decays() -> None:
 
 def test_interrupted_training_resumes_exactly(tmp_path) -> None:
     reference, history = train(tmp_path / "a", CFG, TINY)
-    assert [h["step"] for h in history] == [1, 2]
+    assert [(h["stage"], h["step"]) for h in history] == [("joint", 1), ("joint", 2), ("gen", 1)]
 
     calls: list[int] = []
 
@@ -59,10 +60,19 @@ def test_interrupted_training_resumes_exactly(tmp_path) -> None:
     with pytest.raises(Stop):
         train(tmp_path / "b", CFG, TINY, on_eval=stop_once)
     resumed, _ = train(tmp_path / "b", CFG, TINY, on_eval=stop_once)
-    assert calls == [1, 1, 2]  # the interrupted joint step ran again
+    assert calls == [1, 1, 2, 1]  # the interrupted joint step ran again, then the generation stage
     assert resumed.config == reference.config  # including the latent scale set after the VAE stage
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
     with pytest.raises(CheckpointError, match="another TrainConfig"):
         train(tmp_path / "b", TrainConfig(), TINY)
+
+
+def test_generation_stage_trains_the_decoder_not_the_encoders() -> None:
+    model = MiniUMM(TINY)
+    trained = {id(p) for p in stage_params(model, "gen")}
+    assert {id(p) for p in model.lm.parameters()} <= trained
+    assert {id(p) for p in model.llm2vae.parameters()} <= trained and id(model.gen_pos) in trained
+    for frozen in (model.vision, model.vae, model.connector, model.stem):
+        assert not {id(p) for p in frozen.parameters()} & trained
