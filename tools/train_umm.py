@@ -66,6 +66,7 @@ def main() -> None:
         "final": final,
         "parameters": model.num_parameters(),
         "minutes_this_invocation": minutes,
+        "minutes_all_invocations": json.loads((args.run / "state.json").read_text())["elapsed_s"] / 60,
         "cpu_minutes_this_invocation": (time.process_time() - cpu_start) / 60,
         "machine": f"{platform.processor() or platform.machine()}, {args.threads} torch thread(s)",
         "versions": {
@@ -142,9 +143,10 @@ took classifier accuracy from 5% to 65%; with random places it had stayed at 2-1
    which digit (measured: fine-tuning a 1600-step joint model this way took classifier accuracy from
    25% to 55% in 500 steps, question accuracy unchanged).
 
-Wall time of this invocation: {meta["minutes_this_invocation"]:.1f} min (CPU time
-{meta.get("cpu_minutes_this_invocation", float("nan")):.1f} min) on {meta["machine"]}; the machine was
-shared with other jobs, so wall time overstates the cost. Versions: {meta["versions"]}.
+Wall time of all stages: {meta["minutes_all_invocations"]:.1f} min (the run is resumable; this
+invocation: {meta["minutes_this_invocation"]:.1f} min, CPU time {meta["cpu_minutes_this_invocation"]:.1f}
+min) on {meta["machine"]}; the machine was shared with other jobs, so wall time overstates the cost.
+Versions: {meta["versions"]}.
 """
     lines = [
         intro,

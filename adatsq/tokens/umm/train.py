@@ -231,6 +231,7 @@ def train(
     model = MiniUMM(model_config or UMMConfig())
     meta = json.loads((run / "state.json").read_text()) if (run / "state.json").is_file() else None
     stage_index, start, history = 0, 0, []
+    invocation_start, elapsed_before = time.monotonic(), 0.0
     if meta is not None:
         if meta["train_config"] != asdict(cfg):
             raise CheckpointError(f"{run} was started with another TrainConfig; use a new run folder")
@@ -239,7 +240,12 @@ def train(
         done = meta["stage"] == "done"
         stage_index = len(STAGES) if done else STAGES.index(meta["stage"])
         start, history = meta["step"], meta["history"]
+        elapsed_before = meta.get("elapsed_s", 0.0)
         log.info("resuming %s at stage %s step %d", run, meta["stage"], start)
+
+    def elapsed() -> float:
+        return elapsed_before + time.monotonic() - invocation_start
+
     for stage in STAGES[stage_index:]:
         steps, peak = cfg.steps(stage), _peak_lr(cfg, stage)
         model.train()
@@ -278,7 +284,7 @@ def train(
                 log.info("eval %s", json.dumps(entry))
                 model.train()
             if time.monotonic() - last_save > cfg.checkpoint_every_s or record:
-                _save_checkpoint(run, model, opt, _state(stage, step + 1, history, cfg))
+                _save_checkpoint(run, model, opt, _state(stage, step + 1, history, cfg, elapsed()))
                 last_save = time.monotonic()
         if stage == "vae":
             _set_latent_scale(model, cfg.seed)
@@ -286,13 +292,20 @@ def train(
         nxt = STAGES.index(stage) + 1
         following = STAGES[nxt] if nxt < len(STAGES) else "done"
         opt_next = _make_optimizer(model, STAGES[min(nxt, len(STAGES) - 1)], 0.0)
-        _save_checkpoint(run, model, opt_next, _state(following, 0, history, cfg))
+        _save_checkpoint(run, model, opt_next, _state(following, 0, history, cfg, elapsed()))
         start, meta = 0, None
     return model.eval(), history
 
 
-def _state(stage: str, step: int, history: list[dict], cfg: TrainConfig) -> dict:
-    return {"stage": stage, "step": step, "history": history, "train_config": asdict(cfg)}
+def _state(stage: str, step: int, history: list[dict], cfg: TrainConfig, elapsed_s: float) -> dict:
+    """Resume point; `elapsed_s` is the wall time of all invocations so far (up to this checkpoint)."""
+    return {
+        "stage": stage,
+        "step": step,
+        "history": history,
+        "train_config": asdict(cfg),
+        "elapsed_s": elapsed_s,
+    }
 
 
 def _fmt(parts: dict) -> str:
