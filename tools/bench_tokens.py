@@ -183,6 +183,23 @@ def markdown(result: dict, env: dict) -> str:
             "reference code step by step (cell mapping, best token per cell, global fill, nearest-kept "
             "merge, position embedding after the merge).",
         ]
+    ablation = result.get("g2tr_anchor_pool_1", [])
+    if ablation:
+        lines += [
+            "",
+            "Diagnostic, not the method as specified: the same G2TR with one anchor per generation token "
+            "(pool 1: 36 cells of 4 ViT tokens, close to BAGEL's ~5 per cell), same held-out set.",
+            "",
+            "| keep | overall | " + " | ".join(QUESTION_TYPES) + " | FLOPs ÷ | digits kept |",
+            "|---|---|" + "---|" * len(QUESTION_TYPES) + "---|---|",
+        ]
+        for r in ablation:
+            acc = r["accuracy"]
+            lines.append(
+                f"| {r['keep']:g} | {_pct(acc['overall'])} | "
+                + " | ".join(_pct(acc[k]) for k in QUESTION_TYPES)
+                + f" | {r['flops_ratio']:.2f}× | {_pct(r['coverage']['digits_kept'])} |"
+            )
     gen = result["generation"]
     lines += [
         "",

@@ -47,8 +47,10 @@ def as_reducer(reducer: TokenReducer | str | None) -> TokenReducer | None:
 class UMMReduction:
     """Runs the reference UMM with a token reducer at the place where that reducer belongs."""
 
-    def __init__(self, model: MiniUMM) -> None:
+    def __init__(self, model: MiniUMM, anchor_pool: int = ANCHOR_POOL) -> None:
+        """`anchor_pool`: latent patches averaged per G2TR anchor side (2 as in BAGEL; 1 = one per token)."""
         self.model = model.eval()
+        self.anchor_pool = anchor_pool
         c = model.config
         self.grid = (c.grid, c.grid)
         self.n = c.grid**2
@@ -60,7 +62,9 @@ class UMMReduction:
         """G2TR anchors per image from the VAE latent, through the model's own vae2llm."""
         latents = self.model.encode_latents(images)
         out = [
-            anchors_from_latent(lat, self.model.config.gen_patch, ANCHOR_POOL, project=self.model.vae2llm)
+            anchors_from_latent(
+                lat, self.model.config.gen_patch, self.anchor_pool, project=self.model.vae2llm
+            )
             for lat in latents
         ]
         return [a for a, _ in out], out[0][1]
@@ -204,7 +208,7 @@ class UMMReduction:
         grid = (c.gen_grid, c.gen_grid)
         if "anchors" in reducer.needs:
             pairs = [
-                anchors_from_latent(lat, c.gen_patch, ANCHOR_POOL, project=m.vae2llm)
+                anchors_from_latent(lat, c.gen_patch, self.anchor_pool, project=m.vae2llm)
                 for lat in m.unpatchify(x)
             ]
         else:

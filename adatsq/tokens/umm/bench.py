@@ -14,6 +14,7 @@ keep 0.5 for the reducers that can run on latent tokens, to show what reducing i
 from __future__ import annotations
 
 import logging
+import math
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,7 @@ from adatsq.errors import TokenReductionError
 from adatsq.tokens import g2tr
 from adatsq.tokens.base import get_reducer, keep_count
 from adatsq.tokens.flops import kv_cache_bytes, lm_prefill_flops, measure_latency, reducer_overhead_flops
-from adatsq.tokens.umm.adapter import ANCHOR_POOL, GENERATION_REDUCERS, IN_LM, UMMReduction
+from adatsq.tokens.umm.adapter import GENERATION_REDUCERS, IN_LM, UMMReduction
 from adatsq.tokens.umm.data import CANVAS, QUESTION_TYPES, Canvas, qa_batch, question, tokenize
 from adatsq.tokens.umm.evaluate import generation_prompts, generation_quality, qa_accuracy
 from adatsq.tokens.umm.model import MiniUMM
@@ -61,7 +62,7 @@ def prefill_cost(adapter: UMMReduction, method: str | None, keep: float) -> dict
         counts = [keep_count(n, keep)] * c.lm_layers
     extra: dict[str, int] = {}
     if method == "g2tr":
-        anchors = (c.gen_grid // ANCHOR_POOL) ** 2
+        anchors = math.ceil(c.gen_grid / adapter.anchor_pool) ** 2
         extra = {"vae_flops": vae_encode_flops(adapter.model), "m": anchors, "latent_dim": c.gen_token_dim}
     elif method == "vnorm":
         extra = {"dv": c.lm_kv_heads * head_dim}
@@ -223,7 +224,30 @@ def bench(
         "rows": rows,
         "generation": generation(adapter, methods, generation_count, seed, classifier),
         "g2tr_scores": g2tr_score_split(adapter, min(samples, 256), seed),
+        "g2tr_anchor_pool_1": (
+            anchor_pool_ablation(adapter.model, keeps, samples, seed, full_cost) if "g2tr" in methods else []
+        ),
     }
+
+
+def anchor_pool_ablation(
+    model: MiniUMM, keeps: list[float], samples: int, seed: int, full_cost: dict
+) -> list:
+    """G2TR with one anchor per generation token (pool 1) instead of BAGEL's pool 2: the diagnostic
+    for how much of G2TR's result here comes from its one-token-per-cell pass (9 vs 36 cells)."""
+    adapter = UMMReduction(model, anchor_pool=1)
+    rows = []
+    for keep in keeps:
+        cost = prefill_cost(adapter, "g2tr", keep)
+        rows.append(
+            {
+                "keep": keep,
+                "accuracy": qa_accuracy(_answer_fn(adapter, "g2tr", keep, seed), samples, seed),
+                "coverage": digit_coverage(adapter, "g2tr", keep, samples, seed),
+                "flops_ratio": full_cost["prefill_flops"] / cost["prefill_flops"],
+            }
+        )
+    return rows
 
 
 def _as_image(image_or_canvas) -> torch.Tensor:

@@ -241,3 +241,10 @@ def test_shipped_weights_draw_the_asked_digit() -> None:
     quality = generation_accuracy(load_umm(), load_classifier(), count=20, steps=25, seed=3)
     assert quality["classifier_accuracy"] >= 0.7, quality  # 94% on 200 prompts (reports/umm_training.md)
     assert quality["ink_in_quadrant"] >= 0.9, quality
+
+
+def test_anchor_pool_sets_the_number_of_g2tr_cells(tiny: MiniUMM, batch) -> None:
+    anchors, latent_grid = UMMReduction(tiny).anchors(batch.images)
+    assert latent_grid == (3, 3) and anchors[0].shape == (9, TINY.lm_hidden)  # BAGEL's pool 2
+    anchors, latent_grid = UMMReduction(tiny, anchor_pool=1).anchors(batch.images)
+    assert latent_grid == (TINY.gen_grid, TINY.gen_grid) and anchors[0].shape == (36, TINY.lm_hidden)
