@@ -32,28 +32,27 @@ def quantize(
     'adatsq' method plans under the recipe's budget and 'rtn' / 'gptq' use the recipe's bits everywhere.
     `resume` (a file path) saves calibration progress there and continues from it after an interruption.
     """
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe)
-    if plan is not None:
-        from adatsq.plan.schema import Plan, load_plan
-        from adatsq.planning import quantize_with_plan
+    from adatsq.engine import quantize as run
 
-        plan = plan if isinstance(plan, Plan) else load_plan(plan)
-        return quantize_with_plan(model, recipe, plan, calibration, progress, resume)
-    if recipe.method == "adatsq":
-        from adatsq.planning import quantize_adaptive
-
-        return quantize_adaptive(model, recipe, calibration, progress, resume)
-    from adatsq.engine import quantize as quantize_uniform
-
-    return quantize_uniform(model, recipe, calibration, progress=progress, resume=resume)
+    recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
+    return run(model, recipe, calibration, plan=plan, progress=progress, resume=resume)
 
 
-def load(directory: Any, **options: Any) -> Any:
-    """Load a checkpoint folder written by `adatsq quantize`: the pipeline (or model), ready to sample."""
-    from adatsq.checkpoint import load as run
+def load(directory: Any, token_reduction: str | None = None, keep: float = 0.5) -> Any:
+    """Load a checkpoint folder written by `adatsq quantize`: the pipeline (or model), ready to sample.
 
-    return run(directory, **options)
+    A unified model comes back as a `UnifiedModel` (understanding + generation); `token_reduction`
+    (e.g. "g2tr") with `keep` reduces its understanding tokens.
+    """
+    from adatsq.checkpoint.load import load_checkpoint
+    from adatsq.models.umm.adapter import UMMGenerationAdapter
+
+    adapter, _ = load_checkpoint(directory)
+    if token_reduction is None and not isinstance(adapter, UMMGenerationAdapter):
+        return adapter.user_model()
+    from adatsq.tokens.umm.unified import with_token_reduction
+
+    return with_token_reduction(adapter, token_reduction, keep)
 
 
 __all__ = ["AdatsqError", "Recipe", "__version__", "load", "load_recipe", "quantize"]

@@ -1,4 +1,4 @@
-"""`adatsq` command line: quantize | eval | inspect (plan and tokens register their own subcommands).
+"""`adatsq` command line: quantize | plan | eval | inspect | tokens (each a registered subcommand).
 
 User errors (AdatsqError) print one line on stderr and exit with code 2; nothing else is caught.
 """
@@ -12,17 +12,13 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from adatsq.core.registry import Registry
 from adatsq.errors import AdatsqError
 
 log = logging.getLogger("adatsq")
 
-# Subcommand builders: each adds its parser and sets `handler`; later features append here.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
-
-
-def command(builder: Callable[[argparse._SubParsersAction], None]):
-    COMMANDS.append(builder)
-    return builder
+# Subcommand builders: each adds its parser (named as registered) and sets `handler`.
+COMMANDS: Registry[Callable[[argparse._SubParsersAction], None]] = Registry("command")
 
 
 def progress_file(out: Path) -> Path:
@@ -36,7 +32,7 @@ def add_placement(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", help="run calibration and solves here, e.g. cuda (default: cpu)")
 
 
-@command
+@COMMANDS.register("quantize")
 def _quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("quantize", help="quantize a model with a recipe and write a checkpoint folder")
     p.add_argument("model", help="'reference' (the shipped digits DiT) or a local diffusers pipeline folder")
@@ -57,7 +53,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     from adatsq import quantize
     from adatsq.calibrate.inputs import read_calibration
-    from adatsq.checkpoint import check_output
+    from adatsq.core.io import check_output
     from adatsq.models.resolve import adapter_for
     from adatsq.recipe import load_recipe
 
@@ -76,7 +72,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-@command
+@COMMANDS.register("plan")
 def _plan(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("plan", help="search bit-widths per layer × timestep segment under a budget (AdaTSQ)")
     p.add_argument("model", help="'reference' or a local diffusers pipeline folder")
@@ -96,10 +92,10 @@ def _plan(sub: argparse._SubParsersAction) -> None:
 
 def run_plan(args: argparse.Namespace) -> int:
     from adatsq.calibrate.inputs import read_calibration
-    from adatsq.checkpoint import check_output
+    from adatsq.core.io import check_output
+    from adatsq.engine.adaptive import plan_command
     from adatsq.errors import ConfigError
     from adatsq.models.resolve import adapter_for
-    from adatsq.planning import plan_command
     from adatsq.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
@@ -119,7 +115,7 @@ def run_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-@command
+@COMMANDS.register("eval")
 def _eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="compare a quantized checkpoint with its float model")
     p.add_argument("checkpoint", type=Path)
@@ -144,7 +140,7 @@ def run_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-@command
+@COMMANDS.register("inspect")
 def _inspect(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "inspect", help="per-layer table of a checkpoint, a plan.json / frontier.json, or a float model"
@@ -154,13 +150,13 @@ def _inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def run_inspect(args: argparse.Namespace) -> int:
-    from adatsq.inspect import inspect_path
+    from adatsq.checkpoint.inspect import inspect_path
 
     print(inspect_path(args.path))
     return 0
 
 
-@command
+@COMMANDS.register("tokens")
 def _tokens(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("tokens", help="visual-token reduction in the reference unified model")
     tokens = p.add_subparsers(dest="tokens_command", required=True)
@@ -183,17 +179,14 @@ def _tokens(sub: argparse._SubParsersAction) -> None:
 
 
 def run_tokens_bench(args: argparse.Namespace) -> int:
-    from adatsq.checkpoint import check_output
     from adatsq.tokens.commands import run_bench
 
-    if args.out is not None:
-        check_output(args.out, overwrite=True)
     print(run_bench(args.model, args.methods, args.keep, args.samples, args.seed, args.out))
     return 0
 
 
 def run_tokens_show(args: argparse.Namespace) -> int:
-    from adatsq.checkpoint import check_output
+    from adatsq.core.io import check_output
     from adatsq.tokens.commands import run_show
 
     check_output(args.out, args.overwrite)
@@ -205,8 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="adatsq", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
     sub = parser.add_subparsers(dest="command", required=True)
-    for builder in COMMANDS:
-        builder(sub)
+    for name in COMMANDS.names():
+        COMMANDS.get(name)(sub)
     return parser
 
 

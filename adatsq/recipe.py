@@ -9,13 +9,12 @@ from typing import Literal
 
 import yaml
 
-from adatsq.config_io import from_mapping, to_mapping
+from adatsq.core.config import from_mapping, to_mapping
 from adatsq.errors import ConfigError
+from adatsq.plan.schema import BUDGET_KINDS
+from adatsq.quant.methods import QUANT_METHODS
 from adatsq.quant.scheme import WEIGHT_BITS, ActScheme, WeightScheme
 from adatsq.quant.transforms import TransformScheme
-
-METHODS = ("rtn", "gptq", "adatsq")
-BUDGET_KINDS = ("avg_bits", "bops", "bytes")
 
 
 @dataclass(frozen=True)
@@ -116,7 +115,7 @@ def _check_regex(pattern: str) -> None:
 class Recipe:
     """Everything `adatsq quantize` needs besides the model and the calibration inputs."""
 
-    method: Literal["rtn", "gptq", "adatsq"]
+    method: str  # a registered quantization method: rtn | gptq | adatsq (adatsq.quant.methods)
     weight: WeightScheme
     activation: ActScheme = field(default_factory=ActScheme)
     targets: tuple[str, ...] = (".*",)  # regexes (re.search) on module names of the denoiser's Linear layers
@@ -130,6 +129,7 @@ class Recipe:
     outliers: TransformScheme = field(default_factory=TransformScheme)
 
     def __post_init__(self) -> None:
+        QUANT_METHODS.get(self.method)  # an unknown method is a ConfigError naming the registered ones
         for pattern in (*self.targets, *(self.ignore or ())):
             _check_regex(pattern)
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from adatsq.checkpoint import WEIGHTS
-from adatsq.engine import quantize
-from adatsq.models.reference import DigitsPipeline, build_scheduler, build_transformer
-from adatsq.models.reference_adapter import ReferenceAdapter
+from adatsq.checkpoint.format import WEIGHTS
+from adatsq.engine.uniform import quantize
+from adatsq.models.reference.adapter import ReferenceAdapter
+from adatsq.models.reference.model import DigitsPipeline, build_scheduler, build_transformer
 from adatsq.recipe import recipe_from_dict
 
 ROOT = Path(__file__).resolve().parent.parent

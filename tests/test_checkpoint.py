@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import adatsq
-from adatsq.checkpoint import CONFIG, WEIGHTS, load_checkpoint
+from adatsq.checkpoint.format import CONFIG, WEIGHTS
+from adatsq.checkpoint.load import load_checkpoint
 from adatsq.errors import CheckpointError, ConfigError
 from adatsq.quant.linear import QuantLinear
 from adatsq.recipe import recipe_from_dict
@@ -108,7 +109,7 @@ def test_missing_folder_and_missing_config(tmp_path):
 
 
 def test_quantized_model_is_smaller_than_float():
-    from adatsq.models.reference import load_reference_transformer
+    from adatsq.models.reference.model import load_reference_transformer
 
     fp_bytes = sum(p.numel() * 4 for p in load_reference_transformer().parameters())
     qmodel = adatsq.quantize("reference", recipe(method="rtn", bits=4), progress=False)

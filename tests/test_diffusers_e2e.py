@@ -7,7 +7,7 @@ import torch
 
 import adatsq
 from adatsq.cli import main
-from adatsq.models.tiny import build_tiny_pipeline
+from adatsq.models.diffusers.tiny import build_tiny_pipeline
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear
 from adatsq.recipe import recipe_from_dict
 
@@ -51,7 +51,7 @@ def test_adatsq_plans_and_switches_on_flux(tmp_path):
     rows = {n: r for n, r in qmodel.plan.layers.items() if len(set(r)) > 1}
     assert len([m for m in pipe.transformer.modules() if isinstance(m, TimestepQuantLinear)]) == len(rows)
     before = qmodel.adapter.generate(["a red fox"], seed=3, num_steps=4)
-    after = adatsq.checkpoint.load_checkpoint(tmp_path / "out")[0].generate(
+    after = adatsq.checkpoint.load.load_checkpoint(tmp_path / "out")[0].generate(
         ["a red fox"], seed=3, num_steps=4
     )
     torch.testing.assert_close(after, before)

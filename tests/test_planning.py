@@ -6,13 +6,13 @@ import pytest
 import torch
 
 import adatsq
-import adatsq.checkpoint
+import adatsq.checkpoint.load
 from adatsq.calibrate.fisher import fisher_weights
+from adatsq.engine.adaptive import Planner
 from adatsq.errors import PlanError
-from adatsq.models.reference import DigitsPipeline, build_scheduler, build_transformer
-from adatsq.models.reference_adapter import ReferenceAdapter
+from adatsq.models.reference.adapter import ReferenceAdapter
+from adatsq.models.reference.model import DigitsPipeline, build_scheduler, build_transformer
 from adatsq.plan.schema import Budget, load_plan, save_plan
-from adatsq.planning import Planner
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear
 from adatsq.recipe import recipe_from_dict
 
@@ -109,7 +109,7 @@ def test_outlier_transforms_survive_save_and_load(tmp_path):
     layer = next(m for m in qmodel.adapter.denoiser().modules() if isinstance(m, QuantLinear))
     assert layer.smooth is not None and layer.rotation_signs is not None and layer.lowrank_a.shape[0] == 4
     qmodel.save(tmp_path / "ckpt")
-    loaded = adatsq.checkpoint.load_checkpoint(tmp_path / "ckpt")[0]
+    loaded = adatsq.checkpoint.load.load_checkpoint(tmp_path / "ckpt")[0]
     before = qmodel.adapter.generate([5, 6], seed=1, num_steps=4)
     torch.testing.assert_close(loaded.generate([5, 6], seed=1, num_steps=4), before)
 

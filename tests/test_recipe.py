@@ -26,7 +26,7 @@ def test_minimal_recipe_gets_defaults():
         ({"method": "gptq", "weight": {"bits": 4, "grop_size": 64}}, "unknown key(s) 'grop_size'"),
         ({"method": "gptq", "weight": {"bits": "four"}}, "expected int"),
         ({"method": "gptq", "weight": {"bits": 5}}, "allowed values"),
-        ({"method": "awq", "weight": {"bits": 4}}, "'awq' is not one of"),
+        ({"method": "awq", "weight": {"bits": 4}}, "unknown quantization method 'awq'"),
         ({"method": "gptq", "weight": {"bits": 4}, "activation": {"bits": 6}}, "activation bits=6"),
         ({"method": "gptq", "weight": {"bits": 4}, "gptq": {"act_order": "yes"}}, "expected bool"),
         ({"method": "gptq", "weight": {"bits": 4}, "targets": ["("]}, "invalid regex"),

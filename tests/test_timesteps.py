@@ -1,8 +1,8 @@
 import pytest
 import torch
 
+from adatsq.calibrate.segments import SegmentMap, install_segment_hook, split_steps
 from adatsq.errors import PlanError
-from adatsq.timesteps import SegmentMap, install_segment_hook, split_steps
 
 
 def test_split_steps_is_contiguous_and_balanced():

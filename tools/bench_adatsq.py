@@ -51,24 +51,26 @@ import adatsq
 from adatsq import planning
 from adatsq.calibrate.fisher import fisher_weights, plot_fisher
 from adatsq.calibrate.runner import collect_stats
-from adatsq.checkpoint import WEIGHTS, load_checkpoint
-from adatsq.engine import attach_segment_switching, select_layers, set_module
-from adatsq.engine import quantize as engine_quantize
+from adatsq.calibrate.segments import SegmentMap, attach_segment_switching
+from adatsq.checkpoint.format import WEIGHTS
+from adatsq.checkpoint.load import load_checkpoint
+from adatsq.core.modules import set_module
+from adatsq.engine.adaptive import Calibration, Planner
+from adatsq.engine.surgery import select_layers
+from adatsq.engine.uniform import quantize as engine_quantize
 from adatsq.eval.run import average_bits, compare_samples, timed_samples
-from adatsq.models.reference import META_FILE, DigitsPipeline, build_scheduler, build_transformer
-from adatsq.models.reference_adapter import ReferenceAdapter
+from adatsq.models.reference.adapter import ReferenceAdapter
+from adatsq.models.reference.model import META_FILE, DigitsPipeline, build_scheduler, build_transformer
 from adatsq.models.resolve import adapter_for
 from adatsq.plan.beam import uniform_plan
 from adatsq.plan.cost import plan_costs
 from adatsq.plan.frontier import build_frontier, save_frontier
 from adatsq.plan.plots import plot_frontier, plot_plan
 from adatsq.plan.schema import Budget, Plan
-from adatsq.planning import Calibration, Planner
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear
 from adatsq.quant.scheme import ActScheme
 from adatsq.quant.transforms import TransformScheme
 from adatsq.recipe import Recipe, load_recipe
-from adatsq.timesteps import SegmentMap
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE_A8 = ROOT / "recipes/reference/adatsq-w4a8.yaml"

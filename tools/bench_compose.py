@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 import adatsq
-from adatsq.io import atomic_write_text, write_json
-from adatsq.models.classifier import load_classifier
-from adatsq.tokens.umm.data import QUADRANTS, QUESTION_TYPES, gen_prompt
+from adatsq.core.io import atomic_write_text, write_json
+from adatsq.models.reference.classifier import load_classifier
+from adatsq.models.umm.adapter import UMMGenerationAdapter, UnifiedModel
+from adatsq.models.umm.data import QUADRANTS, QUESTION_TYPES, gen_prompt
 from adatsq.tokens.umm.evaluate import generation_quality, qa_accuracy
-from adatsq.tokens.umm.generation import UMMGenerationAdapter, UnifiedModel
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "umm"

@@ -38,20 +38,21 @@ from safetensors.torch import load_file, save_file
 
 import adatsq
 from adatsq.calibrate.runner import collect_stats
-from adatsq.checkpoint import WEIGHTS, load_checkpoint
-from adatsq.engine import quantize as engine_quantize
-from adatsq.engine import select_layers
+from adatsq.calibrate.segments import SegmentMap
+from adatsq.checkpoint.format import WEIGHTS
+from adatsq.checkpoint.load import load_checkpoint
+from adatsq.core.io import atomic_write_text
+from adatsq.engine.surgery import select_layers
+from adatsq.engine.uniform import quantize as engine_quantize
 from adatsq.eval.run import average_bits, compare_samples, evaluate_checkpoint, timed_samples
-from adatsq.io import atomic_write_text
 from adatsq.models.base import ModelAdapter
-from adatsq.models.reference import META_FILE, DigitsPipeline, build_scheduler, build_transformer
-from adatsq.models.reference_adapter import ReferenceAdapter
+from adatsq.models.reference.adapter import ReferenceAdapter
+from adatsq.models.reference.model import META_FILE, DigitsPipeline, build_scheduler, build_transformer
 from adatsq.models.resolve import adapter_for
 from adatsq.quant.gptq import gptq
 from adatsq.quant.rtn import rtn
 from adatsq.quant.scheme import WeightScheme, n_groups, quant_error
 from adatsq.recipe import Recipe, load_recipe
-from adatsq.timesteps import SegmentMap
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ("rtn-w4a8", "gptq-w4a8", "gptq-w8a8")

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 import transformers
 
-from adatsq.tokens.umm.adapter import ANCHOR_POOL
+from adatsq.models.umm.data import QUESTION_TYPES, sample_canvas
+from adatsq.models.umm.model import UMMConfig
+from adatsq.models.umm.weights import load_umm
 from adatsq.tokens.umm.bench import KEEPS, METHODS, bench, draw_token_map, kept_tokens
-from adatsq.tokens.umm.data import QUESTION_TYPES, sample_canvas
-from adatsq.tokens.umm.model import UMMConfig
-from adatsq.tokens.umm.weights import load_umm
+from adatsq.tokens.umm.reduction import ANCHOR_POOL
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt

@@ -15,10 +15,10 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from adatsq.core.io import atomic_write, write_json
 from adatsq.eval.metrics import accuracy
-from adatsq.io import atomic_write, write_json
-from adatsq.models.classifier import META_FILE, WEIGHTS_FILE, DigitClassifier
-from adatsq.models.digits import augment, load_digits_16
+from adatsq.models.reference.classifier import META_FILE, WEIGHTS_FILE, DigitClassifier
+from adatsq.models.reference.digits import augment, load_digits_16
 
 log = logging.getLogger("train_classifier")
 

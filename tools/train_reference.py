@@ -26,11 +26,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
+from adatsq.core.io import atomic_write, atomic_write_text, write_json
 from adatsq.eval.metrics import accuracy, frechet_distance
-from adatsq.io import atomic_write, atomic_write_text, write_json
-from adatsq.models.classifier import load_classifier
-from adatsq.models.digits import NUM_CLASSES, augment, load_digits_16
-from adatsq.models.reference import (
+from adatsq.models.reference.classifier import load_classifier
+from adatsq.models.reference.digits import NUM_CLASSES, augment, load_digits_16
+from adatsq.models.reference.model import (
     META_FILE,
     NULL_CLASS,
     REFERENCE_CONFIG,

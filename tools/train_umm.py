@@ -21,10 +21,10 @@ import diffusers
 import torch
 import transformers
 
-from adatsq.models.classifier import load_classifier
+from adatsq.models.reference.classifier import load_classifier
+from adatsq.models.umm.weights import ASSET_DIR, save_umm
 from adatsq.tokens.umm.evaluate import full_answers, generation_accuracy, qa_accuracy
 from adatsq.tokens.umm.train import TrainConfig, train
-from adatsq.tokens.umm.weights import ASSET_DIR, save_umm
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = TrainConfig(
@@ -166,7 +166,7 @@ Versions: {meta["versions"]}.
         f"{_pct(gen['classifier_accuracy'])} (target ≥ 80%), ink inside the requested quadrant "
         f"{_pct(gen['ink_in_quadrant'])}. The digit is cropped as the 16x16 window (the pasted digit size, "
         "no resize) with the most ink whose centre lies in the requested quadrant, and classified by "
-        "`adatsq.models.classifier.load_classifier()`.",
+        "`adatsq.models.reference.classifier.load_classifier()`.",
         "",
         "## Progress (held-out, 256 canvases and 40 generations per row)",
         "",

@@ -18,9 +18,9 @@ from tqdm.auto import tqdm
 
 from adatsq.calibrate.distributed import reduce_, shard
 from adatsq.calibrate.runner import batches
+from adatsq.core.plots import new_figure, save_figure
 from adatsq.errors import CalibrationError
 from adatsq.models.base import ModelAdapter
-from adatsq.plots import new_figure, save_figure
 
 
 def _map_output(output: Any, fn: Any) -> Any:

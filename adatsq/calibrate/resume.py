@@ -17,8 +17,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from adatsq.calibrate.capture import LayerStats
-from adatsq.io import atomic_write
-from adatsq.timesteps import SegmentMap
+from adatsq.calibrate.segments import SegmentMap
+from adatsq.core.io import atomic_write
 
 log = logging.getLogger(__name__)
 FIELDS = ("xtx", "tokens", "absmax")

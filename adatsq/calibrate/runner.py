@@ -15,9 +15,9 @@ from tqdm.auto import tqdm
 from adatsq.calibrate.capture import LayerStats, StatsCapture
 from adatsq.calibrate.distributed import reduce_, shard, world
 from adatsq.calibrate.resume import load_progress, progress_key, save_progress
+from adatsq.calibrate.segments import SegmentMap, install_segment_hook
 from adatsq.errors import CalibrationError
 from adatsq.models.base import ModelAdapter
-from adatsq.timesteps import SegmentMap, install_segment_hook
 
 log = logging.getLogger(__name__)
 

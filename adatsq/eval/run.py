@@ -15,7 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from adatsq.calibrate.runner import batches
-from adatsq.checkpoint import WEIGHTS, load_checkpoint
+from adatsq.checkpoint.format import WEIGHTS
+from adatsq.checkpoint.load import load_checkpoint
 from adatsq.errors import CheckpointError
 from adatsq.eval.metrics import accuracy, frechet_distance, psnr, ssim
 from adatsq.models.base import ModelAdapter
@@ -73,7 +74,7 @@ def compare_samples(
         "fid": None,
     }
     if family == "reference":
-        from adatsq.models.classifier import load_classifier
+        from adatsq.models.reference.classifier import load_classifier
 
         classifier = load_classifier()
         target = torch.as_tensor(list(labels))

@@ -6,6 +6,7 @@ quantizer. Orchestrators only talk to this interface, so families stay small and
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -14,7 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from adatsq.registry import Registry
+from adatsq.core.io import write_json
+from adatsq.core.registry import Registry
+from adatsq.errors import CheckpointError
+from adatsq.models.layers import default_ignore
 
 # Called after every denoising step with (step_index, latents); may return replacement latents
 # (Fisher probes inject noise this way) or None to keep them.
@@ -26,6 +30,14 @@ class ModelAdapter(ABC):
 
     family: str  # registry name, stored in checkpoints so `adatsq.load` finds the adapter again
     source: str | None = None  # how the user named the float model ("reference", a folder): eval reloads it
+
+    @classmethod
+    def open(cls, model: Any, dtype: torch.dtype | None, device: str | None) -> ModelAdapter | None:
+        """An adapter for what the user passed (a name, a folder, a pipeline), or None if not this family.
+
+        `adatsq.models.resolve` asks every registered family in turn; the first that answers wins.
+        """
+        return None
 
     @abstractmethod
     def denoiser(self) -> nn.Module:
@@ -76,18 +88,7 @@ class ModelAdapter(ABC):
         Some models also read `.weight` / `.parameters()` of their embedders at run time, so these
         must stay nn.Linear unless a recipe asks for them explicitly.
         """
-        from adatsq.models.diffusers_layers import default_ignore
-
         return default_ignore(self.denoiser())
-
-    def with_token_reduction(self, method: str, keep: float) -> Any:
-        """The loaded model with understanding-token reduction; only unified models have such tokens."""
-        from adatsq.errors import TokenReductionError
-
-        raise TokenReductionError(
-            f"token_reduction={method!r}: {self.family!r} models have no understanding tokens to reduce; "
-            "it applies to unified multimodal models (family 'umm')"
-        )
 
     def user_model(self) -> Any:
         """What `adatsq.load` hands back: the pipeline when the family has one, else the denoiser."""
@@ -99,17 +100,11 @@ ADAPTERS: Registry[type[ModelAdapter]] = Registry("model family")
 
 def write_base_json(directory: Path, name: str, data: dict[str, Any]) -> None:
     """The small JSON an adapter's `save_base` keeps (configs, sampler settings)."""
-    from adatsq.io import write_json
-
     write_json(directory / name, data)
 
 
 def read_base_json(directory: Path, name: str) -> dict[str, Any]:
     """Counterpart of `write_base_json`; a missing file means the checkpoint folder is incomplete."""
-    import json
-
-    from adatsq.errors import CheckpointError
-
     path = directory / name
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; the checkpoint folder is incomplete: re-run quantize")

@@ -1,6 +1,6 @@
 """Bit-width plans for timestep-adaptive quantization: costs, the AdaTSQ beam search, frontiers, plan files.
 
-Pure numpy: the orchestrator (adatsq.planning) builds the error table and the measure callback.
+Pure numpy: the orchestrator (adatsq.engine.adaptive) builds the error table and the measure callback.
 Plots live in adatsq.plan.plots and the `inspect` summaries in adatsq.plan.inspect (imported on demand).
 """
 
@@ -27,8 +27,6 @@ from adatsq.plan.schema import (
     check_plan_matches,
     load_plan,
     save_plan,
-    segment_of_step,
-    segments_for,
 )
 
 __all__ = [
@@ -60,8 +58,6 @@ __all__ = [
     "plan_costs",
     "save_frontier",
     "save_plan",
-    "segment_of_step",
-    "segments_for",
     "static_plan",
     "stored_bytes",
     "sweep",

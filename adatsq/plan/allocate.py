@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from adatsq.errors import PlanError
+
 
 def _choose(err: np.ndarray, cost: np.ndarray, allowed: np.ndarray, lam: float) -> np.ndarray:
     """argmin of err + lam·cost per row (lam = inf: cheapest), ties broken towards the lower cost."""
@@ -38,7 +40,13 @@ def allocate(err: np.ndarray, cost: np.ndarray, allowed: np.ndarray, cap: float)
     """
     err, cost = np.asarray(err, dtype=np.float64), np.asarray(cost, dtype=np.float64)
     allowed = np.asarray(allowed, dtype=bool)
-    assert err.shape == cost.shape == allowed.shape and allowed.any(axis=1).all()
+    if not err.shape == cost.shape == allowed.shape or err.ndim != 2:
+        raise PlanError(
+            f"allocate needs err, cost and allowed of one [items, options] shape; got {err.shape}, "
+            f"{cost.shape}, {allowed.shape}"
+        )
+    if not allowed.any(axis=1).all():
+        raise PlanError(f"items {np.flatnonzero(~allowed.any(axis=1)).tolist()} allow no option")
     rows = np.arange(err.shape[0])
     tol = 1e-12 * max(abs(cap), 1.0)
     grid = _lambda_grid(err, cost, allowed)

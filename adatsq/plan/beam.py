@@ -18,12 +18,12 @@ from collections.abc import Callable
 
 import numpy as np
 
+from adatsq.core.registry import Registry
 from adatsq.errors import PlanError
 from adatsq.plan.allocate import allocate, pareto_mask
 from adatsq.plan.cost import act_bits_array, check_budget_feasible, fits, plan_costs, variant_bytes
 from adatsq.plan.problem import Measure, PlanProblem, SearchConfig, SearchResult, StageStats
 from adatsq.plan.schema import Budget, Plan
-from adatsq.registry import Registry
 
 log = logging.getLogger(__name__)
 

@@ -11,8 +11,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from adatsq.core.io import atomic_write_text
 from adatsq.errors import PlanError
-from adatsq.io import atomic_write_text
 from adatsq.plan.allocate import pareto_mask
 from adatsq.plan.beam import METHODS
 from adatsq.plan.problem import Measure, PlanProblem, SearchConfig, SearchResult

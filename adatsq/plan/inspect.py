@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from adatsq.inspect import table
+from adatsq.core.tables import table
 from adatsq.plan.frontier import Frontier
 from adatsq.plan.schema import Plan, read_json
 

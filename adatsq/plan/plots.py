@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 from matplotlib.colors import BoundaryNorm, ListedColormap
 
+from adatsq.core.plots import new_figure, save_figure
 from adatsq.plan.frontier import Frontier
 from adatsq.plan.schema import SUPPORTED_BITS, Plan
-from adatsq.plots import new_figure, save_figure
 
 _UNITS = {
     "avg_bits": "average weight bits per step",

@@ -7,7 +7,6 @@ fails with a message that says what to do instead of quantizing the wrong thing.
 
 from __future__ import annotations
 
-import bisect
 import json
 import math
 import os
@@ -19,12 +18,15 @@ from typing import Any
 
 import numpy as np
 
+from adatsq.core.io import atomic_write_text
 from adatsq.errors import PlanError
-from adatsq.io import atomic_write_text
+from adatsq.quant.scheme import ACT_BITS as QUANT_ACT_BITS
+from adatsq.quant.scheme import WEIGHT_BITS
 
 FORMAT_VERSION = 1
-SUPPORTED_BITS = (2, 3, 4, 6, 8)  # weight bit-widths the packer and kernels handle
-ACT_BITS = (4, 6, 8, 16)  # activation bits; 16 = activations not quantized (bf16/fp16)
+SUPPORTED_BITS = WEIGHT_BITS  # weight bit-widths the packer and kernels handle
+UNQUANTIZED_ACT_BITS = 16  # a plan's activation bits for layers whose activations stay float (bf16/fp16)
+ACT_BITS = (*QUANT_ACT_BITS, UNQUANTIZED_ACT_BITS)
 BUDGET_KINDS = ("avg_bits", "bops", "bytes")
 
 
@@ -109,27 +111,6 @@ class LayerInfo:
         return 1 if self.group_size is None else -(-self.in_features // self.group_size)
 
 
-def segments_for(num_steps: int, groups: int) -> list[tuple[int, int]]:
-    """Split steps [0, num_steps) into `groups` contiguous ranges [start, end), the first ones longer."""
-    num_steps, groups = as_int(num_steps, "num_steps"), as_int(groups, "segment groups")
-    if groups < 1 or num_steps < groups:
-        raise PlanError(
-            f"cannot split {num_steps} sampler steps into {groups} segments; use 1 <= groups <= num_steps"
-        )
-    sizes = [num_steps // groups + (1 if i < num_steps % groups else 0) for i in range(groups)]
-    starts = np.cumsum([0, *sizes]).tolist()
-    return [(int(starts[i]), int(starts[i + 1])) for i in range(groups)]
-
-
-def segment_of_step(step: int, segments: Sequence[tuple[int, int]]) -> int:
-    """Index of the segment containing sampler step `step` (segments as validated by `Plan`)."""
-    step = as_int(step, "step")
-    ends = [end for _, end in segments]
-    if not segments or step < segments[0][0] or step >= ends[-1]:
-        raise PlanError(f"step {step} is outside the plan's steps [0, {ends[-1] if ends else 0})")
-    return bisect.bisect_right(ends, step)
-
-
 def validate_segments(segments: Any, num_steps: int, what: str) -> tuple[tuple[int, int], ...]:
     if not isinstance(segments, (list, tuple)) or not segments:
         raise PlanError(f"{what}.segments must be a non-empty list of [start, end) pairs, got {segments!r}")
@@ -142,7 +123,7 @@ def validate_segments(segments: Any, num_steps: int, what: str) -> tuple[tuple[i
         if start != expected_start or end <= start:
             raise PlanError(
                 f"{what}.segments must be contiguous non-empty ranges from step 0: segment {i} is "
-                f"[{start}, {end}) but should start at {expected_start}; regenerate them with segments_for()"
+                f"[{start}, {end}) but should start at {expected_start}; re-run `adatsq plan`"
             )
         out.append((start, end))
         expected_start = end

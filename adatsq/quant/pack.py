@@ -34,9 +34,9 @@ def pack(codes: Tensor, bits: int) -> Tensor:
     """uint8 codes [R, C] (each < 2**bits) -> uint8 [R, ceil(C*bits/8)]."""
     k, nb = _chunk(bits)
     if codes.dtype != torch.uint8 or codes.ndim != 2:
-        raise ValueError(f"pack expects uint8 [rows, cols]; got {codes.dtype} {tuple(codes.shape)}")
+        raise ConfigError(f"pack expects uint8 [rows, cols]; got {codes.dtype} {tuple(codes.shape)}")
     if codes.numel() and int(codes.max()) >= 2**bits:
-        raise ValueError(f"code {int(codes.max())} does not fit in {bits} bits")
+        raise ConfigError(f"code {int(codes.max())} does not fit in {bits} bits")
     rows, cols = codes.shape
     n_chunks = -(-cols // k)
     c = torch.zeros(rows, n_chunks * k, dtype=torch.uint8, device=codes.device)
@@ -57,7 +57,7 @@ def unpack(packed: Tensor, bits: int, cols: int) -> Tensor:
     k, nb = _chunk(bits)
     rows = packed.shape[0]
     if packed.dtype != torch.uint8 or tuple(packed.shape) != (rows, packed_cols(cols, bits)):
-        raise ValueError(
+        raise ConfigError(
             f"unpack expects uint8 [rows, {packed_cols(cols, bits)}] for {cols} {bits}-bit codes; "
             f"got {packed.dtype} {tuple(packed.shape)}"
         )

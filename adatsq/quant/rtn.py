@@ -5,13 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from adatsq.errors import ConfigError
 from adatsq.quant.scheme import QuantizedWeight, WeightScheme, compute_qparams, quantize_codes
 
 
 def rtn(W: Tensor, scheme: WeightScheme) -> QuantizedWeight:
     """Min-max quantize `W` [out, in] group by group along the input dim (a partial last group is allowed)."""
     if W.ndim != 2:
-        raise ValueError(f"rtn expects a 2-D weight [out, in]; got shape {tuple(W.shape)}")
+        raise ConfigError(f"rtn expects a 2-D weight [out, in]; got shape {tuple(W.shape)}")
     W = W.detach().to(torch.float64)
     cols = W.shape[1]
     gs = scheme.group_size or cols

@@ -29,7 +29,6 @@ from adatsq.errors import ConfigError
 
 WEIGHT_BITS = (2, 3, 4, 6, 8)
 ACT_BITS = (4, 8)
-RECOMMENDED_GROUP_SIZES = (None, 32, 64, 128)
 SCALE_MIN = 2.0**-24  # smallest (subnormal) float16; a scale is never 0, so w / scale stays finite
 _SCALE_MAX = 65504.0  # largest float16
 

@@ -15,8 +15,8 @@ from dataclasses import dataclass, fields
 import torch
 from torch import Tensor
 
+from adatsq.core.registry import Registry
 from adatsq.errors import TokenReductionError
-from adatsq.registry import Registry
 
 __all__ = [
     "REDUCERS",

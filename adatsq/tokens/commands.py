@@ -9,8 +9,8 @@ import numpy as np
 import torch
 
 from adatsq.errors import ConfigError, TokenReductionError
-from adatsq.tokens.umm.data import CANVAS, sample_canvas
-from adatsq.tokens.umm.model import MiniUMM
+from adatsq.models.umm.data import CANVAS, sample_canvas
+from adatsq.models.umm.model import MiniUMM
 
 
 def parse_keeps(text: str) -> list[float]:
@@ -27,10 +27,10 @@ def parse_keeps(text: str) -> list[float]:
 def umm_model(name: str) -> MiniUMM:
     """'umm' (the shipped float model) or a checkpoint folder quantized from it."""
     if name == "umm":
-        from adatsq.tokens.umm.weights import load_umm
+        from adatsq.models.umm.weights import load_umm
 
         return load_umm()
-    from adatsq.checkpoint import load_checkpoint
+    from adatsq.checkpoint.load import load_checkpoint
 
     adapter, config = load_checkpoint(Path(name))
     if config["model"]["family"] != "umm":
@@ -65,7 +65,7 @@ def run_bench(model: str, methods: str, keeps: str, samples: int, seed: int, out
     result = bench(methods.split(","), parse_keeps(keeps), samples, seed, model=umm_model(model))
     text = json.dumps(result, indent=2)
     if out is not None:
-        from adatsq.io import atomic_write_text
+        from adatsq.core.io import atomic_write_text
 
         atomic_write_text(out, text + "\n")
     return text

@@ -5,9 +5,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from adatsq.calibrate.runner import collect_stats
-from adatsq.models.reference import DigitsPipeline, build_scheduler, build_transformer
-from adatsq.models.reference_adapter import ReferenceAdapter
-from adatsq.timesteps import SegmentMap
+from adatsq.calibrate.segments import SegmentMap
+from adatsq.models.reference.adapter import ReferenceAdapter
+from adatsq.models.reference.model import DigitsPipeline, build_scheduler, build_transformer
 
 INPUTS = [0, 1, 2, 3, 4, 5]
 

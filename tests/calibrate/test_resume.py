@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from adatsq.calibrate.runner import collect_stats
-from adatsq.models.reference import DigitsPipeline, build_scheduler, build_transformer
-from adatsq.models.reference_adapter import ReferenceAdapter
-from adatsq.timesteps import SegmentMap
+from adatsq.calibrate.segments import SegmentMap
+from adatsq.models.reference.adapter import ReferenceAdapter
+from adatsq.models.reference.model import DigitsPipeline, build_scheduler, build_transformer
 
 
 class Interrupt(Exception):

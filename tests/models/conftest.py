@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from adatsq.models.tiny import build_tiny_pipeline
+from adatsq.models.diffusers.tiny import build_tiny_pipeline
 
 
 @pytest.fixture(scope="session")

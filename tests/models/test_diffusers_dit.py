@@ -15,14 +15,14 @@ from torch import nn
 
 from adatsq.errors import AdatsqError, ConfigError
 from adatsq.models.base import ADAPTERS
-from adatsq.models.diffusers_config import SETTINGS_FILE, DiffusersSampling
-from adatsq.models.diffusers_dit import (
+from adatsq.models.diffusers.adapter import (
     DiffusersPipelineAdapter,
     default_ignore,
     linear_names,
     sensitive_layers,
 )
-from adatsq.models.tiny import TINY_FAMILIES, build_tiny_pipeline
+from adatsq.models.diffusers.config import SETTINGS_FILE, DiffusersSampling
+from adatsq.models.diffusers.tiny import TINY_FAMILIES, build_tiny_pipeline
 
 STEPS = 3
 

@@ -4,9 +4,9 @@ from diffusers import DiTTransformer2DModel
 
 from adatsq.errors import ConfigError
 from adatsq.eval.metrics import accuracy
-from adatsq.models.classifier import load_classifier
-from adatsq.models.digits import augment, load_digits_16
-from adatsq.models.reference import (
+from adatsq.models.reference.classifier import load_classifier
+from adatsq.models.reference.digits import augment, load_digits_16
+from adatsq.models.reference.model import (
     NULL_CLASS,
     DigitsPipeline,
     ReferenceSampling,

@@ -6,8 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from adatsq.calibrate.segments import split_steps
 from adatsq.plan.problem import PlanProblem
-from adatsq.plan.schema import LayerInfo, segments_for
+from adatsq.plan.schema import LayerInfo
 
 
 def synthetic_problem(
@@ -39,7 +40,7 @@ def synthetic_problem(
         layers=layers,
         error_table=table,
         table_bits=bits,
-        segments=segments_for(num_steps, n_segments),
+        segments=split_steps(num_steps, n_segments),
         fisher_weights=weights,
         model={"family": "synthetic", "fingerprint": f"seed{seed}"},
         **kwargs,

@@ -2,6 +2,7 @@ import json
 
 import pytest
 
+from adatsq.calibrate.segments import split_steps
 from adatsq.errors import PlanError
 from adatsq.plan.schema import (
     Budget,
@@ -10,15 +11,13 @@ from adatsq.plan.schema import (
     check_plan_matches,
     load_plan,
     save_plan,
-    segment_of_step,
-    segments_for,
 )
 
 
 def make_plan(**overrides) -> Plan:
     fields = dict(
         layers={"blocks.0.attn.to_q": (8, 4, 4, 3), "blocks.0.ff.net.2": (4, 4, 6, 6)},
-        segments=segments_for(10, 4),
+        segments=split_steps(10, 4),
         num_steps=10,
         act_bits={"blocks.0.attn.to_q": 8, "blocks.0.ff.net.2": 16},
         candidates=(3, 4, 6, 8),
@@ -30,14 +29,11 @@ def make_plan(**overrides) -> Plan:
     return Plan(**{**fields, **overrides})
 
 
-def test_segments_are_contiguous_and_as_equal_as_possible():
-    assert segments_for(10, 4) == [(0, 3), (3, 6), (6, 8), (8, 10)]
-    assert segments_for(8, 4) == [(0, 2), (2, 4), (4, 6), (6, 8)]
-    assert [segment_of_step(t, segments_for(10, 4)) for t in range(10)] == [0, 0, 0, 1, 1, 1, 2, 2, 3, 3]
-    with pytest.raises(PlanError, match="cannot split 3 sampler steps into 4"):
-        segments_for(3, 4)
-    with pytest.raises(PlanError, match="outside"):
-        segment_of_step(10, segments_for(10, 4))
+def test_act_bits_follow_the_quantizer():
+    """Plans accept exactly the activation bits ActScheme runs, plus 16 for float activations."""
+    with pytest.raises(PlanError, match="act_bits"):
+        make_plan(act_bits=6)
+    assert make_plan(act_bits=4).act_bits == 4
 
 
 @pytest.mark.parametrize("overrides", [{}, {"budget": None, "act_bits": 8, "metrics": {}}])
@@ -84,7 +80,7 @@ def edit(data, key, value):
         ("segments", [[0, 3], [3, 6], [6, 8], [8, 9]], "end at step 9 but num_steps is 10"),
         ("fisher_weights", [0.5, 0.5], "must list 4 numbers"),
         ("fisher_weights", [0.5, 0.5, 0.5, 0.5], "sum to 1"),
-        ("act_bits", 5, r"act_bits = 5 is not supported; allowed: \[4, 6, 8, 16\]"),
+        ("act_bits", 5, r"act_bits = 5 is not supported; allowed: \[4, 8, 16\]"),
         ("act_bits", {"blocks.0.attn.to_q": 8}, "must name every layer"),
         ("model", {"family": "x"}, "fingerprint"),
         ("budget", {"kind": "flops", "value": 3}, "budget kind 'flops' is unknown"),
@@ -122,5 +118,5 @@ def test_check_plan_matches_names_mismatched_layers_and_steps():
 
 
 def test_partial_plan_knows_where_it_ends():
-    partial = PartialPlan({"a": (8, 4)}, 8, tuple(segments_for(10, 4)))
+    partial = PartialPlan({"a": (8, 4)}, 8, tuple(split_steps(10, 4)))
     assert partial.last_segment == 1 and partial.end_step == 6 and not partial.is_complete

@@ -35,7 +35,7 @@ def test_layout_is_little_endian_bitstream():
 def test_pack_rejects_bad_input():
     with pytest.raises(ConfigError, match="allowed bits"):
         pack(torch.zeros(2, 2, dtype=torch.uint8), 5)
-    with pytest.raises(ValueError, match="does not fit"):
+    with pytest.raises(ConfigError, match="does not fit"):
         pack(torch.full((2, 2), 16, dtype=torch.uint8), 4)
-    with pytest.raises(ValueError, match="unpack expects"):
+    with pytest.raises(ConfigError, match="unpack expects"):
         unpack(torch.zeros(2, 3, dtype=torch.uint8), 4, 8)

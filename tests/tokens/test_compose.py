@@ -5,9 +5,9 @@ import torch
 
 import adatsq
 from adatsq.errors import TokenReductionError
+from adatsq.models.umm.data import qa_batch
 from adatsq.quant.linear import QuantLinear
 from adatsq.recipe import recipe_from_dict
-from adatsq.tokens.umm.data import qa_batch
 
 FAST = {"samples": 2, "steps": 4, "batch_size": 2, "segments": 2}
 

@@ -1,8 +1,7 @@
-"""The reference unified multimodal model (a miniature BAGEL) and where token reducers run in it."""
+"""Token reduction in the reference unified model (a miniature BAGEL): where reducers run, benchmarks."""
 
-from adatsq.tokens.umm.adapter import Answer, UMMReduction
 from adatsq.tokens.umm.bench import bench, token_map
-from adatsq.tokens.umm.model import MiniUMM, UMMConfig
-from adatsq.tokens.umm.weights import load_umm, save_umm
+from adatsq.tokens.umm.reduction import Answer, UMMReduction
+from adatsq.tokens.umm.unified import UnifiedModel, with_token_reduction
 
-__all__ = ["Answer", "MiniUMM", "UMMConfig", "UMMReduction", "bench", "load_umm", "save_umm", "token_map"]
+__all__ = ["Answer", "UMMReduction", "UnifiedModel", "bench", "token_map", "with_token_reduction"]

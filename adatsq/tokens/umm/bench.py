@@ -21,15 +21,16 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from adatsq.core.plots import new_figure, save_figure
 from adatsq.errors import TokenReductionError
+from adatsq.models.umm.data import CANVAS, QUESTION_TYPES, Canvas, qa_batch, question, tokenize
+from adatsq.models.umm.model import MiniUMM
+from adatsq.models.umm.weights import load_umm
 from adatsq.tokens import g2tr
 from adatsq.tokens.base import get_reducer, keep_count
 from adatsq.tokens.flops import kv_cache_bytes, lm_prefill_flops, measure_latency, reducer_overhead_flops
-from adatsq.tokens.umm.adapter import GENERATION_REDUCERS, IN_LM, UMMReduction
-from adatsq.tokens.umm.data import CANVAS, QUESTION_TYPES, Canvas, qa_batch, question, tokenize
 from adatsq.tokens.umm.evaluate import generation_prompts, generation_quality, qa_accuracy
-from adatsq.tokens.umm.model import MiniUMM
-from adatsq.tokens.umm.weights import load_umm
+from adatsq.tokens.umm.reduction import GENERATION_REDUCERS, IN_LM, UMMReduction
 
 log = logging.getLogger(__name__)
 METHODS = ("g2tr", "fastv", "pdrop", "vnorm", "visionzip", "tome", "random", "grid")
@@ -150,7 +151,7 @@ def latency(adapter: UMMReduction, method: str | None, keep: float, repeats: int
 def generation(
     adapter: UMMReduction, methods: list[str], count: int, seed: int, classifier: torch.nn.Module | None
 ) -> dict:
-    from adatsq.models.classifier import load_classifier
+    from adatsq.models.reference.classifier import load_classifier
 
     classifier = classifier or load_classifier()
     prompts, null, labels, quads = generation_prompts(count)
@@ -300,18 +301,10 @@ def token_map(
     image_or_canvas, method: str, keep: float, out_png: str | Path, model: MiniUMM | None = None
 ) -> Path:
     """PNG of which understanding tokens `method` keeps at `keep` on one canvas (orange = kept)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     model = model or load_umm()
     image = _as_image(image_or_canvas)
     kept = kept_tokens(image, method, keep, model)
-    fig, ax = plt.subplots(figsize=(3, 3))
+    fig = new_figure(3, 3)
+    ax = fig.subplots()
     draw_token_map(ax, image, kept, model.config.grid, f"{method}, keep {keep:g} ({kept.numel()} tokens)")
-    out = Path(out_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=150, bbox_inches="tight")
-    plt.close(fig)
-    return out
+    return save_figure(fig, out_png, dpi=150)

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from adatsq.tokens.umm.data import CANVAS, DIGIT, QUADRANTS, QUESTION_TYPES, gen_prompt, qa_batch, tokenize
-from adatsq.tokens.umm.model import MiniUMM
+from adatsq.models.umm.data import CANVAS, DIGIT, QUADRANTS, QUESTION_TYPES, gen_prompt, qa_batch, tokenize
+from adatsq.models.umm.model import MiniUMM
 
 # (images [B,1,H,W], questions [type -> ids]) -> answer logits per type; lets adapters plug reducers in
 AnswerFn = Callable[[Tensor, dict[str, Tensor]], dict[str, Tensor]]

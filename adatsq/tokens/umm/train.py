@@ -36,12 +36,12 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from adatsq.core.io import atomic_write, write_json
 from adatsq.errors import CheckpointError, ConfigError
-from adatsq.io import atomic_write, write_json
+from adatsq.models.umm.data import QUESTION_TYPES, QABatch, gen_batch, qa_batch, sample_canvas
+from adatsq.models.umm.model import MiniUMM, UMMConfig
 from adatsq.tokens.base import keep_count
-from adatsq.tokens.umm.data import QUESTION_TYPES, QABatch, gen_batch, qa_batch, sample_canvas
 from adatsq.tokens.umm.evaluate import full_answers, qa_accuracy
-from adatsq.tokens.umm.model import MiniUMM, UMMConfig
 
 log = logging.getLogger(__name__)
 STAGES = ("vae", "warm", "joint", "gen")
@@ -231,10 +231,22 @@ def train(
     model_config: UMMConfig | None = None,
     on_eval: Callable[[MiniUMM, str, int], dict] | None = None,
 ) -> tuple[MiniUMM, list[dict]]:
-    """Run (or resume) all stages in `run`; returns the trained model and the metric log."""
-    run = Path(run)
+    """Run (or resume) all stages in `run`; returns the trained model and the metric log.
+
+    Runs on a forked global RNG (seeded from `cfg.seed`), so the caller's random state is untouched.
+    """
+    with torch.random.fork_rng():
+        return _train(Path(run), cfg, model_config, on_eval)
+
+
+def _train(
+    run: Path,
+    cfg: TrainConfig,
+    model_config: UMMConfig | None,
+    on_eval: Callable[[MiniUMM, str, int], dict] | None,
+) -> tuple[MiniUMM, list[dict]]:
     run.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # inside `train`'s fork_rng: initialisation and VAE posterior samples
     model = MiniUMM(model_config or UMMConfig())
     meta = json.loads((run / "state.json").read_text()) if (run / "state.json").is_file() else None
     stage_index, start, history = 0, 0, []

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from adatsq.errors import CheckpointError
-from adatsq.tokens.umm.model import MiniUMM, UMMConfig
+from adatsq.models.umm.model import MiniUMM, UMMConfig
 from adatsq.tokens.umm.train import TrainConfig, lr_at, stage_params, train
 
 TINY = UMMConfig(

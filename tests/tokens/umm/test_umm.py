@@ -7,9 +7,8 @@ import pytest
 import torch
 
 from adatsq.errors import ConfigError, TokenReductionError
-from adatsq.models.classifier import load_classifier
-from adatsq.tokens.umm.adapter import UMMReduction
-from adatsq.tokens.umm.data import (
+from adatsq.models.reference.classifier import load_classifier
+from adatsq.models.umm.data import (
     CANVAS,
     DIGIT,
     GEN_JITTER,
@@ -24,6 +23,8 @@ from adatsq.tokens.umm.data import (
     sample_canvas,
     tokenize,
 )
+from adatsq.models.umm.model import MiniUMM, UMMConfig, segment_mask
+from adatsq.models.umm.weights import load_umm, save_umm
 from adatsq.tokens.umm.evaluate import (
     crop_digit,
     full_answers,
@@ -32,8 +33,7 @@ from adatsq.tokens.umm.evaluate import (
     qa_accuracy,
     quadrant_mask,
 )
-from adatsq.tokens.umm.model import MiniUMM, UMMConfig, segment_mask
-from adatsq.tokens.umm.weights import load_umm, save_umm
+from adatsq.tokens.umm.reduction import UMMReduction
 
 TINY = UMMConfig(
     stem_channels=8,

@@ -11,8 +11,8 @@ from torch import nn
 
 from adatsq.errors import ConfigError
 from adatsq.models.base import ADAPTERS, ModelAdapter, StepCallback, read_base_json, write_base_json
-from adatsq.models.digits import NUM_CLASSES
-from adatsq.models.reference import (
+from adatsq.models.reference.digits import NUM_CLASSES
+from adatsq.models.reference.model import (
     REFERENCE_CONFIG,
     DigitsPipeline,
     ReferenceSampling,
@@ -37,6 +37,17 @@ class ReferenceAdapter(ModelAdapter):
     ) -> None:
         self.pipeline = pipeline if pipeline is not None else reference_pipeline()
         self.sampling = sampling or ReferenceSampling()
+
+    @classmethod
+    def open(cls, model: Any, dtype: torch.dtype | None, device: str | None) -> ReferenceAdapter | None:
+        """'reference' (the shipped weights, placed on `device` in `dtype`) or a DigitsPipeline."""
+        if isinstance(model, DigitsPipeline):
+            return cls(model)
+        if isinstance(model, (str, Path)) and str(model) == "reference":
+            adapter = cls(reference_pipeline().to(device=device, dtype=dtype))
+            adapter.source = "reference"
+            return adapter
+        return None
 
     def denoiser(self) -> nn.Module:
         return self.pipeline.transformer

@@ -8,9 +8,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from adatsq.core.io import atomic_write, write_json
 from adatsq.errors import CheckpointError
-from adatsq.io import atomic_write, write_json
-from adatsq.tokens.umm.model import MiniUMM, UMMConfig
+from adatsq.models.umm.model import MiniUMM, UMMConfig
 
 ASSET_DIR = Path(__file__).resolve().parents[2] / "assets" / "umm"
 WEIGHTS = "model.safetensors"

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from adatsq.errors import ConfigError
-from adatsq.models.digits import load_digits_16
+from adatsq.models.reference.digits import load_digits_16
 
 CANVAS = 48  # canvas side in pixels
 DIGIT = 16  # side of one pasted digit (8x8 scikit-learn digit upsampled 2x, the classifier's input size)

@@ -26,9 +26,9 @@ from safetensors.torch import load_file
 
 from adatsq.errors import CheckpointError, ConfigError
 from adatsq.models.base import StepCallback
-from adatsq.models.digits import IMAGE_SIZE, NUM_CLASSES
+from adatsq.models.reference.digits import IMAGE_SIZE, NUM_CLASSES
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 WEIGHTS_FILE = ASSETS / "reference_dit.safetensors"
 META_FILE = ASSETS / "reference_dit.json"
 

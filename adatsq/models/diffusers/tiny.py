@@ -18,7 +18,7 @@ import torch
 import transformers
 
 from adatsq.errors import ConfigError
-from adatsq.models.diffusers_config import DiffusersSampling, write_settings
+from adatsq.models.diffusers.config import DiffusersSampling, write_settings
 
 _CHARS = string.ascii_letters + string.digits + ",.'!?-"
 

@@ -15,9 +15,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from adatsq.errors import CheckpointError
-from adatsq.models.digits import IMAGE_SIZE, NUM_CLASSES
+from adatsq.models.reference.digits import IMAGE_SIZE, NUM_CLASSES
 
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 WEIGHTS_FILE = ASSETS / "digit_classifier.safetensors"
 META_FILE = ASSETS / "digit_classifier.json"
 

@@ -8,8 +8,12 @@ from pathlib import Path
 from safetensors import safe_open
 from torch import nn
 
-from adatsq.checkpoint import WEIGHTS, read_config, variant_prefix
+from adatsq.checkpoint.format import CONFIG, SAFETENSORS_ERRORS, WEIGHTS, read_config, variant_prefix
+from adatsq.core.tables import table
 from adatsq.errors import CheckpointError
+from adatsq.models.layers import sensitive_layers
+from adatsq.models.resolve import adapter_for
+from adatsq.plan.inspect import inspect_plan_file
 
 DTYPE_BYTES = {
     "BOOL": 1,
@@ -25,16 +29,6 @@ DTYPE_BYTES = {
 }
 
 
-def table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows, strict=True)]
-    lines = [
-        "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
-    ]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
 def tensor_bytes(path: Path) -> dict[str, int]:
     """Stored bytes of every tensor, read from the safetensors header only."""
     try:
@@ -47,7 +41,7 @@ def tensor_bytes(path: Path) -> dict[str, int]:
                     count *= dim
                 sizes[key] = count * DTYPE_BYTES[view.get_dtype()]
             return sizes
-    except Exception as err:  # safetensors raises several types for damaged files
+    except SAFETENSORS_ERRORS as err:
         raise CheckpointError(f"{path} is truncated or corrupted ({err}); re-run quantize") from None
 
 
@@ -76,9 +70,6 @@ def inspect_checkpoint(directory: Path) -> str:
 
 def inspect_model(model: str | Path) -> str:
     """Every Linear layer of a float model: what recipes' targets / ignore / pin regexes match against."""
-    from adatsq.models.diffusers_layers import sensitive_layers
-    from adatsq.models.resolve import adapter_for
-
     adapter = adapter_for(model)
     denoiser = adapter.denoiser()
     ignored, sensitive = adapter.default_ignore(), sensitive_layers(denoiser)
@@ -98,7 +89,7 @@ def inspect_path(path: Path) -> str:
     """A checkpoint folder, a plan / frontier JSON, or a float model ('reference' or a diffusers folder)."""
     if (
         path.is_dir()
-        and not (path / "adatsq_config.json").exists()
+        and not (path / CONFIG).exists()
         and ((path / "model_index.json").exists() or (path / "config.json").exists())
     ):
         return inspect_model(path)
@@ -107,8 +98,6 @@ def inspect_path(path: Path) -> str:
     if path.is_dir():
         return inspect_checkpoint(path)
     if path.suffix == ".json" and path.is_file():
-        from adatsq.plan.inspect import inspect_plan_file
-
         return inspect_plan_file(path)
     raise CheckpointError(
         f"{str(path)!r} is neither a checkpoint folder, a plan/frontier .json file, 'reference' "

@@ -1,4 +1,5 @@
-"""Decorator + dict registries: quantization methods, model adapters and token reducers register alike."""
+"""Decorator + dict registries: quantization methods, model adapters, token reducers, plan searches and CLI
+commands all register alike."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class Registry(Generic[T]):
     def register(self, name: str) -> Callable[[T], T]:
         def decorator(item: T) -> T:
             if name in self._items:
-                raise ValueError(f"{self.kind} {name!r} is registered twice")
+                raise ConfigError(f"{self.kind} {name!r} is registered twice")
             self._items[name] = item
             return item
 

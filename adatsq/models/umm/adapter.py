@@ -1,9 +1,8 @@
 """The reference UMM as a quantization target: its generation path is the denoiser AdaTSQ quantizes.
 
 The UMM has one decoder for understanding and generation (no separate generation experts), so the
-quantized decoder layers serve both; `adatsq.load(DIR, token_reduction="g2tr", keep=0.5)` then gives a
-`UnifiedModel` whose understanding path reduces visual tokens while generation keeps every latent token.
-Understanding runs the decoder variants of the last (clean-image) timestep segment.
+quantized decoder layers serve both; `adatsq.tokens.umm.unified` adds understanding with visual-token
+reduction on top of a loaded adapter.
 """
 
 from __future__ import annotations
@@ -17,11 +16,9 @@ from torch import Tensor, nn
 
 from adatsq.errors import ConfigError
 from adatsq.models.base import ADAPTERS, ModelAdapter, StepCallback, read_base_json, write_base_json
-from adatsq.quant.linear import TimestepQuantLinear
-from adatsq.tokens.umm.adapter import Answer, UMMReduction
-from adatsq.tokens.umm.data import QUADRANTS, VOCAB, gen_prompt, tokenize
-from adatsq.tokens.umm.model import MiniUMM, UMMConfig
-from adatsq.tokens.umm.weights import load_umm
+from adatsq.models.umm.data import QUADRANTS, VOCAB, gen_prompt, tokenize
+from adatsq.models.umm.model import MiniUMM, UMMConfig
+from adatsq.models.umm.weights import load_umm
 
 BASE_FILE = "umm_base.json"
 NULL_PROMPT = gen_prompt(None, None)
@@ -47,6 +44,15 @@ class UMMGenerationAdapter(ModelAdapter):
     def __init__(self, model: MiniUMM | None = None, steps: int = 25, guidance: float = 3.0) -> None:
         self.flow = FlowDenoiser((model or load_umm()).eval())
         self.steps, self.guidance = steps, guidance
+
+    @classmethod
+    def open(cls, model: Any, dtype: torch.dtype | None, device: str | None) -> UMMGenerationAdapter | None:
+        """'umm': the shipped reference unified model (float32 on the CPU)."""
+        if isinstance(model, (str, Path)) and str(model) == "umm":
+            adapter = cls()
+            adapter.source = "umm"
+            return adapter
+        return None
 
     @property
     def model(self) -> MiniUMM:
@@ -90,21 +96,11 @@ class UMMGenerationAdapter(ModelAdapter):
         step_callback: StepCallback | None = None,
     ) -> Tensor:
         """Images [B, 1, H, W] in [-1, 1]; gradients flow when enabled (Fisher weights use them)."""
-        model = self.model
-        c = model.config
         prompts = torch.tensor([tokenize(text) for text in inputs])
-        both = torch.cat([prompts, torch.tensor([tokenize(NULL_PROMPT)] * len(inputs))])
-        x = torch.randn(
-            len(inputs), c.gen_grid**2, c.gen_token_dim, generator=torch.Generator().manual_seed(seed)
+        null_prompts = torch.tensor([tokenize(NULL_PROMPT)] * len(inputs))
+        return self.model.sample_flow(
+            prompts, null_prompts, num_steps, self.guidance, seed, self.flow, step_callback
         )
-        for i, t0 in enumerate(self.step_timesteps(num_steps)):
-            t1 = 1 - (i + 1) / num_steps
-            v_cond, v_null = self.flow(both, torch.cat([x, x]), torch.full((2 * len(inputs),), t0)).chunk(2)
-            x = x + (t1 - t0) * (v_null + self.guidance * (v_cond - v_null))
-            if step_callback is not None:
-                replaced = step_callback(i, x)
-                x = x if replaced is None else replaced
-        return model.decode_latents(model.unpatchify(x))
 
     def save_base(self, directory: Path) -> None:
         base = {"config": self.model.config.to_dict(), "steps": self.steps, "guidance": self.guidance}
@@ -114,32 +110,3 @@ class UMMGenerationAdapter(ModelAdapter):
     def load_base(cls, directory: Path) -> UMMGenerationAdapter:
         base = read_base_json(directory, BASE_FILE)
         return cls(MiniUMM(UMMConfig.from_dict(base["config"])), base["steps"], base["guidance"])
-
-    def user_model(self) -> UnifiedModel:
-        return UnifiedModel(self)
-
-    def with_token_reduction(self, method: str, keep: float) -> UnifiedModel:
-        return UnifiedModel(self, method, keep)
-
-
-class UnifiedModel:
-    """Understanding (optionally with visual-token reduction) and generation of one (quantized) UMM."""
-
-    def __init__(self, adapter: UMMGenerationAdapter, token_reduction: str | None = None, keep: float = 1.0):
-        self.adapter = adapter
-        self.reduction = UMMReduction(adapter.model)
-        self.token_reduction, self.keep = token_reduction, keep
-        self._switching = [m for m in adapter.flow.modules() if isinstance(m, TimestepQuantLinear)]
-
-    def answer(
-        self, images: Tensor, questions: dict[str, Tensor], generator: torch.Generator | None = None
-    ) -> Answer:
-        """Answer logits per question type, with the configured reducer on the understanding tokens."""
-        for layer in self._switching:
-            layer.set_segment(len(layer.segment_bits) - 1)
-        return self.reduction.answer(images, questions, self.token_reduction, self.keep, generator)
-
-    @torch.no_grad()
-    def generate(self, prompts: Sequence[str], seed: int = 0, steps: int | None = None) -> Tensor:
-        """Images for 'draw <digit> <quadrant>' prompts; generation tokens are never reduced."""
-        return self.adapter.generate(list(prompts), seed, steps or self.adapter.steps)

@@ -15,12 +15,12 @@ from torch import nn
 from adatsq.calibrate.capture import LayerStats
 from adatsq.calibrate.fisher import fisher_weights, segment_weights
 from adatsq.calibrate.runner import collect_stats
-from adatsq.engine import select_layers
+from adatsq.calibrate.segments import SegmentMap
+from adatsq.engine.surgery import select_layers
 from adatsq.errors import PlanError
 from adatsq.models.base import ModelAdapter
 from adatsq.models.resolve import adapter_for
 from adatsq.recipe import Recipe
-from adatsq.timesteps import SegmentMap
 
 
 @dataclass

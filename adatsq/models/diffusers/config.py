@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
+from adatsq.core.io import write_json
 from adatsq.errors import ConfigError
-from adatsq.io import write_json
 
 SETTINGS_FILE = "adatsq_pipeline.json"
 SETTINGS_VERSION = 1

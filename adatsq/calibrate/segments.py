@@ -14,6 +14,7 @@ from torch.utils.hooks import RemovableHandle
 
 from adatsq.errors import PlanError
 from adatsq.models.base import ModelAdapter
+from adatsq.quant.linear import TimestepQuantLinear
 
 
 def split_steps(num_steps: int, groups: int) -> list[tuple[int, int]]:
@@ -82,3 +83,19 @@ def install_segment_hook(
         on_call(segments.segment_of(t), step)
 
     return adapter.denoiser().register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def attach_segment_switching(adapter: ModelAdapter, segments: SegmentMap) -> None:
+    """One pre-hook on the denoiser points every switching layer at the current segment's variant."""
+    switching = [m for m in adapter.denoiser().modules() if isinstance(m, TimestepQuantLinear)]
+    if not switching:
+        return
+    current = [-1]
+
+    def on_call(segment: int, step: int) -> None:
+        if segment != current[0]:
+            for layer in switching:
+                layer.set_segment(segment)
+            current[0] = segment
+
+    install_segment_hook(adapter, segments, on_call)

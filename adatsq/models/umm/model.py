@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from transformers import Qwen2Config, Qwen2ForCausalLM, SiglipVisionConfig, SiglipVisionModel
 
 from adatsq.errors import ConfigError
-from adatsq.tokens.umm.data import CANVAS, VOCAB
+from adatsq.models.umm.data import CANVAS, VOCAB
 
 FORMAT_VERSION = 1
 
@@ -329,6 +329,22 @@ class MiniUMM(nn.Module):
 
         `velocity(prompt_ids, x, t)` replaces the plain prediction (adapters force reductions this way).
         """
+        return self.sample_flow(prompts, null_prompts, steps, guidance, seed, velocity)
+
+    def sample_flow(
+        self,
+        prompts: Tensor,
+        null_prompts: Tensor,
+        steps: int,
+        guidance: float,
+        seed: int,
+        velocity: Callable[[Tensor, Tensor, Tensor], Tensor] | None = None,
+        step_callback: Callable[[int, Tensor], Tensor | None] | None = None,
+    ) -> Tensor:
+        """`sample` with gradients allowed and a per-step callback (quantization and Fisher weights use it).
+
+        `step_callback(step, x)` sees the latents after every step and may return replacements.
+        """
         c = self.config
         b = prompts.shape[0]
         x = torch.randn(b, c.gen_grid**2, c.gen_token_dim, generator=torch.Generator().manual_seed(seed))
@@ -338,6 +354,9 @@ class MiniUMM(nn.Module):
             t0, t1 = 1 - i / steps, 1 - (i + 1) / steps
             v_cond, v_null = velocity(both, torch.cat([x, x]), torch.full((2 * b,), t0)).chunk(2)
             x = x + (t1 - t0) * (v_null + guidance * (v_cond - v_null))
+            if step_callback is not None:
+                replaced = step_callback(i, x)
+                x = x if replaced is None else replaced
         return self.decode_latents(self.unpatchify(x))
 
     def num_parameters(self) -> dict[str, int]:

@@ -21,18 +21,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adatsq.calibrate.fisher import plot_fisher
-from adatsq.calibrate.session import Calibration, calibrate, measured_tokens
-from adatsq.engine import (
-    LayerSpec,
-    QuantizedModel,
-    Variant,
-    quantize,
-    select_layers,
-    solve_variant,
-    variant_statistics,
-)
+from adatsq.checkpoint.format import LayerSpec, QuantizedModel
+from adatsq.engine.calibration import Calibration, calibrate, measured_tokens
+from adatsq.engine.meter import TrajectoryMeter
+from adatsq.engine.solve import Variant, solve_variant, variant_statistics
+from adatsq.engine.surgery import select_layers
+from adatsq.engine.uniform import quantize
 from adatsq.errors import ConfigError, PlanError
-from adatsq.measure import TrajectoryMeter
 from adatsq.models.resolve import adapter_for
 from adatsq.plan.beam import METHODS
 from adatsq.plan.cost import budget_cost, cheapest_plan_cost, check_budget_feasible

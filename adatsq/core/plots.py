@@ -6,7 +6,7 @@ from pathlib import Path
 
 from matplotlib.figure import Figure
 
-from adatsq.io import atomic_write
+from adatsq.core.io import atomic_write
 
 
 def new_figure(width: float = 6.0, height: float = 3.5) -> Figure:

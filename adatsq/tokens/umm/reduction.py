@@ -21,10 +21,10 @@ import torch
 from torch import Tensor
 
 from adatsq.errors import TokenReductionError
+from adatsq.models.umm.model import MiniUMM, segment_mask
 from adatsq.tokens.base import Reduced, ReductionContext, TokenReducer, get_reducer, keep_count
 from adatsq.tokens.baselines import pdrop_schedule, pdrop_stage_ratio, prune_stage
 from adatsq.tokens.g2tr import anchors_from_latent
-from adatsq.tokens.umm.model import MiniUMM, segment_mask
 
 IN_LM = ("fastv", "pdrop", "vnorm")
 GENERATION_REDUCERS = ("g2tr", "grid", "random", "tome")

@@ -7,12 +7,13 @@ from typing import Any
 
 import torch
 
-from adatsq.calibrate.session import Calibration
-from adatsq.engine import Variant, set_module
+from adatsq.calibrate.segments import install_segment_hook
+from adatsq.core.modules import set_module
+from adatsq.engine.calibration import Calibration
+from adatsq.engine.solve import Variant
 from adatsq.plan.schema import PartialPlan
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear
 from adatsq.recipe import Recipe
-from adatsq.timesteps import install_segment_hook
 
 
 class _StopSampling(Exception):

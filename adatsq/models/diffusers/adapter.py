@@ -15,6 +15,7 @@ import inspect
 import logging
 import os
 import random
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,7 @@ from torch import nn
 
 from adatsq.errors import AdatsqError, ConfigError
 from adatsq.models.base import ADAPTERS, ModelAdapter, StepCallback
-from adatsq.models.diffusers_config import (
+from adatsq.models.diffusers.config import (
     DEFAULT_PROMPTS,
     RESERVED_CALL_KWARGS,
     DiffusersSampling,
@@ -34,8 +35,8 @@ from adatsq.models.diffusers_config import (
     read_settings,
     write_settings,
 )
-from adatsq.models.diffusers_layers import default_ignore, linear_names, sensitive_layers
-from adatsq.models.diffusers_steps import StepWatcher
+from adatsq.models.diffusers.steps import StepWatcher
+from adatsq.models.layers import default_ignore, linear_names, sensitive_layers
 
 __all__ = [
     "DiffusersPipelineAdapter",
@@ -47,12 +48,17 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-# diffusers renamed from_pretrained's `torch_dtype` to `dtype` (PR 14205) and warns on the old name.
-_DTYPE_KWARG = "dtype" if hasattr(diffusers.utils.deprecation_utils, "_resolve_dtype") else "torch_dtype"
 _NO_TRANSFORMER = (
     " (UNet pipelines are not supported); pass a DiT pipeline: Flux, SD3, PixArt, DiT, Wan, Z-Image, "
     "QwenImage"
 )
+
+
+def _from_pretrained(cls: Any, folder: Path, kwargs: dict[str, Any]) -> Any:
+    """`from_pretrained` with `torch_dtype`: newer diffusers prefer `dtype` (and warn), older know only it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        return cls.from_pretrained(folder, **kwargs)
 
 
 def _diffusers_class(name: Any, path: Path) -> type:
@@ -151,6 +157,19 @@ class DiffusersPipelineAdapter(ModelAdapter):
     # ---------------------------------------------------------------- loading / saving
 
     @classmethod
+    def open(
+        cls, model: Any, dtype: torch.dtype | None, device: str | None
+    ) -> DiffusersPipelineAdapter | None:
+        """A DiffusionPipeline object, or an existing local folder (pipeline or bare transformer)."""
+        if isinstance(model, diffusers.DiffusionPipeline):
+            return cls(model)
+        if isinstance(model, (str, Path)) and Path(model).exists():
+            adapter = cls.from_folder(model, dtype=dtype, device=device)
+            adapter.source = str(Path(model).resolve())
+            return adapter
+        return None
+
+    @classmethod
     def from_folder(
         cls,
         path: str | os.PathLike[str],
@@ -181,7 +200,7 @@ class DiffusersPipelineAdapter(ModelAdapter):
         dtype = stored_dtype if dtype is None else dtype
         kwargs: dict[str, Any] = {"local_files_only": True}
         if dtype is not None:
-            kwargs[_DTYPE_KWARG] = dtype
+            kwargs["torch_dtype"] = dtype  # every supported diffusers takes it (newer ones warn: see below)
 
         if (folder / "model_index.json").is_file():
             index = read_json(folder / "model_index.json")
@@ -190,10 +209,10 @@ class DiffusersPipelineAdapter(ModelAdapter):
                 raise ConfigError(f"{pipe_cls.__name__} in {folder} has no transformer{_NO_TRANSFORMER}")
             if not with_weights:
                 kwargs["transformer"] = _empty_transformer(folder / "transformer", dtype)
-            model: Any = pipe_cls.from_pretrained(folder, **kwargs)
+            model: Any = _from_pretrained(pipe_cls, folder, kwargs)
         elif (folder / "config.json").is_file():
             if with_weights:
-                model = _transformer_class(folder).from_pretrained(folder, **kwargs)
+                model = _from_pretrained(_transformer_class(folder), folder, kwargs)
             else:
                 model = _empty_transformer(folder, dtype)
             if (folder.parent / "model_index.json").is_file():

@@ -1,0 +1,91 @@
+"""Write a QuantizedModel as a checkpoint folder (temporary sibling renamed into place at the end)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from adatsq import __version__
+from adatsq.checkpoint.format import (
+    BASE,
+    CONFIG,
+    FORMAT_VERSION,
+    PLAN,
+    REPORT,
+    WEIGHTS,
+    QuantizedModel,
+    layer_variants,
+    variant_prefix,
+)
+from adatsq.core.io import commit_output, prepare_output, write_json
+from adatsq.plan.schema import save_plan
+
+log = logging.getLogger(__name__)
+
+
+def checkpoint_tensors(qmodel: QuantizedModel) -> dict[str, torch.Tensor]:
+    """Every denoiser tensor: quantized layers as `<name>.w{bits}.<buffer>`, the rest as in state_dict."""
+    denoiser = qmodel.adapter.denoiser()
+    tensors: dict[str, torch.Tensor] = {}
+    for name in qmodel.layers:
+        for bits, variant in layer_variants(denoiser.get_submodule(name)).items():
+            for key, value in variant.state_dict().items():
+                tensors[variant_prefix(name, bits) + key] = value
+    prefixes = tuple(f"{name}." for name in qmodel.layers)
+    for key, value in denoiser.state_dict().items():
+        if not key.startswith(prefixes):
+            tensors[key] = value
+    # safetensors refuses shared storage: tied or expanded tensors are stored as independent copies
+    return {key: value.detach().cpu().contiguous().clone() for key, value in tensors.items()}
+
+
+def checkpoint_config(qmodel: QuantizedModel) -> dict[str, Any]:
+    denoiser = qmodel.adapter.denoiser()
+    layers = {}
+    for name, spec in qmodel.layers.items():
+        variant = next(iter(layer_variants(denoiser.get_submodule(name)).values()))
+        layers[name] = {
+            "bits": list(spec.bits),
+            "group_size": spec.group_size,
+            "symmetric": spec.symmetric,
+            "in_features": variant.in_features,
+            "out_features": variant.out_features,
+        }
+    return {
+        "format_version": FORMAT_VERSION,
+        "adatsq_version": __version__,
+        "method": qmodel.recipe.method,
+        "model": {"family": qmodel.adapter.family, "source": qmodel.adapter.source},
+        "activation": {"bits": qmodel.activation.bits},
+        "num_steps": len(qmodel.segments.timesteps),
+        "timesteps": list(qmodel.segments.timesteps),
+        "segments": [list(pair) for pair in qmodel.segments.intervals()],
+        "segment_steps": [list(pair) for pair in qmodel.segments.step_ranges],
+        "layers": layers,
+        "ignore": list(qmodel.ignore),
+        "recipe": qmodel.recipe.to_dict(),
+    }
+
+
+def save_checkpoint(qmodel: QuantizedModel, directory: Path, overwrite: bool = False) -> Path:
+    tmp = prepare_output(directory, overwrite)
+    try:
+        save_file(checkpoint_tensors(qmodel), str(tmp / WEIGHTS), metadata={"format": "pt", "adatsq": "1"})
+        write_json(tmp / CONFIG, checkpoint_config(qmodel))
+        qmodel.adapter.save_base(tmp / BASE)
+        if qmodel.plan is not None:
+            save_plan(qmodel.plan, tmp / PLAN)
+        report = dict(qmodel.report)
+        report["checkpoint_bytes"] = (tmp / WEIGHTS).stat().st_size
+        write_json(tmp / REPORT, report)
+        commit_output(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote %s", directory)
+    return directory

@@ -1,0 +1,66 @@
+"""One quantized variant of one layer: outlier transform, then GPTQ (or RTN) on the segments' statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adatsq.calibrate.capture import LayerStats
+from adatsq.checkpoint.format import LayerSpec
+from adatsq.quant.gptq import gptq
+from adatsq.quant.linear import QuantLinear
+from adatsq.quant.rtn import rtn
+from adatsq.quant.scheme import ActScheme, QuantizedWeight, WeightScheme
+from adatsq.quant.transforms import InputTransform, build_transform, transform_hessian
+from adatsq.recipe import Recipe
+
+
+@dataclass
+class Variant:
+    """One solved bit-width of one layer: codes, the input transform it was solved in, solver info."""
+
+    weight: QuantizedWeight
+    transform: InputTransform
+    info: dict[str, float]
+
+    def module(self, bias: torch.Tensor | None, act: ActScheme) -> QuantLinear:
+        return QuantLinear.from_quantized(self.weight, bias, act, transform=self.transform)
+
+
+def solve_variant(
+    weight: torch.Tensor,
+    hessian: torch.Tensor | None,
+    act_absmax: torch.Tensor | None,
+    scheme: WeightScheme,
+    recipe: Recipe,
+) -> Variant:
+    """One variant: outlier transforms first, then GPTQ on the transformed Hessian (RTN without one)."""
+    target, transform = build_transform(weight, recipe.outliers, act_absmax)
+    if hessian is None:
+        return Variant(rtn(target, scheme), transform, {})
+    result = gptq(
+        target,
+        transform_hessian(hessian, transform),
+        scheme,
+        damp=recipe.gptq.damping,
+        act_order=recipe.gptq.act_order,
+        block_size=recipe.gptq.block_size,
+    )
+    info = {"loss": result.loss, "damp": result.damp, "damp_escalations": result.damp_escalations}
+    return Variant(result.weight, transform, info)
+
+
+def segment_mask(spec: LayerSpec, bits: int) -> torch.Tensor:
+    """Which timestep segments of a layer's row use the `bits` variant."""
+    return torch.tensor([b == bits for b in spec.bits])
+
+
+def variant_statistics(
+    stats: LayerStats, mask: torch.Tensor, segment_weights: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, channel absmax) of the segments in `mask`: H = Σ w_s · XᵀX_s / n_s, weights renormalised."""
+    weights = mask.to(torch.float64)
+    if segment_weights is not None and float((segment_weights * mask).sum()) > 0:
+        weights = weights * segment_weights.to(torch.float64)
+    return stats.hessian(weights / weights.sum()), stats.absmax[mask].amax(dim=0)
