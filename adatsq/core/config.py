@@ -47,47 +47,51 @@ def to_mapping(obj: Any) -> Any:
     return obj
 
 
-def _coerce(hint: Any, value: Any, where: str) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        errors = []
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _coerce(option, value, where)
-            except ConfigError as err:
-                errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {hint}")
-    if dataclasses.is_dataclass(hint):
-        return from_mapping(hint, value, where)
-    if origin is tuple:
-        args = typing.get_args(hint)
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(args[0], item, f"{where}[{i}]") for i, item in enumerate(value))
-        if len(args) != len(value):
-            raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-        return tuple(
-            _coerce(arg, item, f"{where}[{i}]") for i, (arg, item) in enumerate(zip(args, value, strict=True))
-        )
-    if origin is dict:
-        key_type, value_type = typing.get_args(hint)
-        if not isinstance(value, Mapping):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return {
-            _coerce(key_type, k, f"{where} key"): _coerce(value_type, v, f"{where}.{k}")
-            for k, v in value.items()
-        }
-    if origin is typing.Literal:
-        allowed = typing.get_args(hint)
-        if value not in allowed:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
-        return value
+def _coerce_union(hint: Any, value: Any, where: str) -> Any:
+    options = typing.get_args(hint)
+    if value is None and type(None) in options:
+        return None
+    errors = []
+    for option in options:
+        if option is type(None):
+            continue
+        try:
+            return _coerce(option, value, where)
+        except ConfigError as err:
+            errors.append(str(err))
+    raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {value!r} matches none of {hint}")
+
+
+def _coerce_tuple(hint: Any, value: Any, where: str) -> tuple:
+    args = typing.get_args(hint)
+    if not isinstance(value, (list, tuple)):
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    if len(args) == 2 and args[1] is Ellipsis:
+        return tuple(_coerce(args[0], item, f"{where}[{i}]") for i, item in enumerate(value))
+    if len(args) != len(value):
+        raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+    return tuple(
+        _coerce(arg, item, f"{where}[{i}]") for i, (arg, item) in enumerate(zip(args, value, strict=True))
+    )
+
+
+def _coerce_dict(hint: Any, value: Any, where: str) -> dict:
+    key_type, value_type = typing.get_args(hint)
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+    return {
+        _coerce(key_type, k, f"{where} key"): _coerce(value_type, v, f"{where}.{k}") for k, v in value.items()
+    }
+
+
+def _coerce_literal(hint: Any, value: Any, where: str) -> Any:
+    allowed = typing.get_args(hint)
+    if value not in allowed:
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(repr, allowed))}")
+    return value
+
+
+def _coerce_plain(hint: Any, value: Any, where: str) -> Any:
     if hint is Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
@@ -97,3 +101,19 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if not isinstance(value, hint):
         raise ConfigError(f"{where}: expected {hint.__name__}, got {type(value).__name__} {value!r}")
     return value
+
+
+# typing origin -> coercion of a value against a hint with that origin
+_COERCERS = {
+    typing.Union: _coerce_union,
+    types.UnionType: _coerce_union,
+    tuple: _coerce_tuple,
+    dict: _coerce_dict,
+    typing.Literal: _coerce_literal,
+}
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return from_mapping(hint, value, where)
+    return _COERCERS.get(typing.get_origin(hint), _coerce_plain)(hint, value, where)

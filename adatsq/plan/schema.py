@@ -201,6 +201,50 @@ class PartialPlan:
         return self.last_segment == len(self.segments) - 1
 
 
+def _plan_layers(value: Any, n_seg: int) -> dict[str, tuple[int, ...]]:
+    if not isinstance(value, Mapping) or not value:
+        raise PlanError("plan.layers must be a non-empty object {layer name: [bits per segment]}")
+    layers: dict[str, tuple[int, ...]] = {}
+    for name, row in value.items():
+        if not isinstance(name, str) or not name:
+            raise PlanError(f"plan.layers keys must be layer names, got {name!r}")
+        if not isinstance(row, (list, tuple, np.ndarray)) or len(row) != n_seg:
+            raise PlanError(
+                f"plan.layers[{name!r}] must list {n_seg} bit-widths (one per segment), got {row!r}"
+            )
+        layers[name] = tuple(_bits(b, f"plan.layers[{name!r}][{s}]") for s, b in enumerate(row))
+    return layers
+
+
+def _plan_candidates(value: Any) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or not value:
+        raise PlanError(f"plan.candidates must be a non-empty list of bits, got {value!r}")
+    candidates = tuple(_bits(b, "plan.candidates") for b in value)
+    if list(candidates) != sorted(set(candidates)):
+        raise PlanError(f"plan.candidates must be ascending and unique, got {list(candidates)}")
+    return candidates
+
+
+def _plan_fisher_weights(value: Any, n_seg: int) -> list[float]:
+    if not isinstance(value, (list, tuple, np.ndarray)) or len(value) != n_seg:
+        raise PlanError(f"plan.fisher_weights must list {n_seg} numbers (one per segment)")
+    weights = [as_float(w, f"plan.fisher_weights[{i}]") for i, w in enumerate(value)]
+    if min(weights) < 0 or abs(sum(weights) - 1.0) > 1e-3:
+        raise PlanError(f"plan.fisher_weights must be non-negative and sum to 1, got {weights}")
+    return weights
+
+
+def _plan_model(value: Any) -> dict[str, str]:
+    if not isinstance(value, Mapping) or not {"family", "fingerprint"} <= set(value):
+        raise PlanError("plan.model must be an object with at least 'family' and 'fingerprint'")
+    model = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not isinstance(item, str):
+            raise PlanError(f"plan.model must map strings to strings, got {key!r}: {item!r}")
+        model[key] = item
+    return model
+
+
 @dataclass(frozen=True)
 class Plan:
     """Weight bits per layer and segment, with everything needed to check it against a model and sampler.
@@ -231,35 +275,10 @@ class Plan:
         num_steps = as_int(self.num_steps, "plan.num_steps")
         segments = validate_segments(self.segments, num_steps, what)
         n_seg = len(segments)
-        if not isinstance(self.layers, Mapping) or not self.layers:
-            raise PlanError("plan.layers must be a non-empty object {layer name: [bits per segment]}")
-        layers: dict[str, tuple[int, ...]] = {}
-        for name, row in self.layers.items():
-            if not isinstance(name, str) or not name:
-                raise PlanError(f"plan.layers keys must be layer names, got {name!r}")
-            if not isinstance(row, (list, tuple, np.ndarray)) or len(row) != n_seg:
-                raise PlanError(
-                    f"plan.layers[{name!r}] must list {n_seg} bit-widths (one per segment), got {row!r}"
-                )
-            layers[name] = tuple(_bits(b, f"plan.layers[{name!r}][{s}]") for s, b in enumerate(row))
-        if not isinstance(self.candidates, (list, tuple)) or not self.candidates:
-            raise PlanError(f"plan.candidates must be a non-empty list of bits, got {self.candidates!r}")
-        candidates = tuple(_bits(b, "plan.candidates") for b in self.candidates)
-        if list(candidates) != sorted(set(candidates)):
-            raise PlanError(f"plan.candidates must be ascending and unique, got {list(candidates)}")
-        weights = self.fisher_weights
-        if not isinstance(weights, (list, tuple, np.ndarray)) or len(weights) != n_seg:
-            raise PlanError(f"plan.fisher_weights must list {n_seg} numbers (one per segment)")
-        weights = [as_float(w, f"plan.fisher_weights[{i}]") for i, w in enumerate(weights)]
-        if min(weights) < 0 or abs(sum(weights) - 1.0) > 1e-3:
-            raise PlanError(f"plan.fisher_weights must be non-negative and sum to 1, got {weights}")
-        if not isinstance(self.model, Mapping) or not {"family", "fingerprint"} <= set(self.model):
-            raise PlanError("plan.model must be an object with at least 'family' and 'fingerprint'")
-        model = {}
-        for key, value in self.model.items():
-            if not isinstance(key, str) or not isinstance(value, str):
-                raise PlanError(f"plan.model must map strings to strings, got {key!r}: {value!r}")
-            model[key] = value
+        layers = _plan_layers(self.layers, n_seg)
+        candidates = _plan_candidates(self.candidates)
+        weights = _plan_fisher_weights(self.fisher_weights, n_seg)
+        model = _plan_model(self.model)
         if self.budget is not None and not isinstance(self.budget, Budget):
             raise PlanError(f"plan.budget must be a Budget or None, got {type(self.budget).__name__}")
         for attr, value in (
