@@ -17,7 +17,7 @@ from torch import nn
 
 from adatsq.core.io import write_json
 from adatsq.core.registry import Registry
-from adatsq.errors import CheckpointError
+from adatsq.errors import CheckpointError, ConfigError
 from adatsq.models.layers import default_ignore
 
 # Called after every denoising step with (step_index, latents); may return replacement latents
@@ -109,3 +109,14 @@ def read_base_json(directory: Path, name: str) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; the checkpoint folder is incomplete: re-run quantize")
     return json.loads(path.read_text())
+
+
+def parse_class_labels(lines: list[str], classes: int, model_name: str) -> list[int]:
+    """Calibration lines of a class-conditional model: one integer label in [0, classes) per line."""
+    for i, line in enumerate(lines, 1):
+        if not (line.isdigit() and int(line) < classes):
+            raise ConfigError(
+                f"calibration line {i}: {line!r} is not a class label; {model_name} takes "
+                f"ints 0..{classes - 1}, one per line"
+            )
+    return [int(line) for line in lines]

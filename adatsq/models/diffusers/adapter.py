@@ -26,7 +26,7 @@ from accelerate import init_empty_weights
 from torch import nn
 
 from adatsq.errors import AdatsqError, ConfigError
-from adatsq.models.base import ADAPTERS, ModelAdapter, StepCallback
+from adatsq.models.base import ADAPTERS, ModelAdapter, StepCallback, parse_class_labels
 from adatsq.models.diffusers.config import (
     DEFAULT_PROMPTS,
     RESERVED_CALL_KWARGS,
@@ -284,13 +284,7 @@ class DiffusersPipelineAdapter(ModelAdapter):
         classes = self._num_classes()
         if classes is None:
             return lines
-        bad = [(i, line) for i, line in enumerate(lines, 1) if not (line.isdigit() and int(line) < classes)]
-        if bad:
-            raise ConfigError(
-                f"calibration line {bad[0][0]}: {bad[0][1]!r} is not a class label; "
-                f"{type(self.transformer).__name__} takes ints 0..{classes - 1}, one per line"
-            )
-        return [int(line) for line in lines]
+        return parse_class_labels(lines, classes, type(self.transformer).__name__)
 
     def generate(
         self,

@@ -17,9 +17,13 @@ import tokenizers
 import torch
 import transformers
 
-from adatsq.errors import ConfigError
+from adatsq.core.registry import Registry
 from adatsq.models.diffusers.config import DiffusersSampling, write_settings
 
+# family -> builder of (pipeline at toy sizes, sampling settings that fit them)
+TINY_PIPELINES: Registry[Callable[[], tuple[diffusers.DiffusionPipeline, DiffusersSampling]]] = Registry(
+    "tiny family"
+)
 _CHARS = string.ascii_letters + string.digits + ",.'!?-"
 
 
@@ -97,6 +101,7 @@ def _vae(latent_channels: int) -> diffusers.AutoencoderKL:
     )
 
 
+@TINY_PIPELINES.register("flux")
 def _flux() -> tuple[diffusers.DiffusionPipeline, DiffusersSampling]:
     clip_tok, t5_tok = _clip_tokenizer(16), _t5_tokenizer(16)
     pipe = diffusers.FluxPipeline(
@@ -125,6 +130,7 @@ def _flux() -> tuple[diffusers.DiffusionPipeline, DiffusersSampling]:
     return pipe, DiffusersSampling(height=16, width=16, max_sequence_length=8)
 
 
+@TINY_PIPELINES.register("sd3")
 def _sd3() -> tuple[diffusers.DiffusionPipeline, DiffusersSampling]:
     clip_tok, t5_tok = _clip_tokenizer(16), _t5_tokenizer(16)
     pipe = diffusers.StableDiffusion3Pipeline(
@@ -178,6 +184,7 @@ def _pixart(pipeline_cls: type) -> tuple[diffusers.DiffusionPipeline, DiffusersS
     return pipe, DiffusersSampling(height=16, width=16, max_sequence_length=8, extra=extra)
 
 
+@TINY_PIPELINES.register("dit")
 def _dit() -> tuple[diffusers.DiffusionPipeline, DiffusersSampling]:
     pipe = diffusers.DiTPipeline(
         transformer=diffusers.DiTTransformer2DModel(
@@ -196,6 +203,7 @@ def _dit() -> tuple[diffusers.DiffusionPipeline, DiffusersSampling]:
     return pipe, DiffusersSampling()
 
 
+@TINY_PIPELINES.register("wan")
 def _wan() -> tuple[diffusers.DiffusionPipeline, DiffusersSampling]:
     t5_tok = _t5_tokenizer(16)
     pipe = diffusers.WanPipeline(
@@ -228,6 +236,7 @@ def _wan() -> tuple[diffusers.DiffusionPipeline, DiffusersSampling]:
     return pipe, DiffusersSampling(height=32, width=32, max_sequence_length=8, extra={"num_frames": 5})
 
 
+@TINY_PIPELINES.register("z-image")
 def _z_image() -> tuple[diffusers.DiffusionPipeline, DiffusersSampling]:
     tok = _qwen_tokenizer(64)
     transformer = diffusers.ZImageTransformer2DModel(
@@ -266,6 +275,7 @@ def _z_image() -> tuple[diffusers.DiffusionPipeline, DiffusersSampling]:
     return pipe, DiffusersSampling(height=16, width=16, max_sequence_length=64)
 
 
+@TINY_PIPELINES.register("qwen-image")
 def _qwen_image() -> tuple[diffusers.DiffusionPipeline, DiffusersSampling]:
     tok = _qwen_tokenizer(64)
     eos = tok.eos_token_id
@@ -324,17 +334,17 @@ def _qwen_image() -> tuple[diffusers.DiffusionPipeline, DiffusersSampling]:
     )
 
 
-_BUILDERS: dict[str, Callable[[], tuple[diffusers.DiffusionPipeline, DiffusersSampling]]] = {
-    "flux": _flux,
-    "sd3": _sd3,
-    "pixart-sigma": lambda: _pixart(diffusers.PixArtSigmaPipeline),
-    "pixart-alpha": lambda: _pixart(diffusers.PixArtAlphaPipeline),
-    "dit": _dit,
-    "wan": _wan,
-    "z-image": _z_image,
-    "qwen-image": _qwen_image,
-}
-TINY_FAMILIES = tuple(_BUILDERS)
+@TINY_PIPELINES.register("pixart-sigma")
+def _pixart_sigma() -> tuple[diffusers.DiffusionPipeline, DiffusersSampling]:
+    return _pixart(diffusers.PixArtSigmaPipeline)
+
+
+@TINY_PIPELINES.register("pixart-alpha")
+def _pixart_alpha() -> tuple[diffusers.DiffusionPipeline, DiffusersSampling]:
+    return _pixart(diffusers.PixArtAlphaPipeline)
+
+
+TINY_FAMILIES = tuple(TINY_PIPELINES.names())
 
 
 def build_tiny_pipeline(family: str, directory: str | os.PathLike[str], seed: int = 0) -> Path:
@@ -343,11 +353,9 @@ def build_tiny_pipeline(family: str, directory: str | os.PathLike[str], seed: in
     The folder also gets adatsq_pipeline.json with sampling settings that fit the toy sizes, so
     `DiffusersPipelineAdapter.from_folder(directory)` samples at a few pixels without more arguments.
     """
-    if family not in _BUILDERS:
-        raise ConfigError(f"unknown tiny family {family!r}; supported: {', '.join(TINY_FAMILIES)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        pipe, sampling = _BUILDERS[family]()
+        pipe, sampling = TINY_PIPELINES.get(family)()
     directory = Path(directory)
     pipe.save_pretrained(directory, safe_serialization=True)
     write_settings(directory, sampling, torch.float32)

@@ -9,8 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from adatsq.errors import ConfigError
-from adatsq.models.base import ADAPTERS, ModelAdapter, StepCallback, read_base_json, write_base_json
+from adatsq.models.base import (
+    ADAPTERS,
+    ModelAdapter,
+    StepCallback,
+    parse_class_labels,
+    read_base_json,
+    write_base_json,
+)
 from adatsq.models.reference.digits import NUM_CLASSES
 from adatsq.models.reference.model import (
     REFERENCE_CONFIG,
@@ -71,15 +77,7 @@ class ReferenceAdapter(ModelAdapter):
         return labels[order].tolist()
 
     def parse_inputs(self, lines: list[str]) -> list[int]:
-        labels = []
-        for i, line in enumerate(lines, 1):
-            if not line.isdigit() or int(line) >= NUM_CLASSES:
-                raise ConfigError(
-                    f"calibration line {i}: {line!r} is not a class label; the reference model takes "
-                    f"digits 0..{NUM_CLASSES - 1}, one per line"
-                )
-            labels.append(int(line))
-        return labels
+        return parse_class_labels(lines, NUM_CLASSES, "the reference model")
 
     def generate(
         self,
