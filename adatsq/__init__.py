@@ -11,10 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from adatsq.core.version import __version__
 from adatsq.errors import AdatsqError
 from adatsq.recipe import Recipe, load_recipe
-
-__version__ = "0.1.0"
 
 
 def quantize(

@@ -1,26 +1,22 @@
 """The checkpoint folder: file names, the config written beside the tensors, and what the engine hands over.
 
 A checkpoint is one folder with model.safetensors, adatsq_config.json, report.json, plan.json (adatsq
-method only) and base/ (what rebuilds the rest of the model). `QuantizedModel` is the engine's result:
-the model with its layers replaced plus what the writer needs to describe them.
+method only) and base/ (what rebuilds the rest of the model).
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from safetensors import SafetensorError
 from torch import nn
 
-from adatsq.calibrate.segments import SegmentMap
 from adatsq.errors import CheckpointError
-from adatsq.models.base import ModelAdapter
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear
-from adatsq.quant.scheme import ActScheme, WeightScheme
-from adatsq.recipe import Recipe
+from adatsq.quant.scheme import WeightScheme
 
 FORMAT_VERSION = 1
 WEIGHTS = "model.safetensors"
@@ -46,29 +42,6 @@ class LayerSpec:
 
     def scheme(self, bits: int) -> WeightScheme:
         return WeightScheme(bits=bits, group_size=self.group_size, symmetric=self.symmetric)
-
-
-@dataclass
-class QuantizedModel:
-    """A model whose selected Linear layers were replaced; `save` writes the checkpoint."""
-
-    adapter: ModelAdapter
-    recipe: Recipe
-    segments: SegmentMap
-    layers: dict[str, LayerSpec]
-    activation: ActScheme
-    ignore: tuple[str, ...]  # the ignore patterns in force (the recipe's or the family's defaults)
-    report: dict[str, Any] = field(default_factory=dict)
-    plan: Any = None  # the adatsq.plan Plan it was quantized with, written beside the checkpoint
-
-    @property
-    def model(self) -> Any:
-        return self.adapter.user_model()
-
-    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
-        from adatsq.checkpoint.save import save_checkpoint
-
-        return save_checkpoint(self, Path(directory), overwrite=overwrite)
 
 
 def variant_prefix(name: str, bits: int) -> str:

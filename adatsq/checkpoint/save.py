@@ -1,16 +1,17 @@
-"""Write a QuantizedModel as a checkpoint folder (temporary sibling renamed into place at the end)."""
+"""The engine's result (`QuantizedModel`) and how it is written as a checkpoint folder (atomically)."""
 
 from __future__ import annotations
 
 import logging
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
-from adatsq import __version__
+from adatsq.calibrate.segments import SegmentMap
 from adatsq.checkpoint.format import (
     BASE,
     CONFIG,
@@ -18,14 +19,39 @@ from adatsq.checkpoint.format import (
     PLAN,
     REPORT,
     WEIGHTS,
-    QuantizedModel,
+    LayerSpec,
     layer_variants,
     variant_prefix,
 )
 from adatsq.core.io import commit_output, prepare_output, write_json
+from adatsq.core.version import __version__
+from adatsq.models.base import ModelAdapter
 from adatsq.plan.schema import save_plan
+from adatsq.quant.scheme import ActScheme
+from adatsq.recipe import Recipe
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizedModel:
+    """A model whose selected Linear layers were replaced; `save` writes the checkpoint."""
+
+    adapter: ModelAdapter
+    recipe: Recipe
+    segments: SegmentMap
+    layers: dict[str, LayerSpec]
+    activation: ActScheme
+    ignore: tuple[str, ...]  # the ignore patterns in force (the recipe's or the family's defaults)
+    report: dict[str, Any] = field(default_factory=dict)
+    plan: Any = None  # the adatsq.plan Plan it was quantized with, written beside the checkpoint
+
+    @property
+    def model(self) -> Any:
+        return self.adapter.user_model()
+
+    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
+        return save_checkpoint(self, Path(directory), overwrite=overwrite)
 
 
 def checkpoint_tensors(qmodel: QuantizedModel) -> dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from adatsq.checkpoint.format import QuantizedModel
+from adatsq.checkpoint.save import QuantizedModel
 from adatsq.engine.adaptive import quantize_adaptive, quantize_with_plan
 from adatsq.engine.uniform import quantize as quantize_uniform
 from adatsq.plan.schema import Plan, load_plan

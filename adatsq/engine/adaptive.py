@@ -21,7 +21,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adatsq.calibrate.fisher import plot_fisher
-from adatsq.checkpoint.format import LayerSpec, QuantizedModel
+from adatsq.checkpoint.format import LayerSpec
+from adatsq.checkpoint.save import QuantizedModel
 from adatsq.engine.calibration import Calibration, calibrate, measured_tokens
 from adatsq.engine.meter import TrajectoryMeter
 from adatsq.engine.solve import Variant, solve_variant, variant_statistics

@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from adatsq.calibrate.capture import LayerStats
 from adatsq.calibrate.runner import collect_stats
 from adatsq.calibrate.segments import SegmentMap, attach_segment_switching
-from adatsq.checkpoint.format import LayerSpec, QuantizedModel
+from adatsq.checkpoint.format import LayerSpec
+from adatsq.checkpoint.save import QuantizedModel
 from adatsq.core.modules import set_module
 from adatsq.engine.solve import segment_mask, solve_variant, variant_statistics
 from adatsq.engine.surgery import build_layer, effective_ignore, select_layers
