@@ -94,7 +94,7 @@ def write_report(meta: dict) -> None:
     params = meta["parameters"]
     intro = f"""# Reference UMM: training
 
-A miniature BAGEL assembled from library classes (adatsq/tokens/umm/model.py): conv stem +
+A miniature BAGEL assembled from library classes (adatsq/models/umm/model.py): conv stem +
 transformers `SiglipVisionModel` (patch 4 on a 48-px canvas: 144 tokens) + MLP connector for
 understanding; diffusers `AutoencoderKL` (12x12x4 latent, patch 2: 36 generation tokens) + `vae2llm` /
 `llm2vae` linears for generation; one transformers `Qwen2ForCausalLM` decoder answers questions (one
@@ -102,7 +102,7 @@ token) and predicts rectified-flow velocities of noisy latent tokens (timestep e
 latent token, CFG by prompt dropout). As in BAGEL, all image tokens share one rotary position; their
 place is a learned 2-D position embedding added after the connector. Parameters: {params}.
 
-Data (adatsq/tokens/umm/data.py): 1-3 distinct scikit-learn digits (16x16) at random non-overlapping
+Data (adatsq/models/umm/data.py): 1-3 distinct scikit-learn digits (16x16) at random non-overlapping
 places on a 48x48 canvas, centres off the midlines so spatial answers are unambiguous. Questions: count
 ('how many digits ?'), leftmost ('which digit is left-most ?'), present ('is there a digit d ?':
 yes/no, half the time about a digit the canvas lacks), where ('where is the digit d ?': left/right),
