@@ -8,7 +8,7 @@ import torch
 import adatsq
 import adatsq.checkpoint.load
 from adatsq.calibrate.fisher import fisher_weights
-from adatsq.engine.adaptive import Planner
+from adatsq.engine.planner import Planner
 from adatsq.errors import PlanError
 from adatsq.models.reference.adapter import ReferenceAdapter
 from adatsq.models.reference.model import DigitsPipeline, build_scheduler, build_transformer

@@ -55,7 +55,8 @@ from adatsq.calibrate.segments import SegmentMap, attach_segment_switching
 from adatsq.checkpoint.format import WEIGHTS
 from adatsq.checkpoint.load import load_checkpoint
 from adatsq.core.modules import set_module
-from adatsq.engine.adaptive import Calibration, Planner
+from adatsq.engine.calibration import Calibration
+from adatsq.engine.planner import Planner
 from adatsq.engine.surgery import select_layers
 from adatsq.engine.uniform import quantize as engine_quantize
 from adatsq.eval.run import average_bits, compare_samples, timed_samples
