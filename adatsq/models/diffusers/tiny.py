@@ -101,21 +101,28 @@ def _vae(latent_channels: int) -> diffusers.AutoencoderKL:
     )
 
 
+# Flux and QwenImage share their double-stream block: 2 heads of 16 (= sum of the rope axes), 16 input
+# channels (4 latent channels packed 2x2), text features of 32
+_TINY_MMDIT = {
+    "in_channels": 16,
+    "num_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "axes_dims_rope": (4, 6, 6),
+}
+
+
 @TINY_PIPELINES.register("flux")
 def _flux() -> tuple[diffusers.DiffusionPipeline, DiffusersSampling]:
     clip_tok, t5_tok = _clip_tokenizer(16), _t5_tokenizer(16)
     pipe = diffusers.FluxPipeline(
         transformer=diffusers.FluxTransformer2DModel(
             patch_size=1,
-            in_channels=16,  # 4 latent channels packed 2x2
-            num_layers=2,
             num_single_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=32,
             pooled_projection_dim=32,
             guidance_embeds=True,
-            axes_dims_rope=(4, 6, 6),
+            **_TINY_MMDIT,
         ),
         # Flux-dev's scheduler: the shift depends on the image token count, which the adapter must see.
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
@@ -305,16 +312,7 @@ def _qwen_image() -> tuple[diffusers.DiffusionPipeline, DiffusersSampling]:
         transformers.Qwen2_5_VLConfig(text_config=text_config, vision_config=vision_config, **vision_ids)
     )
     pipe = diffusers.QwenImagePipeline(
-        transformer=diffusers.QwenImageTransformer2DModel(
-            patch_size=2,
-            in_channels=16,  # 4 latent channels packed 2x2
-            out_channels=4,
-            num_layers=2,
-            attention_head_dim=16,
-            num_attention_heads=2,
-            joint_attention_dim=32,
-            axes_dims_rope=(4, 6, 6),
-        ),
+        transformer=diffusers.QwenImageTransformer2DModel(patch_size=2, out_channels=4, **_TINY_MMDIT),
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True),
         vae=diffusers.AutoencoderKLQwenImage(
             base_dim=8,
