@@ -44,6 +44,11 @@ def _quantize(sub: argparse._SubParsersAction) -> None:
         "--plan", type=Path, help="plan.json from `adatsq plan` (bits per layer × timestep segment)"
     )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument(
+        "--max-memory",
+        help="memory for calibration statistics + solves, e.g. 40GiB (overrides calibration.max_memory); "
+        "over it calibration runs in passes over groups of layers, with the same result",
+    )
     add_placement(p)
     p.set_defaults(handler=run_quantize)
 
@@ -60,6 +65,8 @@ def run_quantize(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     if args.seed is not None:
         recipe = replace(recipe, calibration=replace(recipe.calibration, seed=args.seed))
+    if args.max_memory is not None:
+        recipe = replace(recipe, calibration=replace(recipe.calibration, max_memory=args.max_memory))
     check_output(args.out, args.overwrite)  # fail before any long work
     adapter = adapter_for(args.model, dtype=args.dtype, device=args.device)
     calibration = read_calibration(args.calib, adapter) if args.calib else None

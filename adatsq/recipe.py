@@ -10,6 +10,7 @@ from typing import Literal
 import yaml
 
 from adatsq.core.config import from_mapping, to_mapping
+from adatsq.core.sizes import parse_size
 from adatsq.errors import ConfigError
 from adatsq.plan.schema import BUDGET_KINDS
 from adatsq.quant.methods import QUANT_METHODS
@@ -26,8 +27,17 @@ class CalibrationConfig:
     batch_size: int = 16
     seed: int = 0
     segments: int = 1  # contiguous timestep segments; 1 pools every step (plain GPTQ)
+    # memory for calibration statistics + solves, e.g. "40GiB": over it, calibration records the sampler
+    # once and runs several passes over groups of layers; None = one live pass. Results do not depend on it.
+    max_memory: str | None = None
+
+    @property
+    def max_memory_bytes(self) -> int | None:
+        return None if self.max_memory is None else parse_size(self.max_memory)
 
     def __post_init__(self) -> None:
+        if self.max_memory is not None:
+            parse_size(self.max_memory)  # a malformed size is an error at construction
         for name in ("samples", "steps", "batch_size", "segments"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"calibration.{name} must be >= 1, got {getattr(self, name)}")

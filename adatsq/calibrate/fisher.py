@@ -17,7 +17,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adatsq.calibrate.distributed import reduce_, shard
-from adatsq.calibrate.runner import batches
+from adatsq.calibrate.record import batches
 from adatsq.core.plots import new_figure, save_figure
 from adatsq.errors import CalibrationError
 from adatsq.models.base import ModelAdapter

@@ -14,16 +14,13 @@ from tqdm.auto import tqdm
 
 from adatsq.calibrate.capture import LayerStats, StatsCapture
 from adatsq.calibrate.distributed import reduce_, shard, world
+from adatsq.calibrate.record import batches
 from adatsq.calibrate.resume import load_progress, progress_key, save_progress
 from adatsq.calibrate.segments import SegmentMap, install_segment_hook
 from adatsq.errors import CalibrationError
 from adatsq.models.base import ModelAdapter
 
 log = logging.getLogger(__name__)
-
-
-def batches(inputs: Sequence[Any], batch_size: int) -> list[Sequence[Any]]:
-    return [inputs[i : i + batch_size] for i in range(0, len(inputs), batch_size)]
 
 
 def collect_stats(

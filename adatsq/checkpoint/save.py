@@ -94,8 +94,15 @@ def checkpoint_config(qmodel: QuantizedModel) -> dict[str, Any]:
         "segment_steps": [list(pair) for pair in qmodel.segments.step_ranges],
         "layers": layers,
         "ignore": list(qmodel.ignore),
-        "recipe": qmodel.recipe.to_dict(),
+        "recipe": _stored_recipe(qmodel.recipe),
     }
+
+
+def _stored_recipe(recipe: Recipe) -> dict[str, Any]:
+    """The recipe without its memory budget: the budget never changes the result, so it is not stored."""
+    data = recipe.to_dict()
+    del data["calibration"]["max_memory"]
+    return data
 
 
 def save_checkpoint(qmodel: QuantizedModel, directory: Path, overwrite: bool = False) -> Path:

@@ -17,7 +17,7 @@ from adatsq.calibrate.fisher import fisher_weights, segment_weights
 from adatsq.calibrate.runner import collect_stats
 from adatsq.calibrate.segments import SegmentMap
 from adatsq.engine.surgery import select_layers
-from adatsq.errors import PlanError
+from adatsq.errors import ConfigError, PlanError
 from adatsq.models.base import ModelAdapter
 from adatsq.models.resolve import adapter_for
 from adatsq.recipe import Recipe
@@ -55,8 +55,14 @@ def calibrate(
     `known_weights` (per segment, e.g. from a plan file) skip the Fisher estimate.
     """
     start = time.perf_counter()
-    adapter = adapter_for(model)
     cal = recipe.calibration
+    if cal.max_memory is not None:
+        raise ConfigError(
+            f"calibration.max_memory={cal.max_memory!r}: memory-bounded passes run for fixed bit-widths "
+            "(methods rtn / gptq) in this version; AdaTSQ planning and --plan keep every layer's "
+            "statistics at once: drop max_memory for them"
+        )
+    adapter = adapter_for(model)
     layers = select_layers(adapter, recipe)
     segments = SegmentMap.from_schedule(adapter.step_timesteps(cal.steps), cal.segments)
     inputs = list(inputs) if inputs is not None else adapter.default_inputs(cal.samples, cal.seed)

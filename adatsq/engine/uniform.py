@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from adatsq.calibrate.capture import LayerStats
@@ -22,8 +23,10 @@ from adatsq.calibrate.segments import SegmentMap, attach_segment_switching
 from adatsq.checkpoint.format import LayerSpec
 from adatsq.checkpoint.save import QuantizedModel
 from adatsq.core.modules import set_module
-from adatsq.engine.solve import segment_mask, solve_variant, variant_statistics
+from adatsq.engine.passes import budgeted_passes
+from adatsq.engine.solve import Variant, segment_mask, solve_variant, variant_statistics
 from adatsq.engine.surgery import build_layer, effective_ignore, select_layers
+from adatsq.models.base import ModelAdapter
 from adatsq.models.resolve import adapter_for
 from adatsq.quant.methods import QUANT_METHODS
 from adatsq.recipe import Recipe
@@ -49,6 +52,7 @@ def quantize(
     Precomputed `stats` skip calibration (the planner already ran it); `resume` keeps calibration progress.
     """
     method = QUANT_METHODS.get(recipe.method)
+    needs_stats = method.uses_hessian or recipe.outliers.smooth_alpha is not None
     adapter = adapter_for(model)
     adapter.denoiser().eval()  # calibration and solves see inference behaviour (no label dropout)
     layers = select_layers(adapter, recipe)
@@ -62,49 +66,72 @@ def quantize(
         )
         for name in layers
     }
-    timings: dict[str, float] = {}
-    needs_stats = method.uses_hessian or recipe.outliers.smooth_alpha is not None
-    if needs_stats and stats is None:
-        start = time.perf_counter()
-        inputs = (
-            list(calibration)
-            if calibration is not None
-            else adapter.default_inputs(recipe.calibration.samples, recipe.calibration.seed)
-        )
-        stats = collect_stats(
-            adapter,
-            layers,
-            segments,
-            inputs,
-            batch_size=recipe.calibration.batch_size,
-            seed=recipe.calibration.seed,
-            progress=progress,
-            resume=resume,
-        )
-        timings["calibration_seconds"] = time.perf_counter() - start
-
-    start = time.perf_counter()
-    layer_reports = {}
+    timings: dict[str, float] = {"calibration_seconds": 0.0, "quantize_seconds": 0.0}
+    variants: dict[str, dict[int, Variant]] = {}
+    layer_reports: dict[str, dict[str, dict[str, float]]] = {}
+    bar = tqdm(total=len(layers), desc="quantizing", unit="layer", disable=not progress)
+    clock = time.perf_counter()
+    if not needs_stats:
+        stats = dict.fromkeys(layers)  # round-to-nearest without smoothing: no calibration at all
+    for group in _statistics(adapter, layers, segments, recipe, calibration, stats, progress, resume):
+        timings["calibration_seconds"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+        for name, layer_stats in group.items():
+            spec = specs[name]
+            variants[name] = {}
+            for bits in sorted(set(spec.bits)):
+                hessian = absmax = None
+                if layer_stats is not None:
+                    hessian, absmax = variant_statistics(
+                        layer_stats, segment_mask(spec, bits), segment_weights
+                    )
+                variants[name][bits] = solve_variant(
+                    layers[name].weight.detach().float(),
+                    hessian if method.uses_hessian else None,
+                    absmax,
+                    spec.scheme(bits),
+                    recipe,
+                )
+            layer_reports[name] = {f"w{bits}": v.info for bits, v in variants[name].items()}
+            bar.update()
+        timings["quantize_seconds"] += time.perf_counter() - clock
+        clock = time.perf_counter()
+    bar.close()
     denoiser = adapter.denoiser()
-    for name, linear in tqdm(layers.items(), desc="quantizing", unit="layer", disable=not progress):
-        spec = specs[name]
-        variants = {}
-        for bits in sorted(set(spec.bits)):
-            hessian = absmax = None
-            if stats is not None:
-                hessian, absmax = variant_statistics(stats[name], segment_mask(spec, bits), segment_weights)
-            variants[bits] = solve_variant(
-                linear.weight.detach().float(),
-                hessian if method.uses_hessian else None,
-                absmax,
-                spec.scheme(bits),
-                recipe,
-            )
-        set_module(denoiser, name, build_layer(linear, spec, variants, recipe.activation))
-        layer_reports[name] = {f"w{bits}": variant.info for bits, variant in variants.items()}
-    timings["quantize_seconds"] = time.perf_counter() - start
+    for name, linear in layers.items():  # assembled only now: every pass saw the float model
+        set_module(denoiser, name, build_layer(linear, specs[name], variants[name], recipe.activation))
     attach_segment_switching(adapter, segments)
     log.info("quantized %d layers (%s)", len(layers), recipe.method)
-    report = {"method": recipe.method, **timings, "layers": layer_reports}
+    if not needs_stats or stats is not None:
+        del timings["calibration_seconds"]
+    report = {"method": recipe.method, **timings, "layers": {n: layer_reports[n] for n in layers}}
     ignore = effective_ignore(adapter, recipe)
     return QuantizedModel(adapter, recipe, segments, specs, recipe.activation, ignore, report)
+
+
+def _statistics(
+    adapter: ModelAdapter,
+    layers: dict[str, nn.Linear],
+    segments: SegmentMap,
+    recipe: Recipe,
+    calibration: Sequence[Any] | None,
+    stats: dict[str, LayerStats | None] | None,
+    progress: bool,
+    resume: Path | None,
+) -> Iterator[dict[str, LayerStats | None]]:
+    """Statistics group by group: given ones, one live pass, or budgeted record/replay passes."""
+    if stats is not None:
+        yield stats
+        return
+    cal = recipe.calibration
+    inputs = list(calibration) if calibration is not None else adapter.default_inputs(cal.samples, cal.seed)
+    if cal.max_memory_bytes is None:
+        yield collect_stats(
+            adapter, layers, segments, inputs, batch_size=cal.batch_size, seed=cal.seed, progress=progress,
+            resume=resume,
+        )  # fmt: skip
+        return
+    yield from budgeted_passes(
+        adapter, layers, segments, inputs, batch_size=cal.batch_size, seed=cal.seed,
+        budget=cal.max_memory_bytes, progress=progress,
+    )  # fmt: skip

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from adatsq.calibrate.runner import batches
+from adatsq.calibrate.record import batches
 from adatsq.checkpoint.format import WEIGHTS
 from adatsq.checkpoint.load import load_checkpoint
 from adatsq.errors import CheckpointError

@@ -1,0 +1,141 @@
+"""Record every denoiser call of the calibration sampling once, then replay it for any group of layers.
+
+Recording runs the family's own sampler and keeps a host copy of each call's inputs (latents, timestep,
+text embeddings, ...) with its sampler step and timestep segment. Replaying feeds those inputs to the
+denoiser again in the same order, so a pass that needs only some layers stops right after the last of
+them, and the sampler, text encoders and VAE never run again. Replayed activations are the recorded
+run's own, so statistics gathered over any split into passes equal one pass over everything.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+from tqdm.auto import tqdm
+
+from adatsq.calibrate.distributed import shard
+from adatsq.calibrate.segments import SegmentMap
+from adatsq.errors import CalibrationError
+from adatsq.models.base import ModelAdapter
+
+
+def batches(inputs: Sequence[Any], batch_size: int) -> list[Sequence[Any]]:
+    return [inputs[i : i + batch_size] for i in range(0, len(inputs), batch_size)]
+
+
+@dataclass(frozen=True)
+class RecordedCall:
+    """One denoiser call: where it ran in the sampler, and a host copy of what it was given."""
+
+    batch: int  # global calibration batch index (its seed is seed + batch)
+    step: int
+    segment: int
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+@dataclass
+class Recording:
+    calls: list[RecordedCall] = field(default_factory=list)
+    linear_order: list[str] = field(default_factory=list)  # Linear layers in the order they first ran
+
+    def nbytes(self) -> int:
+        """Host bytes of the recorded tensors."""
+        leaves = [leaf for call in self.calls for leaf in tree_flatten((call.args, call.kwargs))[0]]
+        return sum(t.numel() * t.element_size() for t in leaves if isinstance(t, torch.Tensor))
+
+
+def _host_copy(tree: Any) -> Any:
+    return tree_map(lambda t: t.detach().to("cpu", copy=True) if isinstance(t, torch.Tensor) else t, tree)
+
+
+def _device_copy(tree: Any, device: torch.device) -> Any:
+    """Fresh tensors on `device` for every replay: a denoiser that writes into its inputs cannot leak."""
+    return tree_map(lambda t: t.to(device, copy=True) if isinstance(t, torch.Tensor) else t, tree)
+
+
+def record_calls(
+    adapter: ModelAdapter,
+    segments: SegmentMap,
+    inputs: Sequence[Any],
+    *,
+    batch_size: int,
+    seed: int,
+    progress: bool = True,
+) -> Recording:
+    """Sample this process's share of `inputs` (batch i from seed + i) and keep every denoiser call."""
+    if not inputs:
+        raise CalibrationError("the calibration set is empty; give at least one prompt/label (--calib FILE)")
+    recording = Recording()
+    denoiser = adapter.denoiser()
+    position = {"batch": 0}
+
+    def on_call(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        t = adapter.timestep_of(args, kwargs)
+        step, segment = segments.step_of(t), segments.segment_of(t)
+        call = RecordedCall(position["batch"], step, segment, _host_copy(args), _host_copy(kwargs))
+        recording.calls.append(call)
+
+    def first_run(name: str) -> Callable[[nn.Module, tuple], None]:
+        def hook(module: nn.Module, args: tuple) -> None:
+            if name not in seen:
+                seen.add(name)
+                recording.linear_order.append(name)
+
+        return hook
+
+    seen: set[str] = set()
+    handles = [denoiser.register_forward_pre_hook(on_call, with_kwargs=True)]
+    handles += [
+        module.register_forward_pre_hook(first_run(name))
+        for name, module in denoiser.named_modules()
+        if isinstance(module, nn.Linear)
+    ]
+    try:
+        with torch.no_grad():
+            for i, chunk in tqdm(
+                shard(batches(inputs, batch_size)), desc="recording", unit="batch", disable=not progress
+            ):
+                position["batch"] = i
+                adapter.generate(chunk, seed=seed + i, num_steps=len(segments.timesteps))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return recording
+
+
+class _StopReplay(Exception):
+    """Raised after the last module a pass needs, so the rest of the denoiser is skipped."""
+
+
+def replay(
+    denoiser: nn.Module,
+    recording: Recording,
+    on_call: Callable[[RecordedCall], None],
+    stop_after: nn.Module | None = None,
+    *,
+    progress: bool = True,
+    desc: str = "replaying",
+) -> None:
+    """Run every recorded call through `denoiser` in recorded order; `on_call` sees each call first."""
+    device = next(denoiser.parameters()).device
+
+    def stop(module: nn.Module, args: tuple, output: Any) -> None:
+        raise _StopReplay
+
+    handle = stop_after.register_forward_hook(stop) if stop_after is not None else None
+    try:
+        with torch.no_grad():
+            for call in tqdm(recording.calls, desc=desc, unit="call", disable=not progress, leave=False):
+                on_call(call)
+                with contextlib.suppress(_StopReplay):
+                    denoiser(*_device_copy(call.args, device), **_device_copy(call.kwargs, device))
+    finally:
+        if handle is not None:
+            handle.remove()

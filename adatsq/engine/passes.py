@@ -1,0 +1,132 @@
+"""Calibration within a memory budget: record the sampler once, then capture + solve groups of layers.
+
+Each pass replays the recorded denoiser calls with hooks on its group only (stopping after the group's
+deepest layer), solves the group's variants, keeps them on the host and frees the group's XᵀX before
+the next pass. The float layers stay in place until every pass has run, so every layer sees the float
+model's activations whatever the grouping: the checkpoint does not depend on the budget.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from adatsq.calibrate.capture import LayerStats, StatsCapture
+from adatsq.calibrate.distributed import reduce_
+from adatsq.calibrate.record import Recording, record_calls, replay
+from adatsq.calibrate.segments import SegmentMap
+from adatsq.core.sizes import format_size
+from adatsq.errors import CalibrationError, ConfigError
+from adatsq.models.base import ModelAdapter
+
+log = logging.getLogger(__name__)
+
+
+def accumulator_bytes(linear: nn.Linear, segments: int) -> int:
+    """What StatsCapture holds for one layer: float64 XᵀX and float32 channel maxima per segment."""
+    return segments * (8 * linear.in_features**2 + 4 * linear.in_features + 8)
+
+
+def solve_bytes(linear: nn.Linear) -> int:
+    """Peak working memory of one GPTQ solve (float64 copies of W and H, the inverse, its factor)."""
+    n, m = linear.in_features, linear.out_features
+    return 8 * (5 * n * n + 3 * m * n)
+
+
+@dataclass(frozen=True)
+class Pass:
+    layers: tuple[str, ...]  # in execution order; the last one is where replay stops
+    bytes: int  # accumulators of the pass + the largest solve among them
+
+
+def plan_passes(
+    layers: dict[str, nn.Linear], order: Sequence[str], segments: int, budget: int | None
+) -> list[Pass]:
+    """Consecutive groups of layers (in execution order) whose state fits `budget`; one pass without one."""
+    missing = [name for name in layers if name not in order]
+    if missing:
+        raise CalibrationError(
+            f"{len(missing)} layer(s) never ran during calibration (e.g. {missing[0]!r}); "
+            "they are not on the sampling path: add them to the recipe's ignore list"
+        )
+    names = [name for name in order if name in layers]
+
+    def need(group: list[str]) -> int:
+        acc = sum(accumulator_bytes(layers[n], segments) for n in group)
+        return acc + max(solve_bytes(layers[n]) for n in group)
+
+    worst = max(names, key=lambda n: need([n]))
+    if budget is not None and need([worst]) > budget:
+        raise ConfigError(
+            f"the memory budget ({format_size(budget)}) is below what layer {worst!r} alone needs: "
+            f"{format_size(need([worst]))} for its statistics over {segments} segment(s) plus its solve; "
+            f"the smallest feasible budget is {need([worst])} bytes"
+        )
+    passes, group = [], []
+    for name in names:
+        if group and budget is not None and need([*group, name]) > budget:
+            passes.append(Pass(tuple(group), need(group)))
+            group = []
+        group.append(name)
+    passes.append(Pass(tuple(group), need(group)))
+    return passes
+
+
+def capture_pass(
+    adapter: ModelAdapter,
+    recording: Recording,
+    layers: dict[str, nn.Linear],
+    segments: SegmentMap,
+    stop_after: str,
+    progress: bool,
+) -> dict[str, LayerStats]:
+    """Statistics of `layers` from one replay of the recording, stopping after layer `stop_after`."""
+    capture = StatsCapture(layers, segments.count)
+    with capture:
+        replay(
+            adapter.denoiser(),
+            recording,
+            lambda call: capture.set_position(call.segment, call.step),
+            stop_after=layers[stop_after],
+            progress=progress,
+        )
+    for stats in capture.stats.values():
+        reduce_(stats.xtx)
+        reduce_(stats.tokens)
+        reduce_(stats.absmax, op="max")
+    capture.check_filled()
+    return capture.stats
+
+
+def budgeted_passes(
+    adapter: ModelAdapter,
+    layers: dict[str, nn.Linear],
+    segments: SegmentMap,
+    inputs: Sequence[Any],
+    *,
+    batch_size: int,
+    seed: int,
+    budget: int,
+    progress: bool,
+) -> Iterator[dict[str, LayerStats]]:
+    """Record once, then yield the statistics of one group of layers at a time (freed when dropped)."""
+    recording = record_calls(adapter, segments, inputs, batch_size=batch_size, seed=seed, progress=progress)
+    passes = plan_passes(layers, recording.linear_order, segments.count, budget)
+    log.info(
+        "calibration in %d pass(es) under %s; recorded %d denoiser calls (%s on the host)",
+        len(passes),
+        format_size(budget),
+        len(recording.calls),
+        format_size(recording.nbytes()),
+    )
+    for index, group in enumerate(passes):
+        log.info(
+            "pass %d/%d: %d layers, %s", index + 1, len(passes), len(group.layers), format_size(group.bytes)
+        )
+        yield capture_pass(
+            adapter, recording, {n: layers[n] for n in group.layers}, segments, group.layers[-1], progress
+        )
