@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from adatsq.calibrate.distributed import reduce_
 from adatsq.errors import CalibrationError
 
 
@@ -102,6 +103,15 @@ class StatsCapture:
             stats.absmax[s] = accumulate_absmax(stats.absmax[s], x)
 
         return hook
+
+    def finish(self) -> dict[str, LayerStats]:
+        """The statistics summed over every process (max for channel maxima), checked to be filled."""
+        for stats in self.stats.values():
+            reduce_(stats.xtx)
+            reduce_(stats.tokens)
+            reduce_(stats.absmax, op="max")
+        self.check_filled()
+        return self.stats
 
     def check_filled(self) -> None:
         """A phase that did nothing fails loudly: every layer must have seen tokens."""

@@ -13,7 +13,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adatsq.calibrate.capture import LayerStats, StatsCapture
-from adatsq.calibrate.distributed import reduce_, shard, world
+from adatsq.calibrate.distributed import shard, world
 from adatsq.calibrate.record import batches
 from adatsq.calibrate.resume import load_progress, progress_key, save_progress
 from adatsq.calibrate.segments import SegmentMap, install_segment_hook
@@ -69,12 +69,8 @@ def collect_stats(
                     last_save = time.monotonic()
     finally:
         handle.remove()
-    for stats in capture.stats.values():
-        reduce_(stats.xtx)
-        reduce_(stats.tokens)
-        reduce_(stats.absmax, op="max")
-    capture.check_filled()
+    stats = capture.finish()
     log.info(
         "calibrated %d layers on %d inputs × %d steps", len(layers), len(inputs), len(segments.timesteps)
     )
-    return capture.stats
+    return stats

@@ -16,7 +16,6 @@ from typing import Any
 from torch import nn
 
 from adatsq.calibrate.capture import LayerStats, StatsCapture
-from adatsq.calibrate.distributed import reduce_
 from adatsq.calibrate.record import Recording, record_calls, replay
 from adatsq.calibrate.segments import SegmentMap
 from adatsq.core.sizes import format_size
@@ -94,12 +93,7 @@ def capture_pass(
             stop_after=layers[stop_after],
             progress=progress,
         )
-    for stats in capture.stats.values():
-        reduce_(stats.xtx)
-        reduce_(stats.tokens)
-        reduce_(stats.absmax, op="max")
-    capture.check_filled()
-    return capture.stats
+    return capture.finish()
 
 
 def budgeted_passes(
