@@ -49,6 +49,9 @@ def _quantize(sub: argparse._SubParsersAction) -> None:
         help="memory for calibration statistics + solves, e.g. 40GiB (overrides calibration.max_memory); "
         "over it calibration runs in passes over groups of layers, with the same result",
     )
+    p.add_argument(
+        "--max-shard-size", default="10GB", help="split model.safetensors into shards of this size (10GB)"
+    )
     add_placement(p)
     p.set_defaults(handler=run_quantize)
 
@@ -72,7 +75,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     calibration = read_calibration(args.calib, adapter) if args.calib else None
     resume = progress_file(args.out)
     qmodel = quantize(adapter, recipe, calibration, plan=args.plan, resume=resume)
-    qmodel.save(args.out, overwrite=args.overwrite)
+    qmodel.save(args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     resume.unlink(missing_ok=True)
     report = json.loads((args.out / "report.json").read_text())
     print(f"wrote {args.out}: {len(qmodel.layers)} layers quantized, {report['checkpoint_bytes']} bytes")

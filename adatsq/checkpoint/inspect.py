@@ -5,49 +5,20 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from safetensors import safe_open
 from torch import nn
 
-from adatsq.checkpoint.format import CONFIG, SAFETENSORS_ERRORS, WEIGHTS, read_config, variant_prefix
+from adatsq.checkpoint.format import CONFIG, read_config, variant_prefix
+from adatsq.checkpoint.shards import TensorFiles
 from adatsq.core.tables import table
 from adatsq.errors import CheckpointError
 from adatsq.models.layers import sensitive_layers
 from adatsq.models.resolve import adapter_for
 from adatsq.plan.inspect import inspect_plan_file
 
-DTYPE_BYTES = {
-    "BOOL": 1,
-    "U8": 1,
-    "I8": 1,
-    "F16": 2,
-    "BF16": 2,
-    "I16": 2,
-    "F32": 4,
-    "I32": 4,
-    "F64": 8,
-    "I64": 8,
-}
-
-
-def tensor_bytes(path: Path) -> dict[str, int]:
-    """Stored bytes of every tensor, read from the safetensors header only."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            sizes = {}
-            for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                view = f.get_slice(key)
-                count = 1
-                for dim in view.get_shape():
-                    count *= dim
-                sizes[key] = count * DTYPE_BYTES[view.get_dtype()]
-            return sizes
-    except SAFETENSORS_ERRORS as err:
-        raise CheckpointError(f"{path} is truncated or corrupted ({err}); re-run quantize") from None
-
 
 def inspect_checkpoint(directory: Path) -> str:
     config = read_config(directory)
-    sizes = tensor_bytes(directory / WEIGHTS)
+    sizes = TensorFiles(directory).sizes()
     act = config["activation"]["bits"]
     rows, quantized_bytes = [], 0
     for name, layer in config["layers"].items():

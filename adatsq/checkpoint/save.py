@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from adatsq.calibrate.segments import SegmentMap
 from adatsq.checkpoint.format import (
@@ -18,12 +17,13 @@ from adatsq.checkpoint.format import (
     FORMAT_VERSION,
     PLAN,
     REPORT,
-    WEIGHTS,
     LayerSpec,
     layer_variants,
     variant_prefix,
 )
+from adatsq.checkpoint.shards import DEFAULT_MAX_SHARD, write_tensors
 from adatsq.core.io import commit_output, prepare_output, write_json
+from adatsq.core.sizes import parse_size
 from adatsq.core.version import __version__
 from adatsq.models.base import ModelAdapter
 from adatsq.plan.schema import save_plan
@@ -50,8 +50,10 @@ class QuantizedModel:
     def model(self) -> Any:
         return self.adapter.user_model()
 
-    def save(self, directory: str | Path, overwrite: bool = False) -> Path:
-        return save_checkpoint(self, Path(directory), overwrite=overwrite)
+    def save(
+        self, directory: str | Path, overwrite: bool = False, max_shard_size: str = DEFAULT_MAX_SHARD
+    ) -> Path:
+        return save_checkpoint(self, Path(directory), overwrite, max_shard_size)
 
 
 def checkpoint_tensors(qmodel: QuantizedModel) -> dict[str, torch.Tensor]:
@@ -105,16 +107,20 @@ def _stored_recipe(recipe: Recipe) -> dict[str, Any]:
     return data
 
 
-def save_checkpoint(qmodel: QuantizedModel, directory: Path, overwrite: bool = False) -> Path:
+def save_checkpoint(
+    qmodel: QuantizedModel, directory: Path, overwrite: bool = False, max_shard_size: str = DEFAULT_MAX_SHARD
+) -> Path:
+    """Write the checkpoint folder; tensors over `max_shard_size` in total are split into shards."""
+    shard_bytes = parse_size(max_shard_size)
     tmp = prepare_output(directory, overwrite)
     try:
-        save_file(checkpoint_tensors(qmodel), str(tmp / WEIGHTS), metadata={"format": "pt", "adatsq": "1"})
+        written = write_tensors(tmp, checkpoint_tensors(qmodel), shard_bytes)
         write_json(tmp / CONFIG, checkpoint_config(qmodel))
         qmodel.adapter.save_base(tmp / BASE)
         if qmodel.plan is not None:
             save_plan(qmodel.plan, tmp / PLAN)
         report = dict(qmodel.report)
-        report["checkpoint_bytes"] = (tmp / WEIGHTS).stat().st_size
+        report["checkpoint_bytes"] = written
         write_json(tmp / REPORT, report)
         commit_output(tmp, directory)
     except BaseException:

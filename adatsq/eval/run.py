@@ -15,8 +15,8 @@ import torch
 from tqdm.auto import tqdm
 
 from adatsq.calibrate.record import batches
-from adatsq.checkpoint.format import WEIGHTS
 from adatsq.checkpoint.load import load_checkpoint
+from adatsq.checkpoint.shards import TensorFiles
 from adatsq.errors import CheckpointError
 from adatsq.eval.metrics import accuracy, frechet_distance, psnr, ssim
 from adatsq.models.base import ModelAdapter
@@ -103,7 +103,7 @@ def evaluate_checkpoint(
     return {
         **metrics,
         "avg_bits": average_bits(config),
-        "checkpoint_bytes": (directory / WEIGHTS).stat().st_size,
+        "checkpoint_bytes": TensorFiles(directory, verify=False).nbytes(),
         "fp_seconds": fp_seconds,
         "quant_seconds": quant_seconds,
     }

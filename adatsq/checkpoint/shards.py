@@ -1,0 +1,157 @@
+"""The tensor files of a checkpoint: one `model.safetensors`, or shards with an index when it is large.
+
+Shards follow diffusers / transformers naming (`model-00001-of-00003.safetensors` + the index
+`model.safetensors.index.json` with `weight_map`), so their loaders read them too. The index also
+records each shard's sha256: a missing shard, or one left from another run, is refused by name.
+Reading is lazy: `TensorFiles.get` maps one tensor at a time, so loading never holds every tensor at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from adatsq.checkpoint.format import SAFETENSORS_ERRORS, WEIGHTS
+from adatsq.errors import CheckpointError
+
+INDEX = "model.safetensors.index.json"
+DTYPE_BYTES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "F32": 4,
+    "I32": 4,
+    "F64": 8,
+    "I64": 8,
+}
+DEFAULT_MAX_SHARD = "10GB"  # diffusers' save_pretrained default
+METADATA = {"format": "pt", "adatsq": "1"}
+
+
+def shard_name(index: int, count: int) -> str:
+    return f"model-{index:05d}-of-{count:05d}.safetensors"
+
+
+def _split(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
+    """Keys in sorted order, cut into consecutive groups of at most `max_bytes` (a bigger tensor alone)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for key in sorted(tensors):
+        nbytes = tensors[key].numel() * tensors[key].element_size()
+        if groups[-1] and size + nbytes > max_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(key)
+        size += nbytes
+    return groups
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 23), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_tensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> int:
+    """Write `tensors` into `directory` (one file, or shards + index); returns the bytes written."""
+    groups = _split(tensors, max_shard_bytes)
+    if len(groups) == 1:
+        save_file(tensors, str(directory / WEIGHTS), metadata=METADATA)
+        return (directory / WEIGHTS).stat().st_size
+    weight_map, hashes, total = {}, {}, 0
+    for i, keys in enumerate(groups, 1):
+        name = shard_name(i, len(groups))
+        save_file({k: tensors[k] for k in keys}, str(directory / name), metadata=METADATA)
+        weight_map.update(dict.fromkeys(keys, name))
+        hashes[name] = file_sha256(directory / name)
+        total += (directory / name).stat().st_size
+    index = {"metadata": {"total_size": total, "sha256": hashes}, "weight_map": weight_map}
+    (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return total
+
+
+class TensorFiles:
+    """Lazy, validated access to the tensors of a checkpoint folder (single file or shard set)."""
+
+    def __init__(self, directory: Path, verify: bool = True) -> None:
+        self.directory = directory
+        self._handles: dict[str, Any] = {}
+        if (directory / INDEX).is_file():
+            self.weight_map = self._read_index(verify)
+        elif (directory / WEIGHTS).is_file():
+            with self._open(WEIGHTS) as f:
+                self.weight_map = dict.fromkeys(f.keys(), WEIGHTS)
+        else:
+            raise CheckpointError(
+                f"{directory / WEIGHTS} is missing; the checkpoint is incomplete: re-run quantize"
+            )
+
+    def _read_index(self, verify: bool) -> dict[str, str]:
+        path = self.directory / INDEX
+        try:
+            index = json.loads(path.read_text())
+            weight_map, hashes = index["weight_map"], index["metadata"]["sha256"]
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise CheckpointError(f"{path} is corrupted ({err}); re-run quantize") from None
+        for name in sorted(set(weight_map.values())):
+            shard = self.directory / name
+            if not shard.is_file():
+                raise CheckpointError(
+                    f"shard {shard} is missing; the checkpoint is incomplete: re-run quantize"
+                )
+            if verify and file_sha256(shard) != hashes.get(name):
+                raise CheckpointError(
+                    f"shard {shard} does not belong to this checkpoint (its sha256 differs from {INDEX}): it "
+                    "was left by another run or damaged; re-run quantize"
+                )
+        return weight_map
+
+    def _open(self, name: str) -> Any:
+        path = self.directory / name
+        try:
+            return safe_open(str(path), framework="pt")
+        except SAFETENSORS_ERRORS as err:
+            raise CheckpointError(f"{path} is truncated or corrupted ({err}); re-run quantize") from None
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def get(self, key: str) -> torch.Tensor:
+        name = self.weight_map[key]
+        if name not in self._handles:
+            self._handles[name] = self._open(name)
+        try:
+            return self._handles[name].get_tensor(key)
+        except SAFETENSORS_ERRORS as err:
+            raise CheckpointError(f"{self.directory / name} is truncated or corrupted ({err})") from None
+
+    def sizes(self) -> dict[str, int]:
+        """Stored bytes of every tensor, from the safetensors headers only."""
+        sizes = {}
+        for key, name in self.weight_map.items():
+            if name not in self._handles:
+                self._handles[name] = self._open(name)
+            view = self._handles[name].get_slice(key)
+            sizes[key] = math.prod(view.get_shape()) * DTYPE_BYTES[view.get_dtype()]
+        return sizes
+
+    def files(self) -> Iterator[Path]:
+        for name in sorted(set(self.weight_map.values())):
+            yield self.directory / name
+
+    def nbytes(self) -> int:
+        """Bytes on disk of every tensor file."""
+        return sum(path.stat().st_size for path in self.files())
