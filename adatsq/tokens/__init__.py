@@ -3,11 +3,18 @@
 `get_reducer(name, **options).reduce(tokens, ReductionContext(...))` is the one verb; `g2tr` holds the
 method's plain functions, `bagel` the packed-sequence API, `janus` the transformers Janus adapter,
 `inlm` the in-LM pruning hooks and `flops` the cost model.
+
+Importing this package registers the built-in reducers in `REDUCERS`: each is a class decorated with
+`@REDUCERS.register(name)` in `g2tr` or `baselines`, both imported here (and Python imports this package
+before any of its modules, so `adatsq.tokens.base.get_reducer` always sees them).
 """
 
-from adatsq.tokens import bagel, flops, g2tr, inlm, janus
+from adatsq.tokens import bagel, baselines, flops, g2tr, inlm, janus
 from adatsq.tokens.base import (
+    IN_LM,
+    POST_CONNECTOR,
     REDUCERS,
+    InLMReducer,
     Reduced,
     ReductionContext,
     TokenReducer,
@@ -15,6 +22,7 @@ from adatsq.tokens.base import (
     grid_positions,
     keep_count,
     reduced_from_kept,
+    reducer_names,
 )
 from adatsq.tokens.baselines import (
     FastV,
@@ -41,10 +49,13 @@ from adatsq.tokens.janus import JanusTokenReduction, greedy_generate, reduced_in
 
 __all__ = [
     "G2TR",
+    "IN_LM",
+    "POST_CONNECTOR",
     "REDUCERS",
     "FastV",
     "GridPool",
     "InLMPruner",
+    "InLMReducer",
     "JanusTokenReduction",
     "PDrop",
     "RandomDrop",
@@ -56,6 +67,7 @@ __all__ = [
     "VisionZip",
     "anchors_from_latent",
     "bagel",
+    "baselines",
     "flops",
     "g2tr",
     "get_reducer",
@@ -73,5 +85,6 @@ __all__ = [
     "prune_stage",
     "reduced_from_kept",
     "reduced_inputs_embeds",
+    "reducer_names",
     "reducer_overhead_flops",
 ]

@@ -2,12 +2,15 @@
 
 Every reducer, from G2TR to random pruning, maps N image tokens on a (h, w) grid to K <= N tokens and
 says where each kept token sat and where every original token went. Adapters (Janus, BAGEL, the
-reference UMM) only talk to this interface, so a new reducer is one registered class.
+reference UMM) and the cost model only talk to this interface — where a reducer runs (`stage`), what it
+reads (`needs`), whether it can run on generation tokens (`supports_generation`), what it costs
+(`overhead_flops`) and, for in-LM reducers, where and how it prunes (`InLMReducer.stage_plan`,
+`InLMReducer.prune`) — so a new reducer is one registered class. The built-in reducers are registered
+when the `adatsq.tokens` package is imported (it imports `g2tr` and `baselines`).
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, fields
@@ -19,7 +22,10 @@ from adatsq.core.registry import Registry
 from adatsq.errors import TokenReductionError
 
 __all__ = [
+    "IN_LM",
+    "POST_CONNECTOR",
     "REDUCERS",
+    "InLMReducer",
     "Reduced",
     "ReductionContext",
     "TokenReducer",
@@ -28,7 +34,11 @@ __all__ = [
     "grid_positions",
     "keep_count",
     "reduced_from_kept",
+    "reducer_names",
 ]
+
+POST_CONNECTOR = "post_connector"  # after the vision connector, before position embedding + LM prefill
+IN_LM = "in_lm"  # inside the LM at a layer (needs attention / values captured there)
 
 
 @dataclass(frozen=True)
@@ -156,15 +166,19 @@ class TokenReducer(ABC):
     """Maps [N, D] image tokens to a `Reduced` of K tokens; `reduce` validates, `_reduce` does the work."""
 
     name: str
-    # "post_connector": after the vision connector, before position embedding + LM prefill;
-    # "in_lm": inside the LM at a layer (needs attention / values captured there).
-    stage: str
+    stage: str = POST_CONNECTOR  # POST_CONNECTOR or IN_LM (then subclass `InLMReducer`)
     needs: frozenset[str] = frozenset()  # ReductionContext fields that must not be None
+    # can run on generation (latent) tokens when an experiment forces it: a latent token has itself and
+    # the generation anchors, but no question or ViT attention and no LM values
+    supports_generation: bool = False
+    # model measurements `overhead_flops` needs (keyword arguments the caller must supply)
+    overhead_inputs: frozenset[str] = frozenset()
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         unknown = set(cls.needs) - _CONTEXT_FIELDS
         assert not unknown, f"{cls.__name__}.needs names unknown context fields {sorted(unknown)}"
+        assert cls.stage in (POST_CONNECTOR, IN_LM), f"{cls.__name__}.stage {cls.stage!r} is unknown"
 
     def reduce(self, tokens: Tensor, context: ReductionContext) -> Reduced:
         check_grid(tokens, context.grid)
@@ -182,8 +196,42 @@ class TokenReducer(ABC):
     def _reduce(self, tokens: Tensor, context: ReductionContext, k: int) -> Reduced:
         """Reduce validated tokens to exactly k."""
 
+    def overhead_flops(self, n: int, d: int, k: int, **inputs: int) -> int:
+        """FLOPs this reducer adds on top of the (reduced) LM prefill, for one image of n tokens of width d
+        reduced to k; `inputs` are the model measurements named in `overhead_inputs`. Default: none."""
+        return 0
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, stage={self.stage!r})"
+
+
+class InLMReducer(TokenReducer):
+    """A reducer that prunes image tokens inside the LM: layers before its first pruning layer run on every
+    token. Subclasses set `layer` (the first layer that runs on the kept tokens) or override `_boundaries`;
+    adapters capture what `needs` names at the layer before each boundary and call `prune`."""
+
+    stage = IN_LM
+    layer: int
+
+    def _boundaries(self, n: int, n_layers: int, keep: float, min_keep: int) -> list[tuple[int, int]]:
+        return [(self.layer, keep_count(n, keep, min_keep))]
+
+    def stage_plan(self, n: int, n_layers: int, keep: float, min_keep: int = 1) -> list[tuple[int, int]]:
+        """[(layer, image tokens kept from that layer on)] on n image tokens of an n_layers-layer LM."""
+        plan = self._boundaries(n, n_layers, keep, min_keep)
+        if any(not 1 <= first < n_layers for first, _ in plan):
+            raise TokenReductionError(
+                f"{self.name} prunes at layers {[f for f, _ in plan]}, allowed 1..{n_layers - 1} "
+                f"(pruning before layer 1 is the same as a post-connector reducer)"
+            )
+        return plan
+
+    def prune(self, tokens: Tensor, context: ReductionContext, count: int) -> Tensor:
+        """Ascending indices (into the alive image `tokens`) of the `count` tokens that survive one
+        boundary of `stage_plan`, from the signals captured before it (`context`)."""
+        reduced = self.reduce(tokens, context)
+        assert reduced.k == count, (reduced.k, count)
+        return reduced.kept_index
 
 
 REDUCERS: Registry[type[TokenReducer]] = Registry("token reducer")
@@ -191,7 +239,6 @@ REDUCERS: Registry[type[TokenReducer]] = Registry("token reducer")
 
 def get_reducer(name: str, **options: object) -> TokenReducer:
     """Instantiate a registered reducer; unknown names and options fail with the allowed values."""
-    _register_builtins()
     cls = REDUCERS.get(name)
     try:
         return cls(**options)
@@ -199,7 +246,11 @@ def get_reducer(name: str, **options: object) -> TokenReducer:
         raise TokenReductionError(f"bad options {options} for reducer {name!r}: {err}") from err
 
 
-def _register_builtins() -> None:
-    """Importing the modules registers their reducers; done lazily so base.py has no cycle with them."""
-    for module in ("adatsq.tokens.g2tr", "adatsq.tokens.baselines"):
-        importlib.import_module(module)
+def reducer_names(stage: str | None = None, supports_generation: bool | None = None) -> list[str]:
+    """Registered reducer names (sorted), optionally only those of a stage / able to run on generation."""
+    return [
+        name
+        for name in REDUCERS.names()
+        if (stage is None or REDUCERS.get(name).stage == stage)
+        and (supports_generation is None or REDUCERS.get(name).supports_generation == supports_generation)
+    ]

@@ -14,7 +14,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adatsq.errors import TokenReductionError
-from adatsq.tokens.base import REDUCERS, Reduced, ReductionContext, TokenReducer, reduced_from_kept
+from adatsq.tokens.base import (
+    POST_CONNECTOR,
+    REDUCERS,
+    InLMReducer,
+    Reduced,
+    ReductionContext,
+    TokenReducer,
+    reduced_from_kept,
+)
 
 __all__ = [
     "FastV",
@@ -45,7 +53,7 @@ def _check_vector(x: Tensor, n: int, field: str) -> None:
 
 
 @REDUCERS.register("vnorm")
-class VNorm(TokenReducer):
+class VNorm(InLMReducer):
     """FlashU's V-norm proxy: keep the K image tokens whose value vectors are longest.
 
     Exact rule: score_i = ||v_i||_2, where v_i is image token i's value vector (all KV heads
@@ -55,11 +63,15 @@ class VNorm(TokenReducer):
     """
 
     name = "vnorm"
-    stage = "in_lm"
     needs = frozenset({"values"})
+    overhead_inputs = frozenset({"dv"})
 
     def __init__(self, layer: int = 2) -> None:
         self.layer = int(layer)
+
+    def overhead_flops(self, n: int, d: int, k: int, **inputs: int) -> int:
+        """Value norms of the n image tokens (`dv` value channels, default d)."""
+        return 2 * n * inputs.get("dv", d)
 
     def _reduce(self, tokens: Tensor, context: ReductionContext, k: int) -> Reduced:
         assert context.values is not None
@@ -72,16 +84,15 @@ class VNorm(TokenReducer):
 
 
 @REDUCERS.register("fastv")
-class FastV(TokenReducer):
+class FastV(InLMReducer):
     """FastV (K = `layer` = 2): layers 0..K-1 run on every token; entering layer K, keep the K image
     tokens the last text token attended to most in layer K-1 (the K-th layer, mean over heads).
 
     `context.attention` is that attention row over the image tokens; the layers before pruning
-    run on full tokens, which `flops.layer_seq_lens` counts.
+    run on full tokens, which `flops.layer_seq_lens` counts (so `overhead_flops` is 0).
     """
 
     name = "fastv"
-    stage = "in_lm"
     needs = frozenset({"attention"})
 
     def __init__(self, layer: int = 2) -> None:
@@ -128,16 +139,16 @@ def prune_stage(attention: Tensor, count: int) -> Tensor:
 
 
 @REDUCERS.register("pdrop")
-class PDrop(TokenReducer):
+class PDrop(InLMReducer):
     """PyramidDrop: FastV's ranking repeated at stage boundaries with a geometric keep schedule.
 
     `reduce` performs one stage (prune to K by last-token attention); a model adapter runs the whole
     pyramid with `pdrop_schedule` + `prune_stage`, choosing λ with `pdrop_stage_ratio` when the
-    budget is given as an average keep ratio.
+    budget is given as an average keep ratio. Its cost is the full tokens in the layers before each
+    boundary (`flops.layer_seq_lens`), so `overhead_flops` is 0.
     """
 
     name = "pdrop"
-    stage = "in_lm"
     needs = frozenset({"attention"})
 
     def __init__(self, stages: int = 4, ratio: float | None = None) -> None:
@@ -149,6 +160,14 @@ class PDrop(TokenReducer):
     def schedule(self, n: int, n_layers: int, keep: float) -> list[tuple[int, int]]:
         ratio = self.ratio if self.ratio is not None else pdrop_stage_ratio(keep, self.stages)
         return pdrop_schedule(n, n_layers, self.stages, ratio)
+
+    def _boundaries(self, n: int, n_layers: int, keep: float, min_keep: int) -> list[tuple[int, int]]:
+        return [(first, count) for first, count in self.schedule(n, n_layers, keep) if first > 0]
+
+    def prune(self, tokens: Tensor, context: ReductionContext, count: int) -> Tensor:
+        """One pyramid boundary: the `count` tokens the last instruction token attends to most."""
+        assert context.attention is not None
+        return prune_stage(context.attention, count)
 
     def _reduce(self, tokens: Tensor, context: ReductionContext, k: int) -> Reduced:
         assert context.attention is not None
@@ -187,13 +206,20 @@ class VisionZip(TokenReducer):
     """
 
     name = "visionzip"
-    stage = "post_connector"
+    stage = POST_CONNECTOR
     needs = frozenset({"attention"})
 
     def __init__(self, contextual: float = 10 / 64) -> None:
         if not 0 <= contextual < 1:
             raise TokenReductionError(f"visionzip contextual fraction must be in [0, 1), got {contextual}")
         self.contextual = float(contextual)
+
+    def overhead_flops(self, n: int, d: int, k: int, **inputs: int) -> int:
+        """Similarity of the remaining tokens to the `n_ctx` contextual targets (default: this reducer's
+        `contextual` share of k, at least 1) + their sums."""
+        n_ctx = inputs.get("n_ctx", max(1, math.floor(k * self.contextual + 0.5)))
+        rest = n - (k - n_ctx)
+        return 2 * rest * d + 2 * rest * n_ctx * d + 2 * rest * d
 
     def _reduce(self, tokens: Tensor, context: ReductionContext, k: int) -> Reduced:
         assert context.attention is not None
@@ -228,13 +254,25 @@ class ToMe(TokenReducer):
     """
 
     name = "tome"
-    stage = "post_connector"
+    stage = POST_CONNECTOR
     needs = frozenset()
+    supports_generation = True
 
     def __init__(self, r: int | None = None) -> None:
         if r is not None and r < 1:
             raise TokenReductionError(f"ToMe merges r >= 1 pairs per round, got r={r}")
         self.r = r
+
+    def overhead_flops(self, n: int, d: int, k: int, **inputs: int) -> int:
+        """The matching rounds (`r` pairs per round; absent or 0: this reducer's `r`)."""
+        r = inputs.get("r") or self.r
+        total = 0
+        while n > k:
+            a, b = (n + 1) // 2, n // 2
+            merged = min(n - k, a, r or a)
+            total += 3 * n * d + 2 * a * b * d + 2 * n * d  # normalise, A·Bᵀ similarity, weighted sums
+            n -= merged
+        return total
 
     def _reduce(self, tokens: Tensor, context: ReductionContext, k: int) -> Reduced:
         n = tokens.shape[0]
@@ -270,8 +308,9 @@ class RandomDrop(TokenReducer):
     """Keep K tokens uniformly at random (context.generator makes it reproducible)."""
 
     name = "random"
-    stage = "post_connector"
+    stage = POST_CONNECTOR
     needs = frozenset()
+    supports_generation = True
 
     def _reduce(self, tokens: Tensor, context: ReductionContext, k: int) -> Reduced:
         perm = torch.randperm(tokens.shape[0], generator=context.generator)
@@ -288,11 +327,16 @@ class GridPool(TokenReducer):
     """
 
     name = "grid"
-    stage = "post_connector"
+    stage = POST_CONNECTOR
     needs = frozenset()
+    supports_generation = True
 
     def __init__(self, merge: bool = True) -> None:
         self.merge = bool(merge)
+
+    def overhead_flops(self, n: int, d: int, k: int, **inputs: int) -> int:
+        """2-D distances to the kept cells + region sums."""
+        return 6 * n * k + 2 * n * d
 
     def _reduce(self, tokens: Tensor, context: ReductionContext, k: int) -> Reduced:
         h, w = context.grid

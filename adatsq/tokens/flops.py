@@ -8,7 +8,6 @@ seq x seq score and value products (dense kernels; a causal kernel skips about h
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +15,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from adatsq.errors import TokenReductionError
+from adatsq.tokens.base import REDUCERS, get_reducer
 
 __all__ = [
     "kv_cache_bytes",
@@ -87,54 +87,22 @@ def kv_cache_bytes(
     return sum(2 * n_kv_heads * head_dim * s * dtype_bytes for s in _per_layer(seq_len, n_layers))
 
 
-def _tome_flops(n: int, d: int, k: int, r: int | None) -> int:
-    total = 0
-    while n > k:
-        a, b = (n + 1) // 2, n // 2
-        merged = min(n - k, a, r or a)
-        total += 3 * n * d + 2 * a * b * d + 2 * n * d  # normalise, A·Bᵀ similarity, weighted sums
-        n -= merged
-    return total
-
-
 def reducer_overhead_flops(method: str, n: int, d: int, k: int, **extra: int) -> int:
-    """FLOPs a reducer adds on top of the (reduced) LM prefill, for one image of n tokens of width d.
+    """FLOPs a reducer adds on top of the (reduced) LM prefill, for one image of n tokens of width d:
+    `get_reducer(method).overhead_flops(n, d, k, **extra)`; each reducer documents its formula and names
+    the model measurements it needs in `overhead_inputs`.
 
-    g2tr: `vae_flops` (generation-encoder pass, required: the caller measures its model) + anchor
-    projection (`m` anchors of `latent_dim` channels: 2·m·latent_dim·d; 0 when parameter-free)
-    + scores (token/anchor norms and dots) + merge similarity of removed to kept tokens
-    2·(n-k)·k·d and cluster sums.
-    fastv / pdrop: 0 here; their cost is the full tokens in the layers before pruning, which the
-    caller counts with `layer_seq_lens`. vnorm: value norms (`dv`, default d). tome: the matching
-    rounds (`r` pairs per round, 0 = as many as allowed). visionzip: target similarity + sums.
+    g2tr: `vae_flops` (generation-encoder pass, required) + anchor projection (`m` anchors of
+    `latent_dim` channels) + scores + merge. fastv / pdrop: 0 here; their cost is the full tokens in
+    the layers before pruning, which the caller counts with `layer_seq_lens`. vnorm: value norms (`dv`,
+    default d). tome: the matching rounds (`r`). visionzip: target similarity (`n_ctx`) + sums.
+    grid: distances to kept cells + region sums. random: 0.
     """
-    if method == "g2tr":
-        if "vae_flops" not in extra:
-            raise TokenReductionError(
-                "g2tr overhead needs vae_flops=<FLOPs of the generation encoder on this image> "
-                "(pass 0 only if the latent is computed anyway, e.g. for editing)"
-            )
-        m = extra.get("m", 0)
-        project = 2 * m * extra.get("latent_dim", 0) * d
-        score = 2 * n * d * 3 + 2 * m * d  # token norms, dots, cosine; anchor norms
-        merge = 2 * n * d + 2 * (n - k) * k * d + 2 * n * d  # normalise, removed x kept similarity, sums
-        return int(extra["vae_flops"]) + project + score + merge
-    if method in ("fastv", "pdrop", "random"):
-        return 0
-    if method == "vnorm":
-        return 2 * n * extra.get("dv", d)
-    if method == "tome":
-        return _tome_flops(n, d, k, extra.get("r") or None)
-    if method == "visionzip":
-        n_ctx = extra.get("n_ctx", max(1, math.floor(k * 10 / 64 + 0.5)))
-        rest = n - (k - n_ctx)
-        return 2 * rest * d + 2 * rest * n_ctx * d + 2 * rest * d
-    if method == "grid":
-        return 6 * n * k + 2 * n * d  # 2-D distances to kept cells, region sums
-    raise TokenReductionError(
-        f"unknown reducer {method!r} for overhead; supported: fastv, g2tr, grid, pdrop, random, tome, "
-        f"visionzip, vnorm"
-    )
+    if method not in REDUCERS.names():
+        raise TokenReductionError(
+            f"unknown reducer {method!r} for overhead; supported: {', '.join(REDUCERS.names())}"
+        )
+    return get_reducer(method).overhead_flops(n, d, k, **extra)
 
 
 def measure_latency(fn: Callable[[], object], repeats: int = 10, warmup: int = 2) -> dict[str, float]:

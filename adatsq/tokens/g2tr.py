@@ -29,6 +29,7 @@ from torch import Tensor
 
 from adatsq.errors import TokenReductionError
 from adatsq.tokens.base import (
+    POST_CONNECTOR,
     REDUCERS,
     Reduced,
     ReductionContext,
@@ -194,8 +195,10 @@ class G2TR(TokenReducer):
     """Generation-guided selection + similarity merge (set merge=False for the selection-only ablation)."""
 
     name = "g2tr"
-    stage = "post_connector"
+    stage = POST_CONNECTOR
     needs = frozenset({"anchors", "latent_grid"})
+    supports_generation = True  # a latent token's anchor is its own latent cell
+    overhead_inputs = frozenset({"vae_flops", "m", "latent_dim"})
 
     def __init__(self, weight: float = 1.0, merge: bool = True) -> None:
         if not weight > 0:
@@ -214,3 +217,19 @@ class G2TR(TokenReducer):
         slot = assign(tokens, kept)
         merged = merge(tokens, kept, self.weight, slot=slot)
         return reduced_from_kept(tokens, kept, context.grid, merged=merged, assignment=slot)
+
+    def overhead_flops(self, n: int, d: int, k: int, **inputs: int) -> int:
+        """`vae_flops` (generation-encoder pass, required: the caller measures its model) + anchor
+        projection (`m` anchors of `latent_dim` channels: 2·m·latent_dim·d; 0 when parameter-free)
+        + scores (token/anchor norms and dots) + merge similarity of removed to kept tokens
+        2·(n-k)·k·d and cluster sums."""
+        if "vae_flops" not in inputs:
+            raise TokenReductionError(
+                "g2tr overhead needs vae_flops=<FLOPs of the generation encoder on this image> "
+                "(pass 0 only if the latent is computed anyway, e.g. for editing)"
+            )
+        m = inputs.get("m", 0)
+        project_flops = 2 * m * inputs.get("latent_dim", 0) * d
+        score_flops = 2 * n * d * 3 + 2 * m * d  # token norms, dots, cosine; anchor norms
+        merge_flops = 2 * n * d + 2 * (n - k) * k * d + 2 * n * d  # normalise, removed x kept sims, sums
+        return int(inputs["vae_flops"]) + project_flops + score_flops + merge_flops

@@ -22,8 +22,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from adatsq.errors import TokenReductionError
-from adatsq.tokens.base import ReductionContext, TokenReducer, keep_count
-from adatsq.tokens.baselines import PDrop, prune_stage
+from adatsq.tokens.base import IN_LM, InLMReducer, ReductionContext, TokenReducer
 
 __all__ = ["InLMPruner", "stage_plan"]
 
@@ -32,21 +31,11 @@ def stage_plan(
     reducer: TokenReducer, n: int, n_layers: int, keep: float, min_keep: int = 1
 ) -> list[tuple[int, int]]:
     """[(layer, image tokens kept from that layer on)] for an in-LM reducer on n image tokens."""
-    layer = getattr(reducer, "layer", None)
-    if isinstance(reducer, PDrop):
-        plan = [(first, count) for first, count in reducer.schedule(n, n_layers, keep) if first > 0]
-    elif layer is not None:
-        plan = [(layer, keep_count(n, keep, min_keep))]
-    else:
+    if not isinstance(reducer, InLMReducer):
         raise TokenReductionError(
             f"reducer {reducer.name!r} has no pruning layer; it is not an in-LM reducer"
         )
-    if any(not 1 <= first < n_layers for first, _ in plan):
-        raise TokenReductionError(
-            f"{reducer.name} prunes at layers {[f for f, _ in plan]}, allowed 1..{n_layers - 1} "
-            f"(pruning before layer 1 is the same as a post-connector reducer)"
-        )
-    return plan
+    return reducer.stage_plan(n, n_layers, keep, min_keep)
 
 
 def _gather(x: Tensor, index: Tensor, dim: int) -> Tensor:
@@ -88,7 +77,7 @@ class InLMPruner:
     """
 
     def __init__(self, layers: nn.ModuleList, reducer: TokenReducer, keep: float, min_keep: int = 1) -> None:
-        if reducer.stage != "in_lm":
+        if reducer.stage != IN_LM or not isinstance(reducer, InLMReducer):
             raise TokenReductionError(f"reducer {reducer.name!r} runs {reducer.stage}, not inside the LM")
         self.layers, self.reducer, self.keep, self.min_keep = layers, reducer, keep, min_keep
         self._handles: list[RemovableHandle] = []
@@ -182,18 +171,13 @@ class InLMPruner:
                     f"must call a `self_attn` module (Llama-style), loaded with attn_implementation='eager'"
                 )
             score = attention[b, local[b]] if attention is not None else None
-            if isinstance(self.reducer, PDrop):
-                chosen.append(prune_stage(score, count))
-                continue
             values = None
             if "values" in self.reducer.needs:  # V-norm: values of the hidden states entering this layer
                 values = layer.self_attn.v_proj(layer.input_layernorm(hidden[b, local[b]])).float()
             ctx = ReductionContext(
                 grid=st.grid, keep=self.keep, min_keep=self.min_keep, attention=score, values=values
             )
-            reduced = self.reducer.reduce(hidden[b, local[b]], ctx)
-            assert reduced.k == count
-            chosen.append(reduced.kept_index)
+            chosen.append(self.reducer.prune(hidden[b, local[b]], ctx, count))
         kept_local = torch.stack(chosen)  # [B, count] indices into the alive image tokens
         drop = torch.ones_like(local, dtype=torch.bool).scatter_(1, kept_local, False)
         alive = torch.ones(hidden.shape[:2], dtype=torch.bool, device=hidden.device)

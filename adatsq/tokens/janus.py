@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from adatsq.errors import TokenReductionError
 from adatsq.tokens import g2tr
-from adatsq.tokens.base import Reduced, ReductionContext, TokenReducer
+from adatsq.tokens.base import IN_LM, POST_CONNECTOR, Reduced, ReductionContext, TokenReducer
 from adatsq.tokens.flops import kv_cache_bytes, lm_prefill_flops
 from adatsq.tokens.inlm import InLMPruner
 
@@ -157,7 +157,7 @@ def reduced_inputs_embeds(
     `position_ids` (original positions of the kept sequence), `n_image`, `k_image`, `seq_len`
     (before, after). Only post-connector reducers; in-LM ones go through `JanusTokenReduction`.
     """
-    if reducer.stage != "post_connector":
+    if reducer.stage != POST_CONNECTOR:
         raise TokenReductionError(
             f"reducer {reducer.name!r} prunes inside the LM; use JanusTokenReduction(model, reducer, keep)"
         )
@@ -246,7 +246,7 @@ class JanusTokenReduction:
         self.inner = _janus(model)
         self.model, self.reducer, self.keep, self.min_keep = model, reducer, keep, min_keep
         impl = getattr(self.inner.language_model.config, "_attn_implementation", None)
-        if reducer.stage == "in_lm" and "attention" in reducer.needs and impl != "eager":
+        if reducer.stage == IN_LM and "attention" in reducer.needs and impl != "eager":
             raise TokenReductionError(
                 f"{reducer.name} needs the LM's attention weights, which the {impl!r} attention backend "
                 f"does not expose; load the model with attn_implementation='eager'"
@@ -255,7 +255,7 @@ class JanusTokenReduction:
     def inputs(
         self, input_ids: Tensor, pixel_values: Tensor, attention_mask: Tensor | None = None
     ) -> tuple[Tensor, Tensor, dict[str, Any]]:
-        if self.reducer.stage == "post_connector":
+        if self.reducer.stage == POST_CONNECTOR:
             return reduced_inputs_embeds(
                 self.model, input_ids, pixel_values, self.reducer, self.keep, self.min_keep, attention_mask
             )
@@ -283,7 +283,7 @@ class JanusTokenReduction:
         """Greedy answer tokens [B, T] and info with `layer_lens`, `prefill_flops`, `kv_bytes`."""
         embeds, mask, info = self.inputs(input_ids, pixel_values)
         layers = self.inner.language_model.layers
-        if self.reducer.stage == "in_lm":
+        if self.reducer.stage == IN_LM:
             pruner = InLMPruner(layers, self.reducer, self.keep, self.min_keep)
             pruner.arm(info["span"], vision_grid(self.model), embeds.shape[1])
             with pruner:

@@ -161,6 +161,20 @@ def _masked_reference_hooks(model, layer_from, dropped):
     ]
 
 
+@torch.no_grad()
+def _prefill_and_step(model, embeds, mask, pos, step_embeds):
+    """The 69-token prefill with a cache, then one decoding step at position 69."""
+    out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
+    step = model(
+        inputs_embeds=step_embeds,
+        attention_mask=torch.ones(1, 70, dtype=torch.long),
+        position_ids=torch.tensor([[69]]),
+        past_key_values=out.past_key_values,
+        use_cache=True,
+    )
+    return out, step
+
+
 @pytest.mark.parametrize("name", ["fastv", "vnorm"])
 def test_in_lm_pruning_equals_masking_the_dropped_tokens(model, batch, name):
     ids, px = batch
@@ -171,28 +185,13 @@ def test_in_lm_pruning_equals_masking_the_dropped_tokens(model, batch, name):
     step_embeds = model.get_input_embeddings()(nxt)
     pruner = InLMPruner(model.model.language_model.layers, red.reducer, 0.25)
     pruner.arm(info["span"], (8, 8), 69)
-    with torch.no_grad(), pruner:
-        out = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
-        step = model(
-            inputs_embeds=step_embeds,
-            attention_mask=torch.ones(1, 70, dtype=torch.long),
-            position_ids=torch.tensor([[69]]),
-            past_key_values=out.past_key_values,
-            use_cache=True,
-        )
+    with pruner:
+        out, step = _prefill_and_step(model, embeds, mask, pos, step_embeds)
     assert pruner.layer_lens == [69, 69, 21, 21] and pruner.kept_image.shape == (1, 16)
     dropped = sorted(set(range(N)) - set(pruner.kept_image[0].tolist()))
     handles = _masked_reference_hooks(model, 2, [2 + i for i in dropped])
     try:
-        with torch.no_grad():
-            ref = model(inputs_embeds=embeds, attention_mask=mask, position_ids=pos, use_cache=True)
-            ref_step = model(
-                inputs_embeds=step_embeds,
-                attention_mask=torch.ones(1, 70, dtype=torch.long),
-                position_ids=torch.tensor([[69]]),
-                past_key_values=ref.past_key_values,
-                use_cache=True,
-            )
+        ref, ref_step = _prefill_and_step(model, embeds, mask, pos, step_embeds)
     finally:
         for h in handles:
             h.remove()

@@ -27,13 +27,13 @@ from adatsq.models.umm.data import CANVAS, QUESTION_TYPES, Canvas, qa_batch, que
 from adatsq.models.umm.model import MiniUMM
 from adatsq.models.umm.weights import load_umm
 from adatsq.tokens import g2tr
-from adatsq.tokens.base import get_reducer, keep_count
-from adatsq.tokens.flops import kv_cache_bytes, lm_prefill_flops, measure_latency, reducer_overhead_flops
+from adatsq.tokens.base import REDUCERS, TokenReducer, get_reducer
+from adatsq.tokens.flops import kv_cache_bytes, lm_prefill_flops, measure_latency
 from adatsq.tokens.umm.evaluate import generation_prompts, generation_quality, qa_accuracy
-from adatsq.tokens.umm.reduction import GENERATION_REDUCERS, IN_LM, UMMReduction
+from adatsq.tokens.umm.reduction import UMMReduction
 
 log = logging.getLogger(__name__)
-METHODS = ("g2tr", "fastv", "pdrop", "vnorm", "visionzip", "tome", "random", "grid")
+METHODS = ("g2tr", "fastv", "pdrop", "vnorm", "visionzip", "tome", "random", "grid")  # report order
 KEEPS = (0.25, 0.5, 0.75)
 
 
@@ -51,23 +51,32 @@ def vae_encode_flops(model: MiniUMM) -> int:
     return int(counter.get_total_flops())
 
 
+def overhead_inputs(adapter: UMMReduction, reducer: TokenReducer) -> dict[str, int]:
+    """The measurements of this model that `reducer.overhead_flops` asks for (`overhead_inputs`)."""
+    c = adapter.model.config
+    measure = {
+        "vae_flops": lambda: vae_encode_flops(adapter.model),  # generation encoder on one image
+        "m": lambda: math.ceil(c.gen_grid / adapter.anchor_pool) ** 2,  # G2TR anchors
+        "latent_dim": lambda: c.gen_token_dim,  # channels the anchor projection reads
+        "dv": lambda: c.lm_kv_heads * (c.lm_hidden // c.lm_heads),  # value channels (V-norm)
+    }
+    unknown = sorted(set(reducer.overhead_inputs) - set(measure))
+    if unknown:
+        raise TokenReductionError(f"the UMM benchmark cannot measure {unknown} for {reducer.name!r}")
+    return {name: measure[name]() for name in sorted(reducer.overhead_inputs)}
+
+
 def prefill_cost(adapter: UMMReduction, method: str | None, keep: float) -> dict:
     """LM prefill + reducer FLOPs and KV bytes per single-question sequence (mean over question types)."""
     c = adapter.model.config
     n, head_dim = adapter.n, c.lm_hidden // c.lm_heads
-    if method is None:
-        counts = [n] * c.lm_layers
-    elif method in IN_LM:
-        counts = adapter.layer_image_tokens(adapter.schedule(get_reducer(method), keep))
-    else:
-        counts = [keep_count(n, keep)] * c.lm_layers
-    extra: dict[str, int] = {}
-    if method == "g2tr":
-        anchors = math.ceil(c.gen_grid / adapter.anchor_pool) ** 2
-        extra = {"vae_flops": vae_encode_flops(adapter.model), "m": anchors, "latent_dim": c.gen_token_dim}
-    elif method == "vnorm":
-        extra = {"dv": c.lm_kv_heads * head_dim}
-    overhead = 0 if method is None else reducer_overhead_flops(method, n, c.lm_hidden, counts[-1], **extra)
+    reducer = None if method is None else get_reducer(method)
+    counts = adapter.image_token_counts(reducer, keep)
+    overhead = (
+        0
+        if reducer is None
+        else reducer.overhead_flops(n, c.lm_hidden, counts[-1], **overhead_inputs(adapter, reducer))
+    )
     lm, kv = [], []
     for length in question_lengths().values():
         lens = [length + k for k in counts]
@@ -165,7 +174,7 @@ def generation(
             refused[method] = False
         except TokenReductionError:
             refused[method] = True
-        if method in GENERATION_REDUCERS:
+        if get_reducer(method).supports_generation:
             forced_images = adapter.generate(
                 prompts, null, seed=seed, reducer=method, keep=0.5, reduce_generation=True
             )
@@ -187,9 +196,9 @@ def bench(
     classifier: torch.nn.Module | None = None,
 ) -> dict:
     """All methods x keep ratios (+ full tokens) on one model and one held-out set; see module docstring."""
-    unknown = sorted(set(methods) - set(METHODS))
+    unknown = sorted(set(methods) - set(REDUCERS.names()))
     if unknown:
-        raise TokenReductionError(f"unknown methods {unknown}; the UMM benchmark supports {list(METHODS)}")
+        raise TokenReductionError(f"unknown methods {unknown}; the UMM benchmark supports {REDUCERS.names()}")
     adapter = UMMReduction(model or load_umm())
     full_cost = prefill_cost(adapter, None, 1.0)
     rows = [

@@ -1,16 +1,19 @@
 """Where each token reducer runs in the reference UMM, and what it costs.
 
-* post-connector reducers (g2tr, tome, random, grid, visionzip) reduce the connector output of each
-  image before the learned 2-D position embedding; kept / merged tokens are placed at their original
-  grid positions and the LM's image span (and its mask) shrinks to K. Questions are then packed.
-* in-LM reducers run inside the decoder, which is driven layer by layer: fastv and vnorm score image
-  tokens with the attention of the last question token / the value vectors of layer `layer - 1` and
-  drop them from layer `layer` on; pdrop repeats FastV's ranking at its stage boundaries with the
-  per-stage ratio that matches the requested average keep (`pdrop_stage_ratio`). They depend on the
-  question, so each question runs as its own sequence.
+* post-connector reducers (`stage == POST_CONNECTOR`: g2tr, tome, random, grid, visionzip) reduce the
+  connector output of each image before the learned 2-D position embedding; kept / merged tokens are
+  placed at their original grid positions and the LM's image span (and its mask) shrinks to K.
+  Questions are then packed.
+* in-LM reducers (`InLMReducer`: fastv, pdrop, vnorm) run inside the decoder, which is driven layer by
+  layer: at each boundary of the reducer's `stage_plan`, what it `needs` is captured at the layer
+  before (the attention of the last question token, or the value vectors entering it) and its `prune`
+  picks the survivors: fastv and vnorm drop tokens once, at layer `layer`; pdrop repeats FastV's ranking
+  at its stage boundaries with the per-stage ratio that matches the requested average keep
+  (`pdrop_stage_ratio`). They depend on the question, so each question runs as its own sequence.
 * G2TR's anchors are the image's own VAE latent (scaled, as the generation path sees it), patchified,
   average-pooled 2x2 and projected by the model's `vae2llm`.
-* Generation tokens are never reduced unless `reduce_generation=True` is passed explicitly.
+* Generation tokens are never reduced unless `reduce_generation=True` is passed explicitly (and then
+  only by reducers with `supports_generation`).
 """
 
 from __future__ import annotations
@@ -22,12 +25,19 @@ from torch import Tensor
 
 from adatsq.errors import TokenReductionError
 from adatsq.models.umm.model import MiniUMM, segment_mask
-from adatsq.tokens.base import Reduced, ReductionContext, TokenReducer, get_reducer, keep_count
-from adatsq.tokens.baselines import pdrop_schedule, pdrop_stage_ratio, prune_stage
+from adatsq.tokens.base import (
+    IN_LM,
+    POST_CONNECTOR,
+    InLMReducer,
+    Reduced,
+    ReductionContext,
+    TokenReducer,
+    get_reducer,
+    keep_count,
+    reducer_names,
+)
 from adatsq.tokens.g2tr import anchors_from_latent
 
-IN_LM = ("fastv", "pdrop", "vnorm")
-GENERATION_REDUCERS = ("g2tr", "grid", "random", "tome")
 ANCHOR_POOL = 2
 
 
@@ -112,10 +122,10 @@ class UMMReduction:
         generator: torch.Generator | None = None,
     ) -> tuple[Tensor, Tensor, list[Reduced]]:
         """Reduced connector tokens [B, K, D], their grid indices [B, K] and the per-image results."""
-        if reducer.stage != "post_connector":
+        if reducer.stage != POST_CONNECTOR:
             raise TokenReductionError(
                 f"reducer {reducer.name!r} runs {reducer.stage!r}, not after the connector; "
-                f"in-LM reducers are {IN_LM}"
+                f"in-LM reducers are {reducer_names(stage=IN_LM)}"
             )
         contexts = self.contexts(reducer, images, keep, generator)
         results = [reducer.reduce(tok, ctx) for tok, ctx in zip(tokens, contexts, strict=True)]
@@ -135,7 +145,7 @@ class UMMReduction:
         m = self.model
         tokens = m.connect(images)
         b = tokens.shape[0]
-        if reducer is None or reducer.stage == "post_connector":
+        if reducer is None or reducer.stage == POST_CONNECTOR:
             kept = torch.arange(self.n).expand(b, self.n)
             if reducer is not None:
                 tokens, kept, _ = self.reduce_post_connector(images, tokens, reducer, keep, generator)
@@ -145,8 +155,11 @@ class UMMReduction:
                 dict.fromkeys(questions, kept),
                 [kept.shape[1]] * self.n_layers,
             )
-        if reducer.name not in IN_LM:
-            raise TokenReductionError(f"unknown in-LM reducer {reducer.name!r}; supported: {IN_LM}")
+        if not isinstance(reducer, InLMReducer):
+            raise TokenReductionError(
+                f"reducer {reducer.name!r} runs {reducer.stage!r} but is no InLMReducer (it has no "
+                f"pruning plan); in-LM reducers are {reducer_names(stage=IN_LM)}"
+            )
         schedule = self.schedule(reducer, keep)
         logits, kept_all = {}, {}
         for kind, ids in questions.items():
@@ -177,9 +190,10 @@ class UMMReduction:
                 f"tokens; pass reduce_generation=True only to force it for an experiment, or "
                 f"reducer=None to generate"
             )
-        if reducer.name not in GENERATION_REDUCERS:
+        if not reducer.supports_generation:
             raise TokenReductionError(
-                f"forced generation reduction supports {GENERATION_REDUCERS}, not {reducer.name!r} (it needs "
+                f"forced generation reduction supports {reducer_names(supports_generation=True)}, not "
+                f"{reducer.name!r} (it needs "
                 f"question attention or ViT attention, which generation tokens do not have)"
             )
         generator = torch.Generator().manual_seed(seed)
@@ -226,18 +240,18 @@ class UMMReduction:
         full = _take(v, slot.clamp_min(0))
         return full * (slot >= 0)[..., None]
 
-    def schedule(self, reducer: TokenReducer, keep: float) -> dict[int, int]:
+    def schedule(self, reducer: InLMReducer, keep: float) -> dict[int, int]:
         """{first layer: image tokens from then on} of an in-LM reducer at average keep ratio `keep`."""
-        if reducer.name == "pdrop":
-            ratio = pdrop_stage_ratio(keep, reducer.stages)
-            return dict(pdrop_schedule(self.n, self.n_layers, reducer.stages, ratio)[1:])
-        layer = reducer.layer
-        if not 1 <= layer < self.n_layers:
-            raise TokenReductionError(
-                f"{reducer.name} layer={layer} must be in 1..{self.n_layers - 1} for this "
-                f"{self.n_layers}-layer LM"
-            )
-        return {layer: keep_count(self.n, keep)}
+        return dict(reducer.stage_plan(self.n, self.n_layers, keep))
+
+    def image_token_counts(self, reducer: TokenReducer | str | None, keep: float) -> list[int]:
+        """Image tokens each LM layer runs on with `reducer` at `keep` (all of them without one)."""
+        reducer = as_reducer(reducer)
+        if reducer is None:
+            return [self.n] * self.n_layers
+        if isinstance(reducer, InLMReducer):
+            return self.layer_image_tokens(self.schedule(reducer, keep))
+        return [keep_count(self.n, keep)] * self.n_layers
 
     def layer_image_tokens(self, schedule: dict[int, int]) -> list[int]:
         counts, current = [], self.n
@@ -247,7 +261,7 @@ class UMMReduction:
         return counts
 
     def _answer_in_lm(
-        self, tokens: Tensor, ids: Tensor, reducer: TokenReducer, keep: float, schedule: dict[int, int]
+        self, tokens: Tensor, ids: Tensor, reducer: InLMReducer, keep: float, schedule: dict[int, int]
     ) -> tuple[Tensor, Tensor]:
         m = self.model
         b = tokens.shape[0]
@@ -278,25 +292,24 @@ class UMMReduction:
         hidden: Tensor,
         rope,
         mask: Tensor,
-        reducer: TokenReducer,
+        reducer: InLMReducer,
         keep: float,
         count: int,
         current: int,
     ) -> Tensor:
-        """Rows [B, count] (ascending, among the `current` image tokens) that survive this boundary."""
-        if reducer.name == "vnorm":
+        """Rows [B, count] (ascending, among the `current` image tokens) that survive this boundary:
+        what the reducer `needs`, captured at `layer` (the one before the boundary), then its `prune`."""
+        b = hidden.shape[0]
+        values = attention = [None] * b
+        if "values" in reducer.needs:  # the value vectors of the hidden states entering the boundary
             values = layer.self_attn.v_proj(layer.input_layernorm(hidden))[:, :current]
-            contexts = [ReductionContext(grid=self.grid, keep=keep, values=v) for v in values]
-            return torch.stack(
-                [reducer.reduce(hidden[i, :current], ctx).kept_index for i, ctx in enumerate(contexts)]
-            )
-        attention = last_token_attention(layer, hidden, rope, mask)[:, :current]
-        if reducer.name == "pdrop":
-            return torch.stack([prune_stage(a, count) for a in attention])
-        contexts = [ReductionContext(grid=self.grid, keep=keep, attention=a) for a in attention]
-        return torch.stack(
-            [reducer.reduce(hidden[i, :current], ctx).kept_index for i, ctx in enumerate(contexts)]
-        )
+        if "attention" in reducer.needs:
+            attention = last_token_attention(layer, hidden, rope, mask)[:, :current]
+        contexts = [
+            ReductionContext(grid=self.grid, keep=keep, attention=attention[i], values=values[i])
+            for i in range(b)
+        ]
+        return torch.stack([reducer.prune(hidden[i, :current], ctx, count) for i, ctx in enumerate(contexts)])
 
 
 def last_token_attention(layer, hidden: Tensor, rope: tuple[Tensor, Tensor], mask: Tensor) -> Tensor:

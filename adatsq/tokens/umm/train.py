@@ -27,7 +27,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -239,6 +239,21 @@ def train(
         return _train(Path(run), cfg, model_config, on_eval)
 
 
+@dataclass
+class _Session:
+    """What every stage of one `train` invocation shares: where it writes, how it evaluates, the clock."""
+
+    run: Path
+    cfg: TrainConfig
+    on_eval: Callable[[MiniUMM, str, int], dict] | None
+    history: list[dict]
+    elapsed_before: float = 0.0
+    invocation_start: float = field(default_factory=time.monotonic)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.monotonic() - self.invocation_start
+
+
 def _train(
     run: Path,
     cfg: TrainConfig,
@@ -249,71 +264,106 @@ def _train(
     torch.manual_seed(cfg.seed)  # inside `train`'s fork_rng: initialisation and VAE posterior samples
     model = MiniUMM(model_config or UMMConfig())
     meta = json.loads((run / "state.json").read_text()) if (run / "state.json").is_file() else None
-    stage_index, start, history = 0, 0, []
-    invocation_start, elapsed_before = time.monotonic(), 0.0
+    session = _Session(run, cfg, on_eval, history=[])
+    stage_index, start = 0, 0
     if meta is not None:
-        if meta["train_config"] != asdict(cfg):
-            raise CheckpointError(f"{run} was started with another TrainConfig; use a new run folder")
-        model = MiniUMM(UMMConfig.from_dict(meta["config"]))
-        model.load_state_dict(load_file(str(run / "model.safetensors")))
-        done = meta["stage"] == "done"
-        stage_index = len(STAGES) if done else STAGES.index(meta["stage"])
-        start, history = meta["step"], meta["history"]
-        elapsed_before = meta.get("elapsed_s", 0.0)
-        log.info("resuming %s at stage %s step %d", run, meta["stage"], start)
-
-    def elapsed() -> float:
-        return elapsed_before + time.monotonic() - invocation_start
-
+        model, stage_index, start = _resume(session, meta)
     for stage in STAGES[stage_index:]:
-        steps, peak = cfg.steps(stage), _peak_lr(cfg, stage)
-        model.train()
-        opt = _make_optimizer(model, stage, peak)
-        if meta is not None and meta["stage"] == stage and start > 0:
-            _load_optimizer(run, opt, meta)
-        last_save, t0 = time.monotonic(), time.monotonic()
-        for step in range(start, steps):
-            rng = np.random.default_rng([cfg.seed, STAGES.index(stage), step])
-            gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * STAGES.index(stage) + step)
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, steps, peak)
-            if stage == "vae":
-                loss, parts = vae_loss(model, rng, cfg)
-            elif stage == "warm":
-                loss, parts = warm_loss(model, rng, cfg)
-            elif stage == "joint":
-                loss, parts = joint_loss(model, rng, gen, cfg, dropout=step >= cfg.dropout_start * steps)
-            else:
-                loss = flow_loss(model, rng, gen, cfg)
-                parts = {"flow": loss.item()}
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(stage_params(model, stage), 1.0)
-            opt.step()
-            if step % 25 == 0 or step == steps - 1:
-                rate = (time.monotonic() - t0) / (step - start + 1)
-                log.info("%s %d/%d %s (%.2f s/step)", stage, step, steps, _fmt(parts), rate)
-            record = stage in ("joint", "gen") and ((step + 1) % cfg.eval_every == 0 or step == steps - 1)
-            if record:
-                model.eval()
-                entry = {"stage": stage, "step": step + 1, "loss": parts}
-                entry["qa"] = qa_accuracy(full_answers(model), samples=256)
-                entry.update(on_eval(model, stage, step + 1) if on_eval else {})
-                history.append(entry)
-                log.info("eval %s", json.dumps(entry))
-                model.train()
-            if time.monotonic() - last_save > cfg.checkpoint_every_s or record:
-                _save_checkpoint(run, model, opt, _state(stage, step + 1, history, cfg, elapsed()))
-                last_save = time.monotonic()
-        if stage == "vae":
-            _set_latent_scale(model, cfg.seed)
-            log.info("latent scale %.4f", model.config.latent_scale)
-        nxt = STAGES.index(stage) + 1
-        following = STAGES[nxt] if nxt < len(STAGES) else "done"
-        opt_next = _make_optimizer(model, STAGES[min(nxt, len(STAGES) - 1)], 0.0)
-        _save_checkpoint(run, model, opt_next, _state(following, 0, history, cfg, elapsed()))
+        resume = meta if meta is not None and meta["stage"] == stage and start > 0 else None
+        _train_stage(session, model, stage, start, resume)
+        _finish_stage(session, model, stage)
         start, meta = 0, None
-    return model.eval(), history
+    return model.eval(), session.history
+
+
+def _resume(session: _Session, meta: dict) -> tuple[MiniUMM, int, int]:
+    """The model saved in the run folder, the index of the stage to continue and its first step."""
+    run = session.run
+    if meta["train_config"] != asdict(session.cfg):
+        raise CheckpointError(f"{run} was started with another TrainConfig; use a new run folder")
+    model = MiniUMM(UMMConfig.from_dict(meta["config"]))
+    model.load_state_dict(load_file(str(run / "model.safetensors")))
+    done = meta["stage"] == "done"
+    stage_index = len(STAGES) if done else STAGES.index(meta["stage"])
+    session.history = meta["history"]
+    session.elapsed_before = meta.get("elapsed_s", 0.0)
+    log.info("resuming %s at stage %s step %d", run, meta["stage"], meta["step"])
+    return model, stage_index, meta["step"]
+
+
+def _train_stage(session: _Session, model: MiniUMM, stage: str, start: int, resume: dict | None) -> None:
+    """Steps `start`.. of one stage (optimizer state from `resume` when continuing it), with evaluations
+    and checkpoints."""
+    cfg = session.cfg
+    steps, peak = cfg.steps(stage), _peak_lr(cfg, stage)
+    model.train()
+    opt = _make_optimizer(model, stage, peak)
+    if resume is not None:
+        _load_optimizer(session.run, opt, resume)
+    last_save, t0 = time.monotonic(), time.monotonic()
+    for step in range(start, steps):
+        parts = _train_step(model, opt, cfg, stage, step, peak)
+        if step % 25 == 0 or step == steps - 1:
+            rate = (time.monotonic() - t0) / (step - start + 1)
+            log.info("%s %d/%d %s (%.2f s/step)", stage, step, steps, _fmt(parts), rate)
+        record = stage in ("joint", "gen") and ((step + 1) % cfg.eval_every == 0 or step == steps - 1)
+        if record:
+            _evaluate(session, model, stage, step + 1, parts)
+        if time.monotonic() - last_save > cfg.checkpoint_every_s or record:
+            _save_checkpoint(
+                session.run, model, opt, _state(stage, step + 1, session.history, cfg, session.elapsed())
+            )
+            last_save = time.monotonic()
+
+
+def _train_step(
+    model: MiniUMM, opt: torch.optim.Optimizer, cfg: TrainConfig, stage: str, step: int, peak: float
+) -> dict:
+    """One optimizer step on the data and noise of (seed, stage, step); returns the loss parts."""
+    steps = cfg.steps(stage)
+    rng = np.random.default_rng([cfg.seed, STAGES.index(stage), step])
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + 7919 * STAGES.index(stage) + step)
+    for group in opt.param_groups:
+        group["lr"] = lr_at(step, steps, peak)
+    if stage == "vae":
+        loss, parts = vae_loss(model, rng, cfg)
+    elif stage == "warm":
+        loss, parts = warm_loss(model, rng, cfg)
+    elif stage == "joint":
+        loss, parts = joint_loss(model, rng, gen, cfg, dropout=step >= cfg.dropout_start * steps)
+    else:
+        loss = flow_loss(model, rng, gen, cfg)
+        parts = {"flow": loss.item()}
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(stage_params(model, stage), 1.0)
+    opt.step()
+    return parts
+
+
+def _evaluate(session: _Session, model: MiniUMM, stage: str, step: int, parts: dict) -> None:
+    """Held-out question accuracy (+ the caller's `on_eval`) appended to the history."""
+    model.eval()
+    entry = {"stage": stage, "step": step, "loss": parts}
+    entry["qa"] = qa_accuracy(full_answers(model), samples=256)
+    entry.update(session.on_eval(model, stage, step) if session.on_eval else {})
+    session.history.append(entry)
+    log.info("eval %s", json.dumps(entry))
+    model.train()
+
+
+def _finish_stage(session: _Session, model: MiniUMM, stage: str) -> None:
+    """After a stage: fix the latent scale (VAE stage) and checkpoint at step 0 of the next stage."""
+    cfg = session.cfg
+    if stage == "vae":
+        _set_latent_scale(model, cfg.seed)
+        log.info("latent scale %.4f", model.config.latent_scale)
+    nxt = STAGES.index(stage) + 1
+    following = STAGES[nxt] if nxt < len(STAGES) else "done"
+    opt_next = _make_optimizer(model, STAGES[min(nxt, len(STAGES) - 1)], 0.0)
+    _save_checkpoint(
+        session.run, model, opt_next, _state(following, 0, session.history, cfg, session.elapsed())
+    )
 
 
 def _state(stage: str, step: int, history: list[dict], cfg: TrainConfig, elapsed_s: float) -> dict:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -9,18 +11,6 @@ from adatsq.errors import CheckpointError
 from adatsq.models.umm.model import MiniUMM, UMMConfig
 from adatsq.tokens.umm.train import TrainConfig, lr_at, stage_params, train
 
-TINY = UMMConfig(
-    stem_channels=8,
-    vit_hidden=32,
-    vit_layers=1,
-    vit_heads=2,
-    vit_ffn=64,
-    lm_hidden=32,
-    lm_layers=2,
-    lm_heads=2,
-    lm_kv_heads=1,
-    lm_ffn=64,
-)
 CFG = TrainConfig(
     vae_steps=1,
     vae_batch=2,
@@ -40,13 +30,18 @@ class Stop(Exception):
     pass
 
 
+@pytest.fixture(scope="module")
+def tiny(tiny_config: UMMConfig) -> UMMConfig:
+    return replace(tiny_config, lm_layers=2)
+
+
 def test_lr_schedule_warms_up_and_decays() -> None:
     assert lr_at(0, 100, 1.0) < lr_at(29, 100, 1.0) == pytest.approx(1.0)
     assert lr_at(99, 100, 1.0) == pytest.approx(0.1, abs=0.01)
 
 
-def test_interrupted_training_resumes_exactly(tmp_path) -> None:
-    reference, history = train(tmp_path / "a", CFG, TINY)
+def test_interrupted_training_resumes_exactly(tmp_path, tiny: UMMConfig) -> None:
+    reference, history = train(tmp_path / "a", CFG, tiny)
     assert [(h["stage"], h["step"]) for h in history] == [("joint", 1), ("joint", 2), ("gen", 1)]
 
     calls: list[int] = []
@@ -58,19 +53,19 @@ def test_interrupted_training_resumes_exactly(tmp_path) -> None:
         return {}
 
     with pytest.raises(Stop):
-        train(tmp_path / "b", CFG, TINY, on_eval=stop_once)
-    resumed, _ = train(tmp_path / "b", CFG, TINY, on_eval=stop_once)
+        train(tmp_path / "b", CFG, tiny, on_eval=stop_once)
+    resumed, _ = train(tmp_path / "b", CFG, tiny, on_eval=stop_once)
     assert calls == [1, 1, 2, 1]  # the interrupted joint step ran again, then the generation stage
     assert resumed.config == reference.config  # including the latent scale set after the VAE stage
     for (name, a), (_, b) in zip(reference.state_dict().items(), resumed.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
 
     with pytest.raises(CheckpointError, match="another TrainConfig"):
-        train(tmp_path / "b", TrainConfig(), TINY)
+        train(tmp_path / "b", TrainConfig(), tiny)
 
 
-def test_generation_stage_trains_the_decoder_not_the_encoders() -> None:
-    model = MiniUMM(TINY)
+def test_generation_stage_trains_the_decoder_not_the_encoders(tiny: UMMConfig) -> None:
+    model = MiniUMM(tiny)
     trained = {id(p) for p in stage_params(model, "gen")}
     assert {id(p) for p in model.lm.parameters()} <= trained
     assert {id(p) for p in model.llm2vae.parameters()} <= trained and id(model.gen_pos) in trained

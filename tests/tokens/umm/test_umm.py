@@ -25,6 +25,9 @@ from adatsq.models.umm.data import (
 )
 from adatsq.models.umm.model import MiniUMM, UMMConfig, segment_mask
 from adatsq.models.umm.weights import load_umm, save_umm
+from adatsq.tokens.base import REDUCERS, InLMReducer, TokenReducer, reduced_from_kept
+from adatsq.tokens.flops import reducer_overhead_flops
+from adatsq.tokens.umm.bench import prefill_cost
 from adatsq.tokens.umm.evaluate import (
     crop_digit,
     full_answers,
@@ -35,24 +38,11 @@ from adatsq.tokens.umm.evaluate import (
 )
 from adatsq.tokens.umm.reduction import UMMReduction
 
-TINY = UMMConfig(
-    stem_channels=8,
-    vit_hidden=32,
-    vit_layers=1,
-    vit_heads=2,
-    vit_ffn=64,
-    lm_hidden=32,
-    lm_layers=4,
-    lm_heads=2,
-    lm_kv_heads=1,
-    lm_ffn=64,
-)
-
 
 @pytest.fixture(scope="module")
-def tiny() -> MiniUMM:
+def tiny(tiny_config: UMMConfig) -> MiniUMM:
     torch.manual_seed(0)
-    return MiniUMM(TINY).eval()
+    return MiniUMM(tiny_config).eval()
 
 
 @pytest.fixture(scope="module")
@@ -70,12 +60,12 @@ def _lm_lengths(model: MiniUMM):
     return lengths, hooks
 
 
-def test_config_validation() -> None:
+def test_config_validation(tiny_config: UMMConfig) -> None:
     with pytest.raises(ConfigError, match="vit_patch"):
         UMMConfig(vit_patch=5)
     with pytest.raises(ConfigError, match="unknown UMM config keys"):
         UMMConfig.from_dict({"bogus": 1})
-    assert UMMConfig.from_dict(TINY.to_dict()) == TINY
+    assert UMMConfig.from_dict(tiny_config.to_dict()) == tiny_config
 
 
 def test_data_is_consistent() -> None:
@@ -125,8 +115,8 @@ def test_understanding_shapes_full(tiny: MiniUMM, batch) -> None:
     for h in hooks:
         h.remove()
     q_len = sum(batch.questions[k].shape[1] for k in QUESTION_TYPES)
-    assert lengths == [144 + q_len] * TINY.lm_layers
-    assert [tuple(x.shape) for x in logits] == [(3, len(TINY.vocab))] * len(QUESTION_TYPES)
+    assert lengths == [144 + q_len] * tiny.config.lm_layers
+    assert [tuple(x.shape) for x in logits] == [(3, len(tiny.config.vocab))] * len(QUESTION_TYPES)
 
 
 def test_packed_questions_equal_separate_sequences(tiny: MiniUMM, batch) -> None:
@@ -160,8 +150,8 @@ def test_post_connector_reduction_shrinks_lm_sequence(tiny: MiniUMM, batch, meth
     for h in hooks:
         h.remove()
     q_len = sum(batch.questions[k].shape[1] for k in QUESTION_TYPES)
-    assert lengths == [36 + q_len] * TINY.lm_layers  # K = 144 * 0.25 image tokens, questions packed
-    assert answer.layer_image_tokens == [36] * TINY.lm_layers
+    assert lengths == [36 + q_len] * tiny.config.lm_layers  # K = 144 * 0.25 image tokens, questions packed
+    assert answer.layer_image_tokens == [36] * tiny.config.lm_layers
     for kept in answer.kept.values():
         assert kept.shape == (3, 36) and bool((kept.diff(dim=1) > 0).all())
 
@@ -205,7 +195,7 @@ def test_generation_refuses_reduction_unless_forced(tiny: MiniUMM) -> None:
 def test_generation_training_shapes(tiny: MiniUMM) -> None:
     g = gen_batch(np.random.default_rng(0), 2)
     tokens = tiny.patchify(tiny.encode_latents(g.images))
-    assert tokens.shape == (2, TINY.gen_grid**2, TINY.gen_token_dim)
+    assert tokens.shape == (2, tiny.config.gen_grid**2, tiny.config.gen_token_dim)
     assert torch.equal(tiny.unpatchify(tokens), tiny.encode_latents(g.images))
     v = tiny.predict_velocity(g.prompts, tiny.latent_tokens(tokens, torch.rand(2)))
     assert v.shape == tokens.shape
@@ -234,7 +224,22 @@ def test_shipped_weights_answer_every_question_type() -> None:
     acc = qa_accuracy(full_answers(model), samples=64, seed=99)
     for kind in QUESTION_TYPES:  # >= 90% on 1000 held-out canvases (reports/umm_training.md)
         assert acc[kind] >= 0.85, (kind, acc)
-    assert TOKEN_ID["yes"] != TOKEN_ID["no"]
+
+
+def test_present_answer_follows_the_image_not_a_prior() -> None:
+    """'is there a d?' is answered yes when d is on the canvas and no when it is not, on both halves."""
+    model = load_umm()
+    batch = qa_batch(np.random.default_rng(5), 96, split="test", kinds=("present",))
+    said = model.understand(batch.images, [batch.questions["present"]])[0].argmax(-1)
+    truth = batch.answers["present"]
+    for word in ("yes", "no"):
+        asked = truth == TOKEN_ID[word]
+        assert int(asked.sum()) >= 20, word  # both answers are asked often enough to be measured
+        assert float((said[asked] == truth[asked]).float().mean()) >= 0.85, word
+    # the same questions about blank canvases: no digit is ever present
+    blank = torch.full_like(batch.images, -1.0)
+    said_blank = model.understand(blank, [batch.questions["present"]])[0].argmax(-1)
+    assert float((said_blank == TOKEN_ID["no"]).float().mean()) >= 0.9
 
 
 def test_shipped_weights_draw_the_asked_digit() -> None:
@@ -245,6 +250,62 @@ def test_shipped_weights_draw_the_asked_digit() -> None:
 
 def test_anchor_pool_sets_the_number_of_g2tr_cells(tiny: MiniUMM, batch) -> None:
     anchors, latent_grid = UMMReduction(tiny).anchors(batch.images)
-    assert latent_grid == (3, 3) and anchors[0].shape == (9, TINY.lm_hidden)  # BAGEL's pool 2
+    assert latent_grid == (3, 3) and anchors[0].shape == (9, tiny.config.lm_hidden)  # BAGEL's pool 2
     anchors, latent_grid = UMMReduction(tiny, anchor_pool=1).anchors(batch.images)
-    assert latent_grid == (TINY.gen_grid, TINY.gen_grid) and anchors[0].shape == (36, TINY.lm_hidden)
+    assert latent_grid == (tiny.config.gen_grid, tiny.config.gen_grid) and anchors[0].shape == (
+        36,
+        tiny.config.lm_hidden,
+    )
+
+
+@pytest.fixture
+def register():
+    """Registers reducers for one test and takes them out again (the registry is process-wide)."""
+    names: list[str] = []
+
+    def add(cls: type[TokenReducer]) -> type[TokenReducer]:
+        names.append(cls.name)
+        return REDUCERS.register(cls.name)(cls)
+
+    yield add
+    for name in names:
+        REDUCERS._items.pop(name)  # no public way to unregister a test-only plug-in
+
+
+def test_a_new_reducer_is_one_registered_class(tiny: MiniUMM, batch, register) -> None:
+    """Stage, pruning plan, generation support and cost come from the class: no list to extend."""
+
+    class Tail(InLMReducer):  # keeps the last K image tokens (raster order) from layer 1 on
+        name, layer, overhead_inputs = "test-tail", 1, frozenset({"dv"})
+
+        def _reduce(self, tokens, context, k):
+            return reduced_from_kept(tokens, torch.arange(tokens.shape[0] - k, tokens.shape[0]), context.grid)
+
+        def overhead_flops(self, n, d, k, **inputs):
+            return 7 * inputs["dv"]
+
+    class Head(TokenReducer):  # keeps the first K tokens; runs on generation tokens too
+        name, stage, supports_generation = "test-head", "post_connector", True
+
+        def _reduce(self, tokens, context, k):
+            return reduced_from_kept(tokens, torch.arange(k), context.grid)
+
+    register(Tail)
+    register(Head)
+    adapter = UMMReduction(tiny)
+    answer = adapter.answer(batch.images, {"count": batch.questions["count"]}, "test-tail", 0.5)
+    assert answer.layer_image_tokens == [144, 72, 72, 72]
+    assert torch.equal(answer.kept["count"], torch.arange(72, 144).expand(3, -1))
+    cost = prefill_cost(adapter, "test-tail", 0.5)
+    assert cost["layer_image_tokens"] == [144, 72, 72, 72]
+    assert (
+        cost["overhead_flops"] == 7 * tiny.config.lm_kv_heads * tiny.config.lm_hidden // tiny.config.lm_heads
+    )
+    assert reducer_overhead_flops("test-head", 144, 32, 72) == 0
+    answer = adapter.answer(batch.images, batch.questions, "test-head", 0.25)
+    assert torch.equal(answer.kept["where"], torch.arange(36).expand(3, -1))
+    prompts, null, _, _ = generation_prompts(1)
+    forced = adapter.generate(prompts, null, steps=2, reducer="test-head", keep=0.5, reduce_generation=True)
+    assert forced.shape == (1, 1, CANVAS, CANVAS)
+    with pytest.raises(TokenReductionError, match="forced generation reduction supports"):
+        adapter.generate(prompts, null, steps=2, reducer="test-tail", keep=0.5, reduce_generation=True)
