@@ -48,14 +48,15 @@ import torch
 from safetensors.torch import save_file
 
 import adatsq
-from adatsq import planning
 from adatsq.calibrate.fisher import fisher_weights, plot_fisher
 from adatsq.calibrate.runner import collect_stats
 from adatsq.calibrate.segments import SegmentMap, attach_segment_switching
 from adatsq.checkpoint.format import WEIGHTS
 from adatsq.checkpoint.load import load_checkpoint
 from adatsq.core.modules import set_module
-from adatsq.engine.adaptive import Calibration, Planner
+from adatsq.engine import adaptive
+from adatsq.engine.adaptive import Planner
+from adatsq.engine.calibration import Calibration, calibrate
 from adatsq.engine.surgery import select_layers
 from adatsq.engine.uniform import quantize as engine_quantize
 from adatsq.eval.run import average_bits, compare_samples, timed_samples
@@ -250,12 +251,12 @@ def with_candidates(planner: Planner, candidates: Sequence[int]) -> Planner:
 def shared_calibration(source: ModelSource, recipe: Recipe) -> tuple[Calibration, Calibration, float]:
     """(Fisher-weighted, uniform) calibrations from one statistics pass, and the Fisher estimate's seconds.
 
-    The statistics are what `planning.calibrate` collects with planner.fisher False; the Fisher weights
+    The statistics are what `engine.calibration.calibrate` collects with planner.fisher False; the Fisher weights
     are its planner.fisher True estimate (same inputs, seed and batch size), timed on their own so the
     no-Fisher ablation is charged only for what it needs.
     """
     uniform_recipe_ = replace(recipe, planner=replace(recipe.planner, fisher=False))
-    uniform = planning.calibrate(source.adapter(), uniform_recipe_, progress=False)
+    uniform = calibrate(source.adapter(), uniform_recipe_, progress=False)
     cal = recipe.calibration
     inputs = uniform.adapter.default_inputs(cal.samples, cal.seed)
     (weights, method), seconds = timed(
@@ -292,7 +293,7 @@ def prepare_planner(calibration: Calibration, recipe: Recipe) -> Planner:
     The library's own prepare runs unchanged; only its calibrate() call is answered with `calibration`,
     so every planner of the benchmark sees the same statistics (and the pass is paid once).
     """
-    with mock.patch.object(planning, "calibrate", lambda *args, **kwargs: calibration):
+    with mock.patch.object(adaptive, "calibrate", lambda *args, **kwargs: calibration):
         return Planner.prepare(calibration.adapter, recipe, progress=False)
 
 

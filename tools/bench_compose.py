@@ -21,9 +21,11 @@ import torch
 import adatsq
 from adatsq.core.io import atomic_write_text, write_json
 from adatsq.models.reference.classifier import load_classifier
-from adatsq.models.umm.adapter import UMMGenerationAdapter, UnifiedModel
+from adatsq.checkpoint.load import load_checkpoint
+from adatsq.models.umm.adapter import UMMGenerationAdapter
 from adatsq.models.umm.data import QUADRANTS, QUESTION_TYPES, gen_prompt
 from adatsq.tokens.umm.evaluate import generation_quality, qa_accuracy
+from adatsq.tokens.umm.unified import UnifiedModel
 
 REPORTS = Path(__file__).resolve().parents[1] / "reports"
 RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "umm"
@@ -60,7 +62,7 @@ def main() -> None:
             qmodel = adatsq.quantize("umm", RECIPES / f"{name}.yaml", progress=False)
             seconds = time.perf_counter() - start
             qmodel.save(Path(tmp) / name)
-            loaded = adatsq.checkpoint.load_checkpoint(Path(tmp) / name)[0]  # evaluate what was saved
+            loaded = load_checkpoint(Path(tmp) / name)[0]  # evaluate what was saved
             rows[name] = {
                 **evaluate(loaded, args.samples, args.generations, classifier),
                 "quantize_seconds": seconds,
