@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import logging
 import shutil
@@ -483,8 +484,21 @@ def run_frontier(
         compare={"static": frontiers["static"], "uniform": frontiers["uniform"]},
         title="W·A8 measured trajectory error vs average weight bits",
     )
+    return frontier_summary(budgets, beam, static, uniform, kept=len(frontiers["adatsq"].points))
+
+
+def frontier_summary(
+    budgets: Sequence[float], beam: Sequence[Any], static: Sequence[Any], uniform: Sequence[Any], kept: int
+) -> dict[str, Any]:
+    """The frontier section of the report from the search results (one beam and one static per budget,
+    one uniform per bit-width) and how many beam points the Pareto filter `kept`.
+
+    monotone: each budget's plan costs strictly more and errs strictly less than the previous one's;
+    dominated_by_baselines: a static or uniform plan that costs no more and errs strictly less;
+    non_dominated: every beam point kept and none dominated.
+    """
     raw = [(r.metrics["avg_bits"], r.metrics["measured_error"]) for r in beam]
-    monotone = all(raw[i][0] < raw[i + 1][0] and raw[i][1] > raw[i + 1][1] for i in range(len(raw) - 1))
+    monotone = all(a[0] < b[0] and a[1] > b[1] for a, b in itertools.pairwise(raw))
     others = [
         (r.metrics["avg_bits"], r.metrics["measured_error"], n)
         for n, rs in (("static", static), ("uniform", uniform))
@@ -516,10 +530,10 @@ def run_frontier(
             {"avg_bits": r.metrics["avg_bits"], "measured_error": r.metrics["measured_error"]}
             for r in uniform
         ],
-        "kept_on_frontier": len(frontiers["adatsq"].points),
+        "kept_on_frontier": kept,
         "monotone": monotone,
         "dominated_by_baselines": dominated,
-        "non_dominated": len(frontiers["adatsq"].points) == len(beam) and not dominated,
+        "non_dominated": kept == len(beam) and not dominated,
     }
 
 
