@@ -27,42 +27,50 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import itertools
 import json
 import logging
-import math
-import os
-import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
-from unittest import mock
 
 import numpy as np
 import torch
-from safetensors.torch import save_file
+from bench.common import (
+    ROOT,
+    Evaluator,
+    ModelSource,
+    add_common_arguments,
+    fmt,
+    fp32_checkpoint_bytes,
+    machine_info,
+    pin_threads,
+    read_report,
+    table,
+    targets_table,
+    timed,
+    versions,
+    write_markdown,
+    write_report,
+)
 
-import adatsq
-from adatsq import planning
 from adatsq.calibrate.fisher import fisher_weights, plot_fisher
 from adatsq.calibrate.runner import collect_stats
 from adatsq.calibrate.segments import SegmentMap, attach_segment_switching
 from adatsq.checkpoint.format import WEIGHTS
 from adatsq.checkpoint.load import load_checkpoint
 from adatsq.core.modules import set_module
-from adatsq.engine.calibration import Calibration
+from adatsq.engine.calibration import Calibration, calibrate
 from adatsq.engine.planner import Planner
 from adatsq.engine.surgery import select_layers
 from adatsq.engine.uniform import quantize as engine_quantize
-from adatsq.eval.run import average_bits, compare_samples, timed_samples
+from adatsq.eval.run import average_bits, compare_samples
 from adatsq.models.reference.adapter import ReferenceAdapter
-from adatsq.models.reference.model import META_FILE, DigitsPipeline, build_scheduler, build_transformer
-from adatsq.models.resolve import adapter_for
 from adatsq.plan.beam import uniform_plan
 from adatsq.plan.cost import plan_costs
 from adatsq.plan.frontier import build_frontier, save_frontier
@@ -73,7 +81,6 @@ from adatsq.quant.scheme import ActScheme
 from adatsq.quant.transforms import TransformScheme
 from adatsq.recipe import Recipe, load_recipe
 
-ROOT = Path(__file__).resolve().parent.parent
 RECIPE_A8 = ROOT / "recipes/reference/adatsq-w4a8.yaml"
 RECIPE_A4 = ROOT / "recipes/reference/adatsq-w4a4.yaml"
 log = logging.getLogger("bench_adatsq")
@@ -108,50 +115,21 @@ METHOD_LABELS = {
 }
 FRONTIER_BUDGETS = (3.25, 3.5, 4.0, 5.0, 6.0)  # avg_bits at A8, candidates {3, 4, 6, 8}
 OVERHEAD_TARGET = 0.02
+RESULT_COLUMNS = [
+    "method",
+    "PSNR dB",
+    "SSIM",
+    "acc",
+    "FID",
+    "avg bits",
+    "GBOPs/step",
+    "ckpt bytes",
+    "calib s",
+]
+RESULT_COLUMNS += ["table s", "search s (measured)", "solve s", "sample s"]
 
 
 # ----------------------------------------------------------------------------------------- environment
-def machine_info(threads: int, reason: str) -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version()}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        fields = {k.strip(): v.strip() for k, v in (ln.split(":", 1) for ln in out.splitlines() if ":" in ln)}
-        info["cpu_model"] = fields.get("Model name")
-        info["cpus"] = int(fields.get("CPU(s)", os.cpu_count() or 0))
-    except (OSError, subprocess.CalledProcessError, ValueError):
-        info["cpu_model"], info["cpus"] = platform.processor(), os.cpu_count()
-    info["torch_threads"], info["threads_reason"] = threads, reason
-    info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    return info
-
-
-def versions() -> dict[str, str]:
-    import diffusers
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(
-        ["git", "status", "--porcelain", "adatsq"], cwd=ROOT, capture_output=True, text=True
-    )
-    return {
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "numpy": np.__version__,
-        "adatsq": adatsq.__version__,
-        "git_commit": commit.stdout.strip() or "unknown",
-        "library_tree_dirty": bool(dirty.stdout.strip()),
-    }
-
-
-def pick_threads(requested: int | None) -> tuple[int, str]:
-    """One thread unless asked, or the machine is idle (1-minute load < 0.5): then 2."""
-    if requested is not None:
-        return requested, "--threads"
-    load = os.getloadavg()[0]
-    if load < 0.5:
-        return min(2, os.cpu_count() or 1), f"machine idle (load {load:.2f})"
-    return 1, f"machine shared (load {load:.2f})"
-
-
 class Clock:
     """Named wall-clock sections (what the report's time budget is spent on)."""
 
@@ -164,34 +142,6 @@ class Clock:
 
     def total(self) -> float:
         return time.perf_counter() - self.start
-
-
-def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
-# ---------------------------------------------------------------------------------------------- models
-class ModelSource:
-    """Fresh float adapters of one model (quantize and the meter swap layers in place)."""
-
-    def __init__(self, kind: str, seed: int = 0) -> None:
-        if kind == "auto":
-            kind = "reference" if META_FILE.is_file() else "random"
-        self.kind = kind
-        self.config = {"num_layers": 1, "num_attention_heads": 2} if kind == "tiny" else None
-        self._state = None
-        if kind in ("random", "tiny"):
-            torch.manual_seed(seed)
-            self._state = build_transformer(self.config).state_dict()
-
-    def adapter(self) -> ReferenceAdapter:
-        if self.kind == "reference":
-            return adapter_for("reference")
-        transformer = build_transformer(self.config)
-        transformer.load_state_dict(self._state)
-        return ReferenceAdapter(DigitsPipeline(transformer.eval(), build_scheduler()))
 
 
 # ------------------------------------------------------------------------------------------------ recipes
@@ -251,12 +201,12 @@ def with_candidates(planner: Planner, candidates: Sequence[int]) -> Planner:
 def shared_calibration(source: ModelSource, recipe: Recipe) -> tuple[Calibration, Calibration, float]:
     """(Fisher-weighted, uniform) calibrations from one statistics pass, and the Fisher estimate's seconds.
 
-    The statistics are what `planning.calibrate` collects with planner.fisher False; the Fisher weights
-    are its planner.fisher True estimate (same inputs, seed and batch size), timed on their own so the
-    no-Fisher ablation is charged only for what it needs.
+    The statistics are what `engine.calibration.calibrate` collects with planner.fisher False; the
+    Fisher weights are its planner.fisher True estimate (same inputs, seed and batch size), timed on
+    their own so the no-Fisher ablation is charged only for what it needs.
     """
     uniform_recipe_ = replace(recipe, planner=replace(recipe.planner, fisher=False))
-    uniform = planning.calibrate(source.adapter(), uniform_recipe_, progress=False)
+    uniform = calibrate(source.adapter(), uniform_recipe_, progress=False)
     cal = recipe.calibration
     inputs = uniform.adapter.default_inputs(cal.samples, cal.seed)
     (weights, method), seconds = timed(
@@ -288,13 +238,8 @@ def pooled_stats(source: ModelSource, recipe: Recipe) -> tuple[dict, float]:
 
 
 def prepare_planner(calibration: Calibration, recipe: Recipe) -> Planner:
-    """`Planner.prepare` on an existing calibration (the library always calibrates inside prepare).
-
-    The library's own prepare runs unchanged; only its calibrate() call is answered with `calibration`,
-    so every planner of the benchmark sees the same statistics (and the pass is paid once).
-    """
-    with mock.patch.object(planning, "calibrate", lambda *args, **kwargs: calibration):
-        return Planner.prepare(calibration.adapter, recipe, progress=False)
+    """A planner on the shared calibration: every planner of the benchmark sees the same statistics."""
+    return Planner.from_calibration(calibration, recipe, progress=False)
 
 
 def quantize_plan(planner: Planner, plan: Plan, source: ModelSource) -> Any:
@@ -308,34 +253,23 @@ def quantize_plan(planner: Planner, plan: Plan, source: ModelSource) -> Any:
 
 
 # ------------------------------------------------------------------------------------------- evaluation
-class Evaluator:
+class CheckpointEvaluator(Evaluator):
     """Float samples once; each checkpoint is saved, loaded back and sampled from the same noise."""
 
     def __init__(self, source: ModelSource, knobs: Knobs, work: Path) -> None:
-        self.knobs, self.work = knobs, work
-        fp = source.adapter()
-        self.guidance_scale = fp.sampling.guidance_scale
-        self.inputs = fp.default_inputs(knobs.samples, knobs.seed)
-        self.reference, self.fp_seconds = timed_samples(
-            fp, self.inputs, knobs.seed, knobs.steps, knobs.batch_size, "float samples"
-        )
-        path = work / "fp32.safetensors"
-        save_file({k: v.contiguous().clone() for k, v in fp.denoiser().state_dict().items()}, str(path))
-        self.fp_bytes = path.stat().st_size
-        self.fp_metrics = compare_samples(self.reference, self.reference, self.inputs, fp.family)
+        super().__init__(source, knobs.samples, knobs.seed, knobs.steps, knobs.batch_size)
+        self.work = work
+        self.guidance_scale = self.float.sampling.guidance_scale
+        self.fp_bytes = fp32_checkpoint_bytes(self.float.denoiser(), work)
+        self.fp_metrics = compare_samples(self.reference, self.reference, self.inputs, self.float.family)
 
     def sample(self, adapter: Any, name: str) -> dict[str, Any]:
-        samples, seconds = timed_samples(
-            adapter, self.inputs, self.knobs.seed, self.knobs.steps, self.knobs.batch_size, name
-        )
-        return {
-            **compare_samples(samples, self.reference, self.inputs, adapter.family),
-            "sample_seconds": seconds,
-        }
+        metrics, seconds = self.compare(adapter, name)
+        return {**metrics, "sample_seconds": seconds}
 
     def __call__(self, qmodel: Any, name: str) -> dict[str, Any]:
         directory = qmodel.save(self.work / name, overwrite=True)
-        adapter, config = load_checkpoint(directory)
+        adapter, config = self.load(directory)
         return {
             **self.sample(adapter, name),
             "checkpoint_avg_bits": average_bits(config),
@@ -401,7 +335,7 @@ def run_setting(
     planners: Planners,
     pooled: tuple[dict, float],
     calib_seconds: dict[str, float],
-    evaluate: Evaluator,
+    evaluate: CheckpointEvaluator,
     methods: Sequence[str] = UNIFORM + MIXED,
 ) -> tuple[dict[str, dict[str, Any]], dict[str, Any]]:
     """The methods of one setting; returns the rows and the search results (plans) by method."""
@@ -501,7 +435,7 @@ def run_ceiling(
     source: ModelSource,
     recipes: dict[int, Recipe],
     pooled: tuple[dict, float],
-    evaluate: Evaluator,
+    evaluate: CheckpointEvaluator,
 ) -> dict[str, Any]:
     """Uniform GPTQ W8 with the setting's activations and outlier handling: roughly the best any 3-8 bit
     weight allocation can reach, since what is left is the activation quantization error."""
@@ -543,8 +477,21 @@ def run_frontier(
         compare={"static": frontiers["static"], "uniform": frontiers["uniform"]},
         title="W·A8 measured trajectory error vs average weight bits",
     )
+    return frontier_summary(budgets, beam, static, uniform, kept=len(frontiers["adatsq"].points))
+
+
+def frontier_summary(
+    budgets: Sequence[float], beam: Sequence[Any], static: Sequence[Any], uniform: Sequence[Any], kept: int
+) -> dict[str, Any]:
+    """The frontier section of the report from the search results (one beam and one static per budget,
+    one uniform per bit-width) and how many beam points the Pareto filter `kept`.
+
+    monotone: each budget's plan costs strictly more and errs strictly less than the previous one's;
+    dominated_by_baselines: a static or uniform plan that costs no more and errs strictly less;
+    non_dominated: every beam point kept and none dominated.
+    """
     raw = [(r.metrics["avg_bits"], r.metrics["measured_error"]) for r in beam]
-    monotone = all(raw[i][0] < raw[i + 1][0] and raw[i][1] > raw[i + 1][1] for i in range(len(raw) - 1))
+    monotone = all(a[0] < b[0] and a[1] > b[1] for a, b in itertools.pairwise(raw))
     others = [
         (r.metrics["avg_bits"], r.metrics["measured_error"], n)
         for n, rs in (("static", static), ("uniform", uniform))
@@ -576,10 +523,10 @@ def run_frontier(
             {"avg_bits": r.metrics["avg_bits"], "measured_error": r.metrics["measured_error"]}
             for r in uniform
         ],
-        "kept_on_frontier": len(frontiers["adatsq"].points),
+        "kept_on_frontier": kept,
         "monotone": monotone,
         "dominated_by_baselines": dominated,
-        "non_dominated": len(frontiers["adatsq"].points) == len(beam) and not dominated,
+        "non_dominated": kept == len(beam) and not dominated,
     }
 
 
@@ -721,16 +668,6 @@ def targets(
     return out
 
 
-def fmt(x: Any, spec: str = ".2f") -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, bool):
-        return "pass" if x else "**FAIL**"
-    if isinstance(x, float):
-        return "inf" if math.isinf(x) else format(x, spec)
-    return str(x)
-
-
 def _header(report: dict[str, Any]) -> list[str]:
     m, v, k = report["machine"], report["versions"], report["knobs"]
     lines = ["# AdaTSQ benchmark (reference DiT)", ""]
@@ -789,30 +726,29 @@ def _results(report: dict[str, Any]) -> list[str]:
         f"{fp['bops'] / 1e9:.1f} GBOPs/step (32×32).",
         "",
     ]
-    head = (
-        "| method | PSNR dB | SSIM | acc | FID | avg bits | GBOPs/step | ckpt bytes | calib s | table s "
-        "| search s (measured) | solve s | sample s |"
-    )
     for name, rows in report["table"].items():
-        lines += [f"### {name}", "", head, "|" + "---|" * 13]
+        lines += [f"### {name}", ""]
+        cells = []
         for method, r in rows.items():
             search = "–" if method in UNIFORM else f"{r['search_seconds']:.1f} ({r['measure_calls']})"
-            cells = [
-                METHOD_LABELS[method],
-                f"{r['psnr_db']:.2f}",
-                f"{r['ssim']:.4f}",
-                fmt(r["accuracy"], ".3f"),
-                fmt(r["fid"], ".3f"),
-                f"{r['avg_bits']:.3f}",
-                f"{r['bops'] / 1e9:.2f}",
-                f"{r['checkpoint_bytes']:,}",
-                f"{r['calibration_seconds']:.1f}",
-                fmt(r.get("table_seconds"), ".1f"),
-                search,
-                fmt(r["solve_seconds"], ".1f"),
-                f"{r['sample_seconds']:.1f}",
-            ]
-            lines.append("| " + " | ".join(cells) + " |")
+            cells.append(
+                [
+                    METHOD_LABELS[method],
+                    f"{r['psnr_db']:.2f}",
+                    f"{r['ssim']:.4f}",
+                    fmt(r["accuracy"], ".3f"),
+                    fmt(r["fid"], ".3f"),
+                    f"{r['avg_bits']:.3f}",
+                    f"{r['bops'] / 1e9:.2f}",
+                    f"{r['checkpoint_bytes']:,}",
+                    f"{r['calibration_seconds']:.1f}",
+                    fmt(r.get("table_seconds"), ".1f"),
+                    search,
+                    fmt(r["solve_seconds"], ".1f"),
+                    f"{r['sample_seconds']:.1f}",
+                ]
+            )
+        lines += table(RESULT_COLUMNS, cells)
         if "as_measured" in rows.get("adatsq", {}):
             m = rows["adatsq"]["as_measured"]
             lines += [
@@ -835,9 +771,7 @@ def _results(report: dict[str, Any]) -> list[str]:
         "",
         "## Targets",
         "",
-        "| target | measured | result |",
-        "|---|---|---|",
-        *(f"| {t['target']} | {t['measured']} | {fmt(t['pass'])} |" for t in report["targets"]),
+        *targets_table(report["targets"]),
         "",
     ]
     return lines
@@ -854,14 +788,15 @@ def _frontier(report: dict[str, Any]) -> list[str]:
         "of the AdaTSQ plan at each avg_bits budget, beside static plans at the same budgets and uniform",
         "plans (same candidate variants). `reports/adatsq_frontier.json` holds the AdaTSQ frontier.",
         "",
-        "| budget | avg bits | measured error | proxy error | search s | measured plans |",
-        "|---|---|---|---|---|---|",
     ]
-    for p in f["points"]:
-        lines.append(
-            f"| {p['budget']:.2f} | {p['avg_bits']:.3f} | {p['measured_error']:.4g} "
-            f"| {p['proxy_error']:.4g} | {p['search_seconds']:.1f} | {p['measure_calls']} |"
-        )
+    lines += table(
+        ["budget", "avg bits", "measured error", "proxy error", "search s", "measured plans"],
+        [
+            [f"{p['budget']:.2f}", f"{p['avg_bits']:.3f}", f"{p['measured_error']:.4g}",
+             f"{p['proxy_error']:.4g}", f"{p['search_seconds']:.1f}", str(p["measure_calls"])]
+            for p in f["points"]
+        ],
+    )  # fmt: skip
     static = ", ".join(f"{s['avg_bits']:.2f}→{s['measured_error']:.4g}" for s in f["static"])
     uniform = ", ".join(f"{s['avg_bits']:.0f}→{s['measured_error']:.4g}" for s in f["uniform"])
     weights = ", ".join(f"{w:.3f}" for w in report["calibration"]["segment_weights"])
@@ -890,15 +825,15 @@ def _overhead(report: dict[str, Any]) -> list[str]:
         f"QuantLinear directly (outputs identical: {o['twins_identical_output']}). {o['repeats']} "
         f"interleaved repeats (ABBA order) of sampling {o['samples']} images × {k['steps']} steps each:",
         "",
-        "| model | median CPU s | median wall s | CPU s of every run |",
-        "|---|---|---|---|",
     ]
-    for name in o["seconds"]["cpu"]:
-        runs = ", ".join(f"{x:.2f}" for x in o["seconds"]["cpu"][name])
-        lines.append(
-            f"| {name} | {o['cpu']['median_seconds'][name]:.3f} | {o['wall']['median_seconds'][name]:.3f} "
-            f"| {runs} |"
-        )
+    lines += table(
+        ["model", "median CPU s", "median wall s", "CPU s of every run"],
+        [
+            [name, f"{o['cpu']['median_seconds'][name]:.3f}", f"{o['wall']['median_seconds'][name]:.3f}",
+             ", ".join(f"{x:.2f}" for x in runs)]
+            for name, runs in o["seconds"]["cpu"].items()
+        ],
+    )  # fmt: skip
     lines += [
         "",
         f"Overhead, ratio of medians: CPU {100 * o['cpu']['overhead_of_medians']:+.2f}%, wall "
@@ -918,9 +853,9 @@ def _timing(report: dict[str, Any]) -> list[str]:
     return [
         "## Where the time went",
         "",
-        "| section | seconds |",
-        "|---|---|",
-        *(f"| {name} | {secs:.1f} |" for name, secs in report["time_sections"].items()),
+        *table(
+            ["section", "seconds"], [[name, f"{secs:.1f}"] for name, secs in report["time_sections"].items()]
+        ),
     ]
 
 
@@ -948,8 +883,6 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--frontier-budgets", default=",".join(map(str, FRONTIER_BUDGETS)))
     p.add_argument("--overhead-samples", type=int, default=16)
     p.add_argument("--overhead-repeats", type=int, default=7)
-    p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--out", type=Path, default=ROOT / "reports")
     p.add_argument(
         "--work", type=Path, default=Path("/tmp/adatsq_bench"), help="checkpoints (deleted at the end)"
     )
@@ -963,6 +896,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="skip frontier, plots and overhead (trials of search settings)",
     )
     p.add_argument("--tiny", action="store_true", help="a seconds-long smoke run on a 1-block random DiT")
+    add_common_arguments(p, "adatsq")
     args = p.parse_args(argv)
     if args.tiny:
         args.model = "tiny"
@@ -985,8 +919,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    threads, reason = pick_threads(args.threads)
-    torch.set_num_threads(threads)
+    if args.from_json:
+        report = read_report(args.from_json)
+        write_markdown(args.out, "adatsq", markdown(report))
+        return report
+    threads, reason = pin_threads(args.threads)
     knobs = Knobs(
         args.samples,
         args.steps,
@@ -1014,7 +951,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     methods = tuple(args.methods.split(","))
     recipes = {a: base_recipe(RECIPE_A8 if a == 8 else RECIPE_A4, knobs) for a in acts}
 
-    evaluate, secs = timed(lambda: Evaluator(source, knobs, args.work))
+    evaluate, secs = timed(lambda: CheckpointEvaluator(source, knobs, args.work))
     clock.add("float samples", secs)
     (fisher_cal, uniform_cal, fisher_secs), secs = timed(lambda: shared_calibration(source, recipes[acts[0]]))
     clock.add("planner calibration (segments + Fisher)", secs)
@@ -1030,23 +967,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     clock.add("candidate solves + error tables", secs)
     calib_seconds = {"fisher": fisher_cal.seconds, "uniform": uniform_cal.seconds}
 
-    table, results = {}, {}
+    tables, results = {}, {}
     for setting in settings:
         (rows, res), secs = timed(
             lambda s=setting: run_setting(
                 s, source, recipes, planners, pooled, calib_seconds, evaluate, methods
             )
         )
-        table[setting.name], results[setting.name] = rows, res
+        tables[setting.name], results[setting.name] = rows, res
         clock.add(f"{setting.name}: quantize + search + evaluate", secs)
-        (args.work / "partial.json").write_text(json.dumps(table, indent=1, default=float))
+        (args.work / "partial.json").write_text(json.dumps(tables, indent=1, default=float))
     ceilings, secs = timed(
         lambda: {f"W8A{a}": run_ceiling(a, source, recipes, pooled, evaluate) for a in acts}
     )
     clock.add("W8 ceilings", secs)
 
     frontier = overhead = None
-    if not args.table_only and {"adatsq", "gptq"} <= set(table.get("W4A8", {})):  # they build on W4A8
+    if not args.table_only and {"adatsq", "gptq"} <= set(tables.get("W4A8", {})):  # they build on W4A8
         w4a8 = next(x for x in settings if x.name == "W4A8")
         frontier_planner = with_candidates(planners.get(8), w4a8.candidates)
         reuse = {float(w4a8.weight_bits): results["W4A8"]["adatsq"]}
@@ -1094,17 +1031,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             "table_seconds": {f"A{a}_fisher_{f}": s for (a, f), s in planners.seconds.items()},
         },
         "fp": fp,
-        "table": table,
+        "table": tables,
         "ceilings": ceilings,
         "plans": {s: {m: r.plan.to_dict() for m, r in res.items()} for s, res in results.items()},
         "frontier": frontier,
         "overhead": overhead,
     }
-    report["targets"] = targets(table, frontier, overhead)
+    report["targets"] = targets(tables, frontier, overhead)
     report["time_sections"] = clock.sections
     report["total_seconds"] = clock.total()
-    (args.out / "adatsq.json").write_text(json.dumps(report, indent=1, default=float) + "\n")
-    (args.out / "adatsq.md").write_text(markdown(report))
+    write_report(args.out, "adatsq", report, markdown(report))
     if not args.keep_work:
         shutil.rmtree(args.work, ignore_errors=True)
     for t in report["targets"]:

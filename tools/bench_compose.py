@@ -6,27 +6,36 @@ generation quality (digit classifier accuracy, ink inside the requested quadrant
 held-out canvases and seeds. Writes reports/compose.json and reports/compose.md.
 
     python tools/bench_compose.py [--samples 256] [--generations 40]
+    python tools/bench_compose.py --from-json reports/compose.json   # only re-render reports/compose.md
 """
 
 from __future__ import annotations
 
 import argparse
-import platform
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+from bench.common import (
+    ROOT,
+    add_common_arguments,
+    machine_info,
+    pin_threads,
+    read_report,
+    versions,
+    write_markdown,
+    write_report,
+)
 
 import adatsq
-from adatsq.core.io import atomic_write_text, write_json
+from adatsq.checkpoint.load import load_checkpoint
 from adatsq.models.reference.classifier import load_classifier
-from adatsq.models.umm.adapter import UMMGenerationAdapter, UnifiedModel
+from adatsq.models.umm.adapter import UMMGenerationAdapter
 from adatsq.models.umm.data import QUADRANTS, QUESTION_TYPES, gen_prompt
 from adatsq.tokens.umm.evaluate import generation_quality, qa_accuracy
+from adatsq.tokens.umm.unified import UnifiedModel
 
-REPORTS = Path(__file__).resolve().parents[1] / "reports"
-RECIPES = Path(__file__).resolve().parents[1] / "recipes" / "umm"
+RECIPES = ROOT / "recipes" / "umm"
 KEEP = 0.5
 
 
@@ -49,9 +58,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--generations", type=int, default=40)
-    p.add_argument("--threads", type=int, default=1)
+    add_common_arguments(p, "compose")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    if args.from_json:
+        write_markdown(args.out, "compose", markdown(read_report(args.from_json)))
+        return
+    threads, reason = pin_threads(args.threads)
+    machine, library = machine_info(threads, reason), versions()
     classifier = load_classifier()
     rows = {"float": evaluate(UMMGenerationAdapter(), args.samples, args.generations, classifier)}
     with tempfile.TemporaryDirectory() as tmp:
@@ -60,7 +73,7 @@ def main() -> None:
             qmodel = adatsq.quantize("umm", RECIPES / f"{name}.yaml", progress=False)
             seconds = time.perf_counter() - start
             qmodel.save(Path(tmp) / name)
-            loaded = adatsq.checkpoint.load_checkpoint(Path(tmp) / name)[0]  # evaluate what was saved
+            loaded = load_checkpoint(Path(tmp) / name)[0]  # evaluate what was saved
             rows[name] = {
                 **evaluate(loaded, args.samples, args.generations, classifier),
                 "quantize_seconds": seconds,
@@ -68,18 +81,19 @@ def main() -> None:
                 "avg_bits": qmodel.plan.metrics["avg_bits"] if qmodel.plan else 4.0,
             }
     result = {
-        "machine": {"cpu": platform.processor() or platform.machine(), "threads": args.threads},
-        "versions": {"torch": torch.__version__, "adatsq": adatsq.__version__},
+        "machine": machine,
+        "versions": library,
         "samples": args.samples,
         "generations": args.generations,
         "keep": KEEP,
         "rows": rows,
     }
-    write_json(REPORTS / "compose.json", result)
-    atomic_write_text(REPORTS / "compose.md", markdown(result))
+    write_report(args.out, "compose", result, markdown(result))
 
 
 def markdown(result: dict) -> str:
+    machine = result["machine"]
+    threads = machine.get("torch_threads", machine.get("threads"))  # "threads" in reports before bench.common
     lines = [
         "# Quantized generation + reduced understanding in one model",
         "",
@@ -89,7 +103,7 @@ def markdown(result: dict) -> str:
         "generates digits (never with reduced tokens). Understanding runs the decoder variants of the last",
         f"(clean) timestep segment. {result['samples']} held-out canvases, "
         f"{result['generations']} generations, same seeds for every row. "
-        f"torch {result['versions']['torch']}, {result['machine']['threads']} thread(s).",
+        f"torch {result['versions']['torch']}, {threads} thread(s).",
         "Reproduce: `python tools/bench_compose.py`.",
         "",
         f"| model | avg bits | QA full tokens | QA G2TR keep 0.5 | {' / '.join(QUESTION_TYPES)} (G2TR) "

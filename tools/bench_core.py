@@ -19,10 +19,7 @@ Until adatsq/assets/reference_dit.json exists, `--model auto` falls back to a ra
 from __future__ import annotations
 
 import argparse
-import copy
-import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -33,95 +30,44 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench.common import (
+    ROOT,
+    Evaluator,
+    ModelSource,
+    add_common_arguments,
+    fmt,
+    fp32_checkpoint_bytes,
+    machine_info,
+    pin_threads,
+    read_report,
+    table,
+    targets_table,
+    versions,
+    write_markdown,
+    write_report,
+)
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
-import adatsq
 from adatsq.calibrate.runner import collect_stats
 from adatsq.calibrate.segments import SegmentMap
 from adatsq.checkpoint.format import WEIGHTS
-from adatsq.checkpoint.load import load_checkpoint
-from adatsq.core.io import atomic_write_text
 from adatsq.engine.surgery import select_layers
 from adatsq.engine.uniform import quantize as engine_quantize
-from adatsq.eval.run import average_bits, compare_samples, evaluate_checkpoint, timed_samples
+from adatsq.eval.run import average_bits, evaluate_checkpoint
 from adatsq.models.base import ModelAdapter
-from adatsq.models.reference.adapter import ReferenceAdapter
-from adatsq.models.reference.model import META_FILE, DigitsPipeline, build_scheduler, build_transformer
-from adatsq.models.resolve import adapter_for
 from adatsq.quant.gptq import gptq
 from adatsq.quant.rtn import rtn
 from adatsq.quant.scheme import WeightScheme, n_groups, quant_error
 from adatsq.recipe import Recipe, load_recipe
 
-ROOT = Path(__file__).resolve().parent.parent
 RECIPES = ("rtn-w4a8", "gptq-w4a8", "gptq-w8a8")
 GPTQ_BITS = (2, 3, 4, 6, 8)
 BOUND_SLACK = 1.05
 VARIANT_KEY = re.compile(r"^(.*)\.w\d+\.(\w+)$")  # <layer>.w{bits}.<buffer>
 
 
-# ----------------------------------------------------------------------------------------- environment
-def machine_info(threads: int) -> dict[str, Any]:
-    info: dict[str, Any] = {"platform": platform.platform(), "python": platform.python_version()}
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-        fields = {k.strip(): v.strip() for k, v in fields.items()}
-        info["cpu_model"] = fields.get("Model name")
-        info["cpus"] = int(fields.get("CPU(s)", os.cpu_count() or 0))
-        info["cores_per_socket"] = fields.get("Core(s) per socket")
-        info["threads_per_core"] = fields.get("Thread(s) per core")
-    except (OSError, subprocess.CalledProcessError):
-        info["cpu_model"], info["cpus"] = platform.processor(), os.cpu_count()
-    info["torch_threads"] = threads
-    info["load_average_at_start"] = [round(x, 2) for x in os.getloadavg()]
-    return info
-
-
-def versions() -> dict[str, str]:
-    import diffusers
-
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    return {
-        "torch": torch.__version__,
-        "diffusers": diffusers.__version__,
-        "adatsq": adatsq.__version__,
-        "git_commit": commit.stdout.strip() or "unknown",
-    }
-
-
-def pick_threads(requested: int | None) -> tuple[int, str]:
-    """One thread unless the machine is idle (1-minute load < 0.5) or the caller asks for a count."""
-    if requested is not None:
-        return requested, "--threads"
-    load = os.getloadavg()[0]
-    if load < 0.5:
-        return os.cpu_count() or 1, f"machine idle (load {load:.2f})"
-    return 1, f"machine busy (load {load:.2f}): 1 thread"
-
-
 # ---------------------------------------------------------------------------------------------- models
-class ModelSource:
-    """Hands out fresh float adapters (quantize replaces layers in place, so each run needs its own)."""
-
-    def __init__(self, kind: str, seed: int = 0) -> None:
-        if kind == "auto":
-            kind = "reference" if META_FILE.is_file() else "random"
-        self.kind = kind
-        self._state = None
-        if kind == "random":
-            torch.manual_seed(seed)
-            self._state = build_transformer().state_dict()
-
-    def adapter(self) -> ReferenceAdapter:
-        if self.kind == "reference":
-            return adapter_for("reference")  # sets adapter.source = "reference"
-        transformer = build_transformer()
-        transformer.load_state_dict(self._state)
-        return ReferenceAdapter(DigitsPipeline(transformer.eval(), build_scheduler()))
-
-
 def state_bytes(module: torch.nn.Module) -> int:
     """Bytes of every tensor in the state dict (parameters and buffers), shared storage counted once."""
     seen, total = set(), 0
@@ -134,43 +80,17 @@ def state_bytes(module: torch.nn.Module) -> int:
 
 
 # ------------------------------------------------------------------------------------------- evaluation
-class Evaluator:
-    """evaluate_checkpoint's metrics with the float samples computed once for every checkpoint.
-
-    Same inputs (default_inputs(samples, seed)), same batching (batch i from seed + i) and the same
-    compare_samples as `adatsq eval`; cross-checked against evaluate_checkpoint in the report.
-    """
+class CheckpointEvaluator(Evaluator):
+    """evaluate_checkpoint's metrics with the float samples computed once for every checkpoint;
+    cross-checked against evaluate_checkpoint in the report."""
 
     def __init__(self, source: ModelSource, samples: int, seed: int, batch_size: int, num_steps: int):
-        self.seed, self.batch_size, self.num_steps = seed, batch_size, num_steps
-        fp = source.adapter()
-        self.fp_state_bytes = state_bytes(fp.denoiser())
-        self.inputs = fp.default_inputs(samples, seed)
-        self.reference, self.fp_seconds = timed_samples(
-            fp, self.inputs, seed, num_steps, batch_size, "float samples"
-        )
-
-    def prefix(self, count: int) -> Evaluator:
-        """The same evaluation on the first `count` inputs (whole batches, so the noise is the same)."""
-        if count % self.batch_size or not 0 < count <= len(self.inputs):
-            raise ValueError(
-                f"prefix {count} must be a multiple of {self.batch_size} and <= {len(self.inputs)}"
-            )
-        sub = copy.copy(self)
-        sub.inputs, sub.reference = self.inputs[:count], self.reference[:count]
-        sub.fp_seconds = None
-        return sub
+        super().__init__(source, samples, seed, num_steps, batch_size)
+        self.fp_state_bytes = state_bytes(self.float.denoiser())
 
     def __call__(self, directory: Path) -> dict[str, Any]:
-        quant, config = load_checkpoint(directory)
-        if config["num_steps"] != self.num_steps:
-            raise ValueError(
-                f"{directory} was calibrated for {config['num_steps']} steps, not {self.num_steps}"
-            )
-        samples, seconds = timed_samples(
-            quant, self.inputs, self.seed, self.num_steps, self.batch_size, "quantized samples"
-        )
-        metrics = compare_samples(samples, self.reference, self.inputs, quant.family)
+        quant, config = self.load(directory)
+        metrics, seconds = self.compare(quant)
         return {
             **metrics,
             "avg_bits": average_bits(config),
@@ -222,15 +142,6 @@ def checkpoint_breakdown(path: Path, quantized: set[str]) -> dict[str, int]:
             parts[kind if kind in parts else "other"] += nbytes
     parts["header"] = path.stat().st_size - sum(parts.values())
     return parts
-
-
-def fp32_checkpoint_bytes(denoiser: torch.nn.Module, directory: Path) -> int:
-    """Size of the float denoiser saved the same way (safetensors), for an apples-to-apples ratio."""
-    path = directory / "fp32.safetensors"
-    save_file({k: v.contiguous().clone() for k, v in denoiser.state_dict().items()}, str(path))
-    size = path.stat().st_size
-    path.unlink()
-    return size
 
 
 def same_tensors(a: Path, b: Path) -> bool:
@@ -439,23 +350,6 @@ def size_target(name: str, result: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def fmt(x: Any, spec: str = ".2f") -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, bool):
-        return "yes" if x else "**no**"
-    if isinstance(x, float):
-        return format(x, spec)
-    return str(x)
-
-
-def table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return out + [
-        "| " + " | ".join(fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows
-    ]
-
-
 def markdown(report: dict[str, Any]) -> str:
     m, v, s, rec = report["machine"], report["versions"], report["settings"], report["recipes"]
     lines = ["# Quantization core benchmark (reference DiT)", ""]
@@ -521,9 +415,7 @@ def markdown(report: dict[str, Any]) -> str:
             f"identical: {fmt(cross['identical'])}).",
         ]
     lines += ["", "## Targets", ""]
-    lines += table(
-        ["target", "measured", "pass"], [[t["target"], t["measured"], t["pass"]] for t in report["targets"]]
-    )
+    lines += targets_table(report["targets"])
 
     w4 = rec["gptq-w4a8"]["size"]
     lines += [
@@ -631,15 +523,14 @@ def markdown(report: dict[str, Any]) -> str:
 
 # -------------------------------------------------------------------------------------------------- main
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    threads, reason = pick_threads(args.threads)
-    torch.set_num_threads(threads)
+    threads, reason = pin_threads(args.threads)
     started = time.perf_counter()
     source = ModelSource(args.model)
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {
         "model": source.kind,
-        "machine": machine_info(threads),
+        "machine": machine_info(threads),  # the reason goes with the settings in this report
         "versions": versions(),
         "settings": {
             "samples": args.samples,
@@ -653,7 +544,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     report["settings"]["num_steps"] = num_steps
 
     print(f"[bench_core] model={source.kind} threads={threads} ({reason})", flush=True)
-    evaluator = Evaluator(source, args.samples, args.seed, args.batch_size, num_steps)
+    evaluator = CheckpointEvaluator(source, args.samples, args.seed, args.batch_size, num_steps)
     print(f"[bench_core] float samples: {evaluator.fp_seconds:.1f} s", flush=True)
     float_adapter = source.adapter()
     fp32_file = fp32_checkpoint_bytes(float_adapter.denoiser(), work)
@@ -667,7 +558,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         official = evaluate_checkpoint(
             cli_out, samples=args.crosscheck_samples, seed=args.seed, batch_size=args.batch_size
         )  # default_inputs(n, seed) shuffles by n: the same n needs its own float samples
-        small = Evaluator(source, args.crosscheck_samples, args.seed, args.batch_size, num_steps)(cli_out)
+        small = CheckpointEvaluator(source, args.crosscheck_samples, args.seed, args.batch_size, num_steps)
+        small = small(cli_out)
         keys = ("psnr_db", "ssim", "accuracy", "fp_accuracy", "fid")
         report["crosscheck"] = {
             "samples": args.crosscheck_samples,
@@ -758,20 +650,17 @@ def main(argv: list[str] | None = None) -> int:
         "--crosscheck-samples", type=int, default=50, help="samples of the evaluate_checkpoint check"
     )
     p.add_argument("--extra-samples", type=int, default=100, help="evaluation samples of the extras table")
-    p.add_argument("--threads", type=int, help="torch threads (default: 1 unless the machine is idle)")
     p.add_argument("--no-extras", action="store_true", help="skip the group-size / act-order table")
-    p.add_argument("--out", type=Path, default=ROOT / "reports", help="folder for core.json / core.md")
     p.add_argument("--name", default="core", help="report file stem")
     p.add_argument("--work", type=Path, default=ROOT / "out" / "bench_core", help="checkpoint scratch folder")
     p.add_argument("--keep", action="store_true", help="keep the checkpoints in --work")
-    p.add_argument("--from-json", type=Path, help="only re-render the Markdown of an earlier core.json")
+    add_common_arguments(p, "core")
     args = p.parse_args(argv)
     if args.from_json:
-        atomic_write_text(args.out / f"{args.name}.md", markdown(json.loads(args.from_json.read_text())))
+        write_markdown(args.out, args.name, markdown(read_report(args.from_json)))
         return 0
     report = run(args)
-    atomic_write_text(args.out / f"{args.name}.json", json.dumps(report, indent=2) + "\n")
-    atomic_write_text(args.out / f"{args.name}.md", markdown(report))
+    write_report(args.out, args.name, report, markdown(report))
     print(f"[bench_core] wrote {args.out / args.name}.json/.md in {report['total_seconds'] / 60:.1f} min")
     return 0
 

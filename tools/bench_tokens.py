@@ -2,23 +2,31 @@
 and reports/tokens_map.png.
 
     python tools/bench_tokens.py [--samples 500] [--seed 0] [--threads 1]
+    python tools/bench_tokens.py --from-json reports/tokens.json   # only re-render reports/tokens.md
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
-import platform
 import time
 from pathlib import Path
 
-import diffusers
 import matplotlib
 import numpy as np
 import torch
-import transformers
+from bench.common import (
+    add_common_arguments,
+    machine_info,
+    machine_line,
+    pin_threads,
+    read_report,
+    verdict,
+    versions,
+    write_markdown,
+    write_report,
+)
 
 from adatsq.models.umm.data import QUESTION_TYPES, sample_canvas
 from adatsq.models.umm.model import UMMConfig
@@ -29,21 +37,7 @@ from adatsq.tokens.umm.reduction import ANCHOR_POOL
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
-ROOT = Path(__file__).resolve().parents[1]
-REPORTS = ROOT / "reports"
 MAP_METHODS = ("g2tr", "fastv", "random")
-
-
-def machine(threads: int) -> str:
-    cpu = next(
-        (
-            line.split(":", 1)[1].strip()
-            for line in Path("/proc/cpuinfo").read_text().splitlines()
-            if "model name" in line
-        ),
-        platform.processor() or platform.machine(),
-    )
-    return f"{cpu}, torch threads={threads}, Python {platform.python_version()}"
 
 
 def plot_accuracy(result: dict, out: Path) -> None:
@@ -153,12 +147,12 @@ def markdown(result: dict, env: dict) -> str:
         delta = 100 * (r["accuracy"]["overall"] - full["accuracy"]["overall"])
         lines += [
             f"- keep 0.5: prefill FLOPs {r['flops_ratio']:.2f}× lower (target ≥ 1.9×) — "
-            f"{'met' if r['flops_ratio'] >= 1.9 else 'MISSED'}",
+            f"{verdict(r['flops_ratio'] >= 1.9)}",
             f"- keep 0.5: KV bytes {r['kv_ratio']:.2f}× lower (target ≥ 1.9×) — "
-            f"{'met' if r['kv_ratio'] >= 1.9 else 'MISSED'}",
+            f"{verdict(r['kv_ratio'] >= 1.9)}",
             f"- keep 0.5: overall accuracy {_pct(r['accuracy']['overall'])} vs full "
             f"{_pct(full['accuracy']['overall'])} ({delta:+.1f} points; target within 2) — "
-            f"{'met' if delta >= -2 else 'MISSED'}",
+            f"{verdict(delta >= -2)}",
         ]
     for keep in (0.25, 0.5):
         if keep not in g2:
@@ -171,7 +165,7 @@ def markdown(result: dict, env: dict) -> str:
             ok = g2[keep]["accuracy"]["overall"] >= best["accuracy"]["overall"]
             lines.append(
                 f"- keep {keep:g}: G2TR {_pct(g2[keep]['accuracy']['overall'])} vs best other "
-                f"{best['method']} {_pct(best['accuracy']['overall'])} — {'met' if ok else 'MISSED'}"
+                f"{best['method']} {_pct(best['accuracy']['overall'])} — {verdict(ok)}"
             )
     scores = result["g2tr_scores"]
     config = UMMConfig.from_dict(result["model"]["config"])
@@ -247,27 +241,23 @@ def main() -> None:
     )
     parser.add_argument("--samples", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=REPORTS)
+    add_common_arguments(parser, "tokens")
     args = parser.parse_args()
+    if args.from_json:
+        result = read_report(args.from_json)
+        write_markdown(args.out, "tokens", markdown(result, result.pop("environment")))
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    torch.set_num_threads(args.threads)
+    threads, reason = pin_threads(args.threads)
     start = time.monotonic()
+    env = {"machine": machine_line(machine_info(threads)), "threads_reason": reason, **versions()}
     model = load_umm()
     result = bench(list(METHODS), list(KEEPS), args.samples, args.seed, model=model)
-    env = {
-        "machine": machine(args.threads),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "diffusers": diffusers.__version__,
-        "minutes": (time.monotonic() - start) / 60,
-    }
     args.out.mkdir(parents=True, exist_ok=True)
     plot_accuracy(result, args.out / "tokens.png")
     plot_token_maps(model, args.out / "tokens_map.png")
     env["minutes"] = (time.monotonic() - start) / 60
-    (args.out / "tokens.json").write_text(json.dumps({"environment": env, **result}, indent=1))
-    (args.out / "tokens.md").write_text(markdown(result, env))
+    write_report(args.out, "tokens", {"environment": env, **result}, markdown(result, env))
 
 
 if __name__ == "__main__":

@@ -157,7 +157,14 @@ class Planner:
         progress: bool = True,
         resume: Path | None = None,
     ) -> Planner:
-        calibration = calibrate(model, recipe, inputs, progress, resume=resume)
+        """Calibrate `model`, then build the planner on that calibration."""
+        return cls.from_calibration(
+            calibrate(model, recipe, inputs, progress, resume=resume), recipe, progress
+        )
+
+    @classmethod
+    def from_calibration(cls, calibration: Calibration, recipe: Recipe, progress: bool = True) -> Planner:
+        """Candidate variants, error table and meter on an existing calibration (benchmarks share one)."""
         start = time.perf_counter()
         bits = tuple(sorted(set(recipe.planner.candidates) | {recipe.planner.pin_bits}))
         variants = solve_candidates(calibration, recipe, bits, progress)

@@ -1,11 +1,11 @@
 """tools/bench_core.py: size-bound terms against a real checkpoint of a tiny model; full run is slow."""
 
-import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import bench_core as bench
 import pytest
 import torch
 
@@ -15,10 +15,7 @@ from adatsq.models.reference.adapter import ReferenceAdapter
 from adatsq.models.reference.model import DigitsPipeline, build_scheduler, build_transformer
 from adatsq.recipe import recipe_from_dict
 
-ROOT = Path(__file__).resolve().parent.parent
-SPEC = importlib.util.spec_from_file_location("bench_core", ROOT / "tools" / "bench_core.py")
-bench = importlib.util.module_from_spec(SPEC)
-SPEC.loader.exec_module(bench)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def tiny_adapter() -> ReferenceAdapter:
@@ -27,7 +24,19 @@ def tiny_adapter() -> ReferenceAdapter:
     return ReferenceAdapter(DigitsPipeline(transformer.eval(), build_scheduler()))
 
 
-@pytest.mark.parametrize(("bits", "group_size"), [(4, 8), (8, None), (3, 16)])
+# The tiny DiT's 9 quantized Linear layers (proj_out ignored), (in, out): (256, 16), (16, 16),
+# (16, 96), 4 × (16, 16) in attention, (16, 64), (64, 16): 8,960 weights; 10,100 parameters in all, so
+# 1,140 stay fp32 (4,560 bytes). Scales (fp16) + zeros (uint8) = 3 bytes per (out, group): groups of 8
+# give 16·32 + 16·2 + 96·2 + 4·16·2 + 64·2 + 16·8 = 1,120 of them, groups of 16 give 560, per-channel
+# 272 (the out_features). Bound = 1.05 × (packed + scales/zeros) + 4,560.
+KNOWN = {  # (bits, group) -> (packed bytes, scales + zeros bytes, bound bytes)
+    (4, 8): (4480, 3360, 1.05 * (4480 + 3360) + 4560),  # 12,792
+    (8, None): (8960, 816, 1.05 * (8960 + 816) + 4560),  # 14,824.8
+    (3, 16): (3360, 1680, 1.05 * (3360 + 1680) + 4560),  # 9,852
+}
+
+
+@pytest.mark.parametrize(("bits", "group_size"), list(KNOWN))
 def test_bound_terms_match_the_stored_tensors(tmp_path, bits, group_size):
     adapter = tiny_adapter()
     float_adapter = tiny_adapter()
@@ -44,17 +53,17 @@ def test_bound_terms_match_the_stored_tensors(tmp_path, bits, group_size):
     size = bench.size_bound(float_adapter, recipe)
     parts = bench.checkpoint_breakdown(tmp_path / "ckpt" / WEIGHTS, set(qmodel.layers))
 
-    linears = [m for n, m in float_denoiser.named_modules() if n in qmodel.layers]
-    assert size["quantized_layers"] == len(linears) > 0
-    assert size["quantized_params"] == sum(m.weight.numel() for m in linears)
+    packed, scales_zeros, bound = KNOWN[(bits, group_size)]
+    assert len(qmodel.layers) == size["quantized_layers"] == 9
+    assert size["quantized_params"] == 8960
+    assert size["params"] == 10100 == sum(p.numel() for p in float_denoiser.parameters())
     # every in_features of the tiny model is a multiple of 8 / bits, so packing adds no padding
-    assert parts["qweight"] == size["packed_weight_bytes"] == size["quantized_params"] * bits / 8
-    assert parts["scales"] + parts["zeros"] == size["scales_zeros_bytes"]
-    assert parts["other"] + parts["quantized_layer_bias"] == size["unquantized_bytes"]
+    assert parts["qweight"] == size["packed_weight_bytes"] == packed
+    assert parts["scales"] + parts["zeros"] == size["scales_zeros_bytes"] == scales_zeros
+    assert parts["other"] + parts["quantized_layer_bias"] == size["unquantized_bytes"] == 4560
     assert 0 < parts["header"] < 64 * 1024
-    assert size["fp32_bytes"] == 4 * sum(p.numel() for p in float_denoiser.parameters())
-    expected = 1.05 * (size["packed_weight_bytes"] + size["scales_zeros_bytes"]) + size["unquantized_bytes"]
-    assert size["bound_bytes"] == pytest.approx(expected)
+    assert size["fp32_bytes"] == 40400
+    assert size["bound_bytes"] == pytest.approx(bound)
 
 
 def test_reference_gptq_transcription_tracks_adatsq():
