@@ -1,4 +1,4 @@
-"""eval/run.py: `adatsq eval` metrics of tiny quantized reference checkpoints."""
+"""eval/run.py: `adatsq eval` metrics of tiny quantized (RTN) reference checkpoints."""
 
 import math
 
@@ -15,7 +15,7 @@ KEYS = {"psnr_db", "ssim", "accuracy", "fp_accuracy", "fid", "avg_bits", "checkp
 @pytest.fixture(scope="module")
 def metrics(quantized_reference):
     return {
-        bits: evaluate_checkpoint(quantized_reference("gptq", bits)[1], samples=8, seed=5, batch_size=8)
+        bits: evaluate_checkpoint(quantized_reference("rtn", bits)[1], samples=8, seed=5, batch_size=8)
         for bits in (3, 8)
     }
 
@@ -39,7 +39,7 @@ def test_more_bits_are_closer_to_float(metrics, quantized_reference):
     for bits in (3, 8):
         assert (
             metrics[bits]["checkpoint_bytes"]
-            == (quantized_reference("gptq", bits)[1] / WEIGHTS).stat().st_size
+            == (quantized_reference("rtn", bits)[1] / WEIGHTS).stat().st_size
         )
     assert w3["checkpoint_bytes"] < w8["checkpoint_bytes"]
 
