@@ -1,5 +1,71 @@
-"""Keep test runs to one thread: several developers share two cores."""
+"""Shared fixtures: small recipes, tiny random reference DiTs, and quantized reference checkpoints.
 
+Runs use one thread: several developers share two cores.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
 import torch
 
+import adatsq
+from adatsq.checkpoint.format import QuantizedModel
+from adatsq.models.reference.adapter import ReferenceAdapter
+from adatsq.models.reference.model import DigitsPipeline, build_scheduler, build_transformer
+from adatsq.recipe import Recipe, recipe_from_dict
+
 torch.set_num_threads(1)
+
+FAST_CALIBRATION = {"samples": 8, "steps": 4, "batch_size": 8, "seed": 0}
+
+
+def _recipe(method: str = "gptq", bits: int = 4, act: int | None = 8, segments: int = 1, **extra) -> Recipe:
+    return recipe_from_dict(
+        {
+            "method": method,
+            "weight": {"bits": bits, "group_size": 32, "symmetric": False},
+            "activation": {"bits": act},
+            "calibration": {**FAST_CALIBRATION, "segments": segments},
+            **extra,
+        }
+    )
+
+
+@pytest.fixture(scope="session")
+def make_recipe() -> Callable[..., Recipe]:
+    """`make_recipe(method, bits, act, segments, **extra)`: group 32 asymmetric, 8 samples × 4 steps."""
+    return _recipe
+
+
+@pytest.fixture(scope="session")
+def tiny_adapter() -> Callable[..., ReferenceAdapter]:
+    """`tiny_adapter(layers=1, seed=0)`: a random reference-architecture DiT (2 heads), fresh each call."""
+
+    def build(layers: int = 1, seed: int = 0) -> ReferenceAdapter:
+        torch.manual_seed(seed)
+        transformer = build_transformer({"num_layers": layers, "num_attention_heads": 2}).eval()
+        return ReferenceAdapter(DigitsPipeline(transformer, build_scheduler()))
+
+    return build
+
+
+@pytest.fixture(scope="session")
+def quantized_reference(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[..., tuple[QuantizedModel, Path]]:
+    """`quantized_reference(method="gptq", bits=4)`: the shipped reference DiT quantized with
+    `make_recipe(method, bits)` and saved; built once per session, then shared (treat it as read-only)."""
+    built: dict[tuple[str, int], tuple[QuantizedModel, Path]] = {}
+
+    def get(method: str = "gptq", bits: int = 4) -> tuple[QuantizedModel, Path]:
+        if (method, bits) not in built:
+            qmodel = adatsq.quantize("reference", _recipe(method, bits), progress=False)
+            directory = tmp_path_factory.mktemp("ckpt") / f"{method}-w{bits}a8"
+            qmodel.save(directory)
+            built[method, bits] = (qmodel, directory)
+        return built[method, bits]
+
+    return get

@@ -11,29 +11,11 @@ from adatsq.checkpoint.format import CONFIG, WEIGHTS
 from adatsq.checkpoint.load import load_checkpoint
 from adatsq.errors import CheckpointError, ConfigError
 from adatsq.quant.linear import QuantLinear
-from adatsq.recipe import recipe_from_dict
-
-FAST = {"samples": 8, "steps": 4, "batch_size": 8, "seed": 0}
 
 
-def recipe(method="gptq", bits=4, act=8, segments=1, **extra):
-    return recipe_from_dict(
-        {
-            "method": method,
-            "weight": {"bits": bits, "group_size": 32, "symmetric": False},
-            "activation": {"bits": act},
-            "calibration": {**FAST, "segments": segments},
-            **extra,
-        }
-    )
-
-
-@pytest.fixture(scope="module")
-def saved(tmp_path_factory):
-    qmodel = adatsq.quantize("reference", recipe(), progress=False)
-    directory = tmp_path_factory.mktemp("ckpt") / "w4a8"
-    qmodel.save(directory)
-    return qmodel, directory
+@pytest.fixture
+def saved(quantized_reference):
+    return quantized_reference("gptq", 4)
 
 
 def test_round_trip_samples_identically(saved):
@@ -108,10 +90,10 @@ def test_missing_folder_and_missing_config(tmp_path):
         adatsq.load(tmp_path)
 
 
-def test_quantized_model_is_smaller_than_float():
+def test_quantized_model_is_smaller_than_float(make_recipe):
     from adatsq.models.reference.model import load_reference_transformer
 
     fp_bytes = sum(p.numel() * 4 for p in load_reference_transformer().parameters())
-    qmodel = adatsq.quantize("reference", recipe(method="rtn", bits=4), progress=False)
+    qmodel = adatsq.quantize("reference", make_recipe(method="rtn", bits=4), progress=False)
     held = sum(b.numel() * b.element_size() for b in qmodel.adapter.denoiser().state_dict().values())
     assert held < 0.35 * fp_bytes

@@ -1,4 +1,4 @@
-"""AdaTSQ wiring on a tiny random reference-architecture DiT: Fisher, table, search, switching, plan files."""
+"""engine/adaptive.py on a tiny random reference-architecture DiT: table, search, switching, plan files."""
 
 import dataclasses
 
@@ -7,11 +7,8 @@ import torch
 
 import adatsq
 import adatsq.checkpoint.load
-from adatsq.calibrate.fisher import fisher_weights
 from adatsq.engine.planner import Planner
 from adatsq.errors import PlanError
-from adatsq.models.reference.adapter import ReferenceAdapter
-from adatsq.models.reference.model import DigitsPipeline, build_scheduler, build_transformer
 from adatsq.plan.schema import Budget, load_plan, save_plan
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear
 from adatsq.recipe import recipe_from_dict
@@ -25,30 +22,9 @@ RECIPE = {
 }
 
 
-def tiny_adapter(layers=1, seed=0):
-    torch.manual_seed(seed)
-    transformer = build_transformer({"num_layers": layers, "num_attention_heads": 2}).eval()
-    return ReferenceAdapter(DigitsPipeline(transformer, build_scheduler()))
-
-
 @pytest.fixture(scope="module")
-def planner():
+def planner(tiny_adapter):
     return Planner.prepare(tiny_adapter(), recipe_from_dict(RECIPE), progress=False)
-
-
-def test_fisher_weights_sum_to_one_and_estimators_agree():
-    adapter = tiny_adapter()
-    grad, method = fisher_weights(adapter, [1, 2], 4, progress=False)
-    assert method == "gradient" and abs(float(grad.sum()) - 1) < 1e-5 and bool((grad > 0).all())
-
-    class NoGrad(ReferenceAdapter):
-        def generate(self, inputs, seed, num_steps, step_callback=None):
-            with torch.no_grad():
-                return super().generate(inputs, seed, num_steps, step_callback)
-
-    fd, method = fisher_weights(NoGrad(adapter.pipeline), [1, 2], 4, epsilon=1e-3, progress=False)
-    assert method == "perturbation"
-    assert torch.allclose(fd, grad, atol=0.08), (fd, grad)
 
 
 def test_search_respects_budget_and_measures(planner):
@@ -63,7 +39,7 @@ def test_infeasible_budget_names_the_minimum(planner):
         planner.search(Budget("avg_bits", 2.5))
 
 
-def test_plan_file_round_trip_and_quantize_switches_per_segment(planner, tmp_path):
+def test_plan_file_round_trip_and_quantize_switches_per_segment(planner, tmp_path, tiny_adapter):
     plan = planner.search(Budget("avg_bits", 5.0)).plan
     path = save_plan(plan, tmp_path / "plan.json")
     assert load_plan(path) == plan
@@ -82,13 +58,13 @@ def test_plan_file_round_trip_and_quantize_switches_per_segment(planner, tmp_pat
     assert load_plan(tmp_path / "ckpt" / "plan.json") == plan
 
 
-def test_plan_for_another_model_names_the_layers(planner, tmp_path):
+def test_plan_for_another_model_names_the_layers(planner, tmp_path, tiny_adapter):
     plan = planner.search(Budget("avg_bits", 4.0)).plan
     with pytest.raises(PlanError, match=r"transformer_blocks\.1\."):
         adatsq.quantize(tiny_adapter(layers=2), recipe_from_dict(RECIPE), plan=plan, progress=False)
 
 
-def test_plan_with_other_segments_than_the_recipe(planner):
+def test_plan_with_other_segments_than_the_recipe(planner, tiny_adapter):
     plan = planner.search(Budget("avg_bits", 4.0)).plan
     recipe = recipe_from_dict(RECIPE)
     other = dataclasses.replace(recipe, calibration=dataclasses.replace(recipe.calibration, steps=6))
@@ -96,7 +72,7 @@ def test_plan_with_other_segments_than_the_recipe(planner):
         adatsq.quantize(tiny_adapter(), other, plan=plan, progress=False)
 
 
-def test_outlier_transforms_survive_save_and_load(tmp_path):
+def test_outlier_transforms_survive_save_and_load(tmp_path, tiny_adapter):
     recipe = recipe_from_dict(
         {
             **RECIPE,

@@ -7,7 +7,6 @@ import torch
 
 import adatsq
 from adatsq.cli import main
-from adatsq.models.diffusers.tiny import build_tiny_pipeline
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear
 from adatsq.recipe import recipe_from_dict
 
@@ -16,8 +15,8 @@ GPTQ = "method: gptq\nweight: {bits: 4, group_size: 16, symmetric: false}\nactiv
 
 
 @pytest.mark.parametrize("family", ["flux", "sd3", "wan", "z-image"])
-def test_cli_quantize_load_and_sample(family, tmp_path, capsys):
-    source = build_tiny_pipeline(family, tmp_path / family)
+def test_cli_quantize_load_and_sample(family, tiny_pipeline_dir, tmp_path, capsys):
+    source = tiny_pipeline_dir(family)
     recipe = tmp_path / "gptq.yaml"
     recipe.write_text(GPTQ)
     out = tmp_path / "quantized"
@@ -32,8 +31,8 @@ def test_cli_quantize_load_and_sample(family, tmp_path, capsys):
     assert not list((out / "base" / "transformer").glob("*.safetensors"))
 
 
-def test_adatsq_plans_and_switches_on_flux(tmp_path):
-    source = build_tiny_pipeline("flux", tmp_path / "flux")
+def test_adatsq_plans_and_switches_on_flux(tiny_pipeline_dir, tmp_path):
+    source = tiny_pipeline_dir("flux")
     recipe = recipe_from_dict(
         {
             "method": "adatsq",
@@ -57,8 +56,8 @@ def test_adatsq_plans_and_switches_on_flux(tmp_path):
     torch.testing.assert_close(after, before)
 
 
-def test_inspect_lists_layers_of_a_float_pipeline(tmp_path, capsys):
-    source = build_tiny_pipeline("flux", tmp_path / "flux")
+def test_inspect_lists_layers_of_a_float_pipeline(tiny_pipeline_dir, capsys):
+    source = tiny_pipeline_dir("flux")
     assert main(["inspect", str(source)]) == 0
     out = capsys.readouterr().out
     assert "transformer_blocks.0.attn.to_q" in out and "default ignore" in out and "sensitive (adaLN)" in out

@@ -1,0 +1,49 @@
+"""eval/run.py: `adatsq eval` metrics of tiny quantized (RTN) reference checkpoints."""
+
+import math
+
+import pytest
+
+from adatsq.checkpoint.format import WEIGHTS
+from adatsq.errors import CheckpointError
+from adatsq.eval.run import EVAL_KEYS, evaluate_checkpoint
+
+KEYS = {"psnr_db", "ssim", "accuracy", "fp_accuracy", "fid", "avg_bits", "checkpoint_bytes", "fp_seconds",
+        "quant_seconds"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def metrics(quantized_reference):
+    return {
+        bits: evaluate_checkpoint(quantized_reference("rtn", bits)[1], samples=8, seed=5, batch_size=8)
+        for bits in (3, 8)
+    }
+
+
+def test_returns_exactly_the_nine_keys(metrics):
+    assert set(EVAL_KEYS) == KEYS
+    for result in metrics.values():
+        assert set(result) == KEYS
+        assert all(
+            isinstance(result[k], float) and math.isfinite(result[k]) for k in KEYS - {"checkpoint_bytes"}
+        )
+
+
+def test_more_bits_are_closer_to_float(metrics, quantized_reference):
+    w3, w8 = metrics[3], metrics[8]
+    assert w8["psnr_db"] > w3["psnr_db"] + 3, (w8["psnr_db"], w3["psnr_db"])
+    assert w8["psnr_db"] > 25 and w8["ssim"] > w3["ssim"] and w8["ssim"] > 0.9
+    assert (w3["avg_bits"], w8["avg_bits"]) == (3.0, 8.0)
+    assert w8["fid"] < w3["fid"]
+    assert w3["fp_accuracy"] == w8["fp_accuracy"]  # the same float samples are the reference of both
+    for bits in (3, 8):
+        assert (
+            metrics[bits]["checkpoint_bytes"]
+            == (quantized_reference("rtn", bits)[1] / WEIGHTS).stat().st_size
+        )
+    assert w3["checkpoint_bytes"] < w8["checkpoint_bytes"]
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="is missing"):
+        evaluate_checkpoint(tmp_path, samples=2)
