@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import adatsq
-from adatsq.checkpoint.format import QuantizedModel
+from adatsq.checkpoint.save import QuantizedModel
 from adatsq.models.reference.adapter import ReferenceAdapter
 from adatsq.models.reference.model import DigitsPipeline, build_scheduler, build_transformer
 from adatsq.recipe import Recipe, recipe_from_dict
