@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from adatsq.engine.adaptive import solve_candidates
+from adatsq.engine.planner import solve_candidates
 from adatsq.engine.calibration import calibrate
 from adatsq.engine.meter import TrajectoryMeter
 from adatsq.engine.solve import Variant
