@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from adatsq.engine.planner import solve_candidates
 from adatsq.engine.calibration import calibrate
 from adatsq.engine.meter import TrajectoryMeter
+from adatsq.engine.planner import solve_candidates
 from adatsq.engine.solve import Variant
 from adatsq.plan.schema import PartialPlan
 from adatsq.quant.rtn import rtn
