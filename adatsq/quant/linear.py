@@ -174,8 +174,17 @@ class QuantLinear(nn.Module):
         return self.reference_forward(x) if state is None else run(self, state, x)
 
     def _apply(self, fn, recurse=True):  # nn.Module's signature
-        self._kernel_state = None  # .to() / .half(): layouts are rebuilt for the new buffers on next call
-        return super()._apply(fn, recurse)
+        """`.to(device/dtype)`: layouts are rebuilt on the next call, and `scales` stay float16.
+
+        `model.to(torch.bfloat16)` then runs bias and transforms in bf16 while the quantization grid
+        (the checkpoint's float16 scales) stays exact: re-rounding scales to bf16 would change the weights.
+        """
+        self._kernel_state = None
+        scales = self.scales
+        out = super()._apply(fn, recurse)
+        if self.scales.dtype != torch.float16:
+            self.scales = scales.to(device=self.scales.device)
+        return out
 
     def extra_repr(self) -> str:
         extras = [n for n in ("smooth", "rotation_signs", "lowrank_a") if getattr(self, n) is not None]

@@ -171,3 +171,13 @@ def test_fast_wht_runs_in_the_input_dtype(n, dtype):
     y = rotate(x.to(dtype), signs)
     assert y.dtype == dtype
     assert float((y.double() - exact).abs().max()) < (1e-4 if dtype == torch.float32 else 0.05)
+
+
+def test_casting_a_model_keeps_the_quantization_grid():
+    layer = _layer(4, 32, False, 8, transforms=True)
+    scales = layer.scales.clone()
+    layer.to(torch.bfloat16)
+    assert layer.scales.dtype == torch.float16 and torch.equal(layer.scales, scales)
+    assert layer.bias.dtype == torch.bfloat16 and layer.smooth.dtype == torch.bfloat16
+    x = torch.randn(9, IN, dtype=torch.bfloat16)
+    assert _rel_diff(layer(x), layer.reference_forward(x)) < TOL[torch.bfloat16]
