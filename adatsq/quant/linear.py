@@ -5,7 +5,11 @@ QuantLinear buffers (all saved by `state_dict`, so checkpoints round-trip throug
   zeros uint8 [out, n_groups] (group = column // group_size), bias [out],
   smooth [in], rotation_signs [in], lowrank_a [rank, in], lowrank_b [out, rank] (transforms.py; optional).
 Optional buffers that are absent are registered as None and do not appear in the state dict.
-The weight is dequantized in the input's dtype on every call; activations are fake-quantized per token.
+
+`forward` runs the kernel that `kernels.choose_kernel` picks for the input's device and dtype (int8
+`_int_mm`, cached dequantized weights, ...), derived from these buffers on the first call and kept
+outside the state dict. `reference_forward` is the pure-torch definition every kernel is tested against:
+the weight dequantized in the input's dtype on every call, activations fake-quantized per token.
 """
 
 from __future__ import annotations
@@ -17,6 +21,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adatsq.errors import CheckpointError, PlanError
+from adatsq.quant.kernels.dispatch import REFERENCE, KernelPolicy, choose_kernel
+from adatsq.quant.kernels.forward import run
+from adatsq.quant.kernels.layouts import KernelState, buffers_key, build_state
 from adatsq.quant.pack import pack, packed_cols, unpack
 from adatsq.quant.scheme import (
     WEIGHT_BITS,
@@ -82,6 +89,9 @@ class QuantLinear(nn.Module):
         self.register_buffer("rotation_signs", rotation_signs)
         self.register_buffer("lowrank_a", lowrank_a)
         self.register_buffer("lowrank_b", lowrank_b)
+        self.kernel_policy = KernelPolicy()
+        self._kernel_state: KernelState | None = None
+        self._last_kernel: str | None = None
 
     @classmethod
     def from_quantized(
@@ -122,7 +132,8 @@ class QuantLinear(nn.Module):
         codes = unpack(self.qweight, self.bits, self.in_features)
         return dequantize_codes(codes, self.scales, self.zeros, self.group_size, dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def reference_forward(self, x: Tensor) -> Tensor:
+        """The definition of the layer's function: what every kernel must reproduce."""
         x = self.transform.apply(x)
         y_lowrank = None
         if self.lowrank_a is not None:  # full precision branch on the unquantized transformed input
@@ -131,6 +142,49 @@ class QuantLinear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         y = F.linear(x, self.dequantized_weight(x.dtype), bias)
         return y if y_lowrank is None else y + y_lowrank
+
+    def kernel_for(self, device_type: str, dtype: torch.dtype) -> str:
+        """The kernel an input on `device_type` in `dtype` would run (a pure function of the scheme)."""
+        scheme = (self.bits, self.group_size, self.in_features, self.act.bits)
+        return choose_kernel(*scheme, device_type, dtype, self.kernel_policy)
+
+    @property
+    def kernel(self) -> str:
+        """The kernel of the last call; before any call, the one a float32 input on this device would run."""
+        return self._last_kernel or self.kernel_for(self.qweight.device.type, torch.float32)
+
+    def prepare(self, dtype: torch.dtype) -> str:
+        """Derive the kernel layout for `dtype` inputs on this device now (not on the first call)."""
+        self._state(self.qweight.device, dtype)
+        return self.kernel
+
+    def _state(self, device: torch.device, dtype: torch.dtype) -> KernelState | None:
+        name = self.kernel_for(device.type, dtype)
+        self._last_kernel = name
+        if name == REFERENCE:
+            return None
+        key = (name, device, dtype, buffers_key(self))
+        if self._kernel_state is None or self._kernel_state.key != key:
+            self._kernel_state = None  # free the stale layout before building the new one
+            self._kernel_state = build_state(self, name, key, dtype)
+        return self._kernel_state
+
+    def forward(self, x: Tensor) -> Tensor:
+        state = self._state(x.device, x.dtype)
+        return self.reference_forward(x) if state is None else run(self, state, x)
+
+    def _apply(self, fn, recurse=True):  # nn.Module's signature
+        """`.to(device/dtype)`: layouts are rebuilt on the next call, and `scales` stay float16.
+
+        `model.to(torch.bfloat16)` then runs bias and transforms in bf16 while the quantization grid
+        (the checkpoint's float16 scales) stays exact: re-rounding scales to bf16 would change the weights.
+        """
+        self._kernel_state = None
+        scales = self.scales
+        out = super()._apply(fn, recurse)
+        if self.scales.dtype != torch.float16:
+            self.scales = scales.to(device=self.scales.device)
+        return out
 
     def extra_repr(self) -> str:
         extras = [n for n in ("smooth", "rotation_signs", "lowrank_a") if getattr(self, n) is not None]
@@ -192,5 +246,39 @@ class TimestepQuantLinear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self._segment_variants[self.active_segment](x)
 
+    @property
+    def kernel(self) -> str:
+        """The active variant's kernel (each variant keeps its own layout, so switching costs nothing)."""
+        return self._segment_variants[self.active_segment].kernel
+
+    @property
+    def kernels(self) -> dict[int, str]:
+        return {v.bits: v.kernel for v in self.variants.values()}
+
+    def prepare(self, dtype: torch.dtype) -> dict[int, str]:
+        """Derive every variant's kernel layout now, so no segment pays for it on its first step."""
+        return {v.bits: v.prepare(dtype) for v in self.variants.values()}
+
     def extra_repr(self) -> str:
         return f"segment_bits={self.segment_bits}, active_segment={self.active_segment}"
+
+
+def set_kernel_policy(model: nn.Module, policy: KernelPolicy) -> int:
+    """Give every QuantLinear of `model` the policy (layouts rebuild on next call); returns how many."""
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for m in layers:
+        m.kernel_policy = policy
+        m._kernel_state = None
+    return len(layers)
+
+
+def prepare_kernels(model: nn.Module, dtype: torch.dtype) -> dict[str, str]:
+    """Derive every quantized layer's kernel layout for `dtype` inputs now (at load); name -> kernel."""
+    out: dict[str, str] = {}
+    for name, m in model.named_modules():
+        if isinstance(m, TimestepQuantLinear):
+            m.prepare(dtype)
+            out[name] = ", ".join(f"w{b}: {k}" for b, k in m.kernels.items())
+        elif isinstance(m, QuantLinear) and not any(name.startswith(f"{p}.") for p in out):
+            out[name] = m.prepare(dtype)
+    return out

@@ -171,11 +171,25 @@ def quant_error(W: Tensor, Wq: Tensor, H: Tensor) -> float:
     return float(((D @ H.detach().to(torch.float64)) * D).sum())
 
 
+_EXACT_UPCAST = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def activation_codes(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+    """Dynamic per-token symmetric codes of x (last dim) -> (codes float32 in [-qmax, qmax], scale [..., 1]).
+
+    The one definition of the activation grid: the fake-quant reference and the integer kernels both
+    call it, so they see the same integer codes. Dividing a bf16/fp16 tensor by a float32 scale upcasts
+    exactly, which saves the separate `x.float()` pass.
+    """
+    qmax = 2 ** (bits - 1) - 1
+    xf = x if x.dtype in _EXACT_UPCAST else x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).float().clamp_(min=1e-12).div_(qmax)
+    return torch.div(xf, scale).round_().clamp_(-qmax, qmax), scale
+
+
 def fake_quant_activation(x: Tensor, act: ActScheme) -> Tensor:
     """Dynamic per-token symmetric fake-quant (last dim): integers in [-qmax, qmax], qmax = 2**(b-1) - 1."""
     if act.bits is None:
         return x
-    qmax = 2 ** (act.bits - 1) - 1
-    xf = x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).clamp(min=1e-12) / qmax
-    return (torch.round(xf / scale).clamp(-qmax, qmax) * scale).to(x.dtype)
+    codes, scale = activation_codes(x, act.bits)
+    return codes.mul_(scale).to(x.dtype)

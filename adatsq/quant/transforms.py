@@ -15,6 +15,7 @@ Since R is orthonormal, x'' W''^T = x W^T exactly; GPTQ on the residual must see
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -56,24 +57,41 @@ def random_signs(n: int, seed: int) -> Tensor:
     return torch.randint(0, 2, (n,), generator=g).to(torch.float32) * 2 - 1
 
 
+_WHT_FACTOR = 64  # largest Sylvester block applied as one matmul; bigger blocks are Kronecker products
+
+
+@functools.lru_cache(maxsize=32)
+def _sylvester(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The unnormalised [n, n] Sylvester Hadamard matrix of +-1 (exact in every float dtype)."""
+    H = torch.ones(1, 1, dtype=dtype, device=device)
+    while H.shape[0] < n:
+        H = torch.cat((torch.cat((H, H), 1), torch.cat((H, -H), 1)), 0)
+    return H
+
+
 def rotate(x: Tensor, signs: Tensor | None = None) -> Tensor:
     """x R along the last dim, R = diag(signs) kron(I_m, H_b), H_b the orthonormal Sylvester Hadamard.
 
-    Sylvester Hadamard matrices are symmetric, so the same call also computes W R for a weight W.
+    Runs in x's dtype (bf16 stays bf16) as a fast Walsh-Hadamard transform: H_b is the Kronecker product
+    of Sylvester blocks of at most 64, each applied as one small matmul, so the cost is a few passes over
+    x rather than log2(b) butterfly stages. Sylvester Hadamard matrices are symmetric, so the same call
+    also computes W R for a weight W.
     """
     n = x.shape[-1]
     b = hadamard_block_size(n)
-    dtype = x.dtype
-    y = x.float() if dtype in (torch.float16, torch.bfloat16) else x
-    if signs is not None:
-        y = y * signs.to(y.dtype)
-    lead = y.shape[:-1]
-    h = 1
-    while h < b:  # butterfly stage: pairs (i, i + h) inside each aligned run of 2h
-        y = y.reshape(*lead, n // (2 * h), 2, h)
-        y = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2)
-        h *= 2
-    return (y.reshape(*lead, n) / math.sqrt(b)).to(dtype)
+    lead = x.shape[:-1]
+    y = x if signs is None else x * signs.to(x.dtype)
+    factors, last = [], b
+    while last > _WHT_FACTOR:
+        factors.append(_WHT_FACTOR)
+        last //= _WHT_FACTOR
+    # the last factor acts on the fastest-moving index: a right multiply
+    y = y.reshape(-1, last) @ _sylvester(last, x.dtype, x.device)
+    inner = last
+    for f in reversed(factors):  # each further factor acts on the next index up: a left multiply
+        y = torch.matmul(_sylvester(f, x.dtype, x.device), y.reshape(-1, f, inner))
+        inner *= f
+    return (y.reshape(*lead, n) / math.sqrt(b)).to(x.dtype)
 
 
 def hadamard(n: int, seed: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:

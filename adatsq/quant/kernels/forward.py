@@ -1,0 +1,50 @@
+"""The forward pass of each kernel, given a layer and its KernelState (see dispatch.py for which runs)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from adatsq.quant.kernels.intmm import int8_matmul, pad_weight
+from adatsq.quant.kernels.layouts import KernelState, int8_weight
+from adatsq.quant.scheme import activation_codes, fake_quant_activation
+from adatsq.quant.transforms import rotate
+
+
+def int8_linear(x: Tensor, layer: torch.nn.Module, state: KernelState) -> Tensor:
+    """y = sx * s * (a @ w.T - corr * sum(a)) + bias with a, w int8 and an exact int32 accumulator.
+
+    a are the same per-token codes the reference fake-quantizes (`activation_codes`), w = q - z, so this
+    is the reference function; only the float rounding of the products differs.
+    """
+    lead, k = x.shape[:-1], x.shape[-1]
+    codes, sx = activation_codes(x.reshape(-1, k), 8)
+    a = codes.to(torch.int8)
+    w = state.weight
+    if w is None:  # weights stay packed: unpack to int8 now, O(N*K) against the O(M*N*K) matmul
+        w = pad_weight(int8_weight(layer.qweight, layer.zeros, layer.bits, layer.in_features), state.rules)
+    acc = int8_matmul(a, w, layer.out_features, state.rules)
+    if state.zero_corr is not None:
+        acc = acc - a.sum(dim=1, dtype=torch.int32)[:, None] * state.zero_corr
+    y = acc.float().mul_(sx).mul_(state.col_scale)  # in place: fewer passes than addcmul (measured)
+    if state.bias is not None:
+        y.add_(state.bias)
+    return y.to(x.dtype).reshape(*lead, layer.out_features)
+
+
+def run(layer: torch.nn.Module, state: KernelState, x: Tensor) -> Tensor:
+    """The layer's output with the kernel `state` describes (transforms and low-rank branch included)."""
+    if state.smooth is not None:
+        x = x / state.smooth
+    if state.rotation_signs is not None:
+        x = rotate(x, state.rotation_signs)
+    y_lowrank = None
+    if state.lowrank_a is not None:  # full precision branch on the unquantized transformed input
+        y_lowrank = F.linear(F.linear(x, state.lowrank_a), state.lowrank_b)
+    if state.integer:
+        y = int8_linear(x, layer, state)
+    else:
+        w = state.weight if state.weight is not None else layer.dequantized_weight(x.dtype)
+        y = F.linear(fake_quant_activation(x, layer.act), w, state.bias)
+    return y if y_lowrank is None else y + y_lowrank

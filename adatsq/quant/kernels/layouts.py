@@ -1,0 +1,92 @@
+"""Kernel layouts derived from a QuantLinear's checkpoint buffers at first call (never saved).
+
+The checkpoint format stays the only stored form: codes q (packed), scales s (fp16) and zeros z (uint8)
+with W = (q - z) * s. Everything here is recomputed from those buffers on the device and in the dtype
+of the input that asks for it, so `state_dict()` never changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from adatsq.quant.kernels.dispatch import DEQUANT_CACHED, INT8_CACHED, INT8_PER_CALL
+from adatsq.quant.kernels.intmm import IntMMRules, int_mm_rules, pad_weight
+from adatsq.quant.pack import unpack
+
+
+def int8_weight(qweight: Tensor, zeros: Tensor, bits: int, in_features: int) -> Tensor:
+    """int8 [out, in] weight codes, zero point folded where it fits: q - z (bits < 8) or q - 128 (8 bits).
+
+    For bits < 8 both q and z are below 128, so q - z lies in [-127, 127]; 8-bit codes need the fixed
+    offset 128 (see `zero_correction` for asymmetric ones).
+    """
+    codes = unpack(qweight, bits, in_features)
+    if bits == 8:
+        return torch.bitwise_xor(codes, 128).view(torch.int8)
+    return torch.sub(codes.view(torch.int8), zeros.view(torch.int8))
+
+
+def zero_correction(zeros: Tensor, bits: int) -> Tensor | None:
+    """int32 [out]: z - 128 for 8-bit codes whose zero is not 128 (y -= (z - 128) * sum(a)), else None."""
+    if bits != 8:
+        return None
+    corr = zeros[:, 0].to(torch.int32) - 128
+    return corr if bool(corr.any()) else None
+
+
+@dataclass(frozen=True)
+class KernelState:
+    """One layer's runnable form for one (device, dtype): what `forward.run` needs besides the layer.
+
+    key: identifies the buffers and input kind it was derived from (stale when any changes).
+    weight: cached int8 [N', K'] (int8-cached) or dequantized [N, K] (dequant-cached), else None.
+    col_scale / zero_corr: the integer path's per-channel rescale and 8-bit zero correction.
+    The float tensors (bias, transforms) are cast once to the input dtype.
+    """
+
+    name: str
+    key: tuple
+    rules: IntMMRules
+    weight: Tensor | None = None
+    col_scale: Tensor | None = None
+    zero_corr: Tensor | None = None
+    bias: Tensor | None = None
+    smooth: Tensor | None = None
+    rotation_signs: Tensor | None = None
+    lowrank_a: Tensor | None = None
+    lowrank_b: Tensor | None = None
+
+    @property
+    def integer(self) -> bool:
+        return self.name in (INT8_CACHED, INT8_PER_CALL)
+
+
+def buffers_key(layer: torch.nn.Module) -> tuple:
+    """(data_ptr, version) of every buffer: changes when a buffer is replaced or edited in place."""
+    return tuple((t.data_ptr(), t._version) for t in layer.buffers())
+
+
+def build_state(layer: torch.nn.Module, name: str, key: tuple, dtype: torch.dtype) -> KernelState:
+    """Derive the layout `name` needs from `layer`'s buffers (already on the input's device)."""
+
+    def cast(t: Tensor | None, to: torch.dtype = dtype) -> Tensor | None:
+        return None if t is None else t.to(to)
+
+    rules = int_mm_rules(layer.qweight.device.type)
+    weight = col_scale = zero_corr = None
+    bias = cast(layer.bias)
+    if name in (INT8_CACHED, INT8_PER_CALL):
+        col_scale = layer.scales[:, 0].float()
+        zero_corr = zero_correction(layer.zeros, layer.bits)
+        bias = cast(layer.bias, torch.float32)  # added in float32 before the one rounding to dtype
+        if name == INT8_CACHED:
+            weight = pad_weight(int8_weight(layer.qweight, layer.zeros, layer.bits, layer.in_features), rules)
+    elif name.startswith(DEQUANT_CACHED):
+        weight = layer.dequantized_weight(dtype)
+    return KernelState(
+        name, key, rules, weight, col_scale, zero_corr, bias,
+        cast(layer.smooth), cast(layer.rotation_signs), cast(layer.lowrank_a), cast(layer.lowrank_b),
+    )  # fmt: skip

@@ -1,0 +1,183 @@
+"""Every kernel against QuantLinear.reference_forward, the dispatch table and the padding fallbacks.
+
+Tolerances (measured max |kernel - reference| / max |reference| over the grid below): float32 inputs
+< 1e-5 (both paths exact up to float32 rounding of the products); bf16 inputs < 2e-2 (the reference
+rounds x_fq and W to bf16 before its matmul, the int8 path rounds only its output).
+"""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from adatsq.quant.kernels import KERNELS, KernelPolicy, choose_kernel, int8_matmul, int_mm_rules, layouts
+from adatsq.quant.linear import QuantLinear, TimestepQuantLinear, prepare_kernels, set_kernel_policy
+from adatsq.quant.rtn import rtn
+from adatsq.quant.scheme import WEIGHT_BITS, ActScheme, WeightScheme, activation_codes
+from adatsq.quant.transforms import TransformScheme, build_transform, hadamard, rotate
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+IN, OUT = 100, 37  # odd shapes: not multiples of 8, partial last group of 32
+
+
+def _layer(bits, group_size, symmetric, act_bits, transforms=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    W, b = torch.randn(OUT, IN, generator=g), torch.randn(OUT, generator=g)
+    t = None
+    if transforms:
+        scheme = TransformScheme(smooth_alpha=0.5, rotate=True, lowrank_rank=4)
+        W, t = build_transform(W, scheme, torch.rand(IN, generator=g) + 0.1)
+    qw = rtn(W, WeightScheme(bits, group_size, symmetric))
+    return QuantLinear.from_quantized(qw, b, ActScheme(act_bits), transform=t)
+
+
+def _rel_diff(y, ref):
+    return float((y.float() - ref.float()).abs().max() / ref.float().abs().max())
+
+
+SCHEMES = list(itertools.product(WEIGHT_BITS, (None, 32), (True, False), (None, 4, 8), (False, True)))
+
+
+POLICIES = [KernelPolicy(), KernelPolicy(cache_int8_low_bits=True, cache_dequant=False)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("policy", POLICIES)
+def test_every_kernel_matches_the_reference(dtype, policy):
+    x = torch.randn(3, 11, IN).to(dtype)
+    worst, seen = 0.0, set()
+    for bits, group_size, symmetric, act_bits, transforms in SCHEMES:
+        layer = _layer(bits, group_size, symmetric, act_bits, transforms)
+        layer.kernel_policy = policy
+        y = layer(x)
+        assert y.dtype == dtype and y.shape == (3, 11, OUT)
+        worst = max(worst, _rel_diff(y, layer.reference_forward(x)))
+        seen.add(layer.kernel)
+    assert worst < TOL[dtype]
+    assert {k.split("+")[0] for k in seen} >= (
+        {"int8-unpack-per-call", "int8-cached", "dequant-cached"}
+        if not policy.cache_int8_low_bits
+        else {"int8-cached", "dequant-per-call"}
+    )
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [(4, False), (8, True), (8, False), (3, True)])
+def test_int8_path_is_exact_up_to_float32_rounding(bits, symmetric):
+    """Same integer activation codes and weight codes as the reference, evaluated in float64."""
+    layer = _layer(bits, None, symmetric, 8)
+    x = torch.randn(40, IN)
+    codes, sx = activation_codes(x, 8)
+    W = layer.dequantized_weight(torch.float64)
+    exact = F.linear(codes.double() * sx.double(), W, layer.bias.double())
+    assert layer(x).shape == exact.shape and layer.kernel.startswith("int8")
+    assert float((layer(x).double() - exact).abs().max() / exact.abs().max()) < 1e-6
+
+
+def test_dispatch_table():
+    f32, bf16 = torch.float32, torch.bfloat16
+    assert choose_kernel(8, None, 64, 8, "cpu", bf16) == "int8-cached"
+    assert choose_kernel(4, None, 64, 8, "cpu", bf16) == "int8-unpack-per-call"
+    assert choose_kernel(4, 64, 64, 8, "cuda", f32) == "int8-unpack-per-call"  # one group = per channel
+    assert choose_kernel(4, None, 64, 8, "cpu", f32, KernelPolicy(cache_int8_low_bits=True)) == "int8-cached"
+    assert choose_kernel(4, 32, 64, 8, "cpu", bf16) == "dequant-cached+fake-a8"
+    assert choose_kernel(4, 32, 64, None, "cuda", bf16) == "dequant-cached"
+    assert choose_kernel(4, None, 64, 4, "cpu", bf16) == "dequant-cached+fake-a4"  # A4 stays simulated
+    assert choose_kernel(4, 32, 64, None, "cpu", f32, KernelPolicy(cache_dequant=False)) == "dequant-per-call"
+    assert choose_kernel(8, None, 64, 8, "cpu", torch.float64) == "reference"
+    assert choose_kernel(8, None, 64, 8, "mps", f32) == "reference"
+    assert choose_kernel(8, None, 64, 8, "cpu", f32, KernelPolicy(enabled=False)) == "reference"
+    assert set(KERNELS) >= {"reference", "int8-cached", "int8-unpack-per-call", "dequant-cached"}
+
+
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 13, 5), (16, 8, 8), (17, 100, 37), (40, 64, 24)])
+def test_int8_matmul_pads_to_cuda_rules(m, k, n):
+    rules = int_mm_rules("cuda")
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+    w = torch.randint(-128, 128, (n, k), dtype=torch.int8)
+    acc = int8_matmul(a, layouts.pad_weight(w, rules), n, rules)
+    assert acc.dtype == torch.int32 and torch.equal(acc.long(), a.long() @ w.long().T)
+    assert int_mm_rules("cpu").min_rows == 1  # CPU _int_mm takes any shape: nothing to pad
+
+
+def test_layer_under_cuda_padding_rules_matches_reference(monkeypatch):
+    monkeypatch.setattr(layouts, "int_mm_rules", lambda device_type: int_mm_rules("cuda"))
+    for bits in (4, 8):
+        layer = _layer(bits, None, False, 8)
+        for m in (1, 5, 16, 33):  # M <= 16 is padded, K=100 and N=37 too
+            x = torch.randn(m, IN)
+            assert _rel_diff(layer(x), layer.reference_forward(x)) < 1e-5
+        assert layer._kernel_state.rules.min_rows == 17
+
+
+def test_state_dict_is_untouched_and_layouts_rebuild_when_buffers_change():
+    layer, other = _layer(8, None, True, 8, seed=0), _layer(8, None, True, 8, seed=1)
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(20, IN)
+    layer(x)
+    after = layer.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    layer.load_state_dict(other.state_dict())  # in-place copy into the buffers: the cache must notice
+    torch.testing.assert_close(layer(x), other(x))
+    layer.to(torch.float64)
+    assert layer._kernel_state is None and layer(x.double()).dtype == torch.float64
+    assert layer.kernel == "reference"
+
+
+def test_weights_stay_packed_for_low_bits():
+    layer = _layer(4, None, True, 8)
+    assert layer.prepare(torch.bfloat16) == "int8-unpack-per-call"
+    assert layer._kernel_state.weight is None  # no resident int8 copy: only the packed qweight
+    set_kernel_policy(layer, KernelPolicy(cache_int8_low_bits=True))
+    assert layer.prepare(torch.bfloat16) == "int8-cached"
+    assert layer._kernel_state.weight.dtype == torch.int8
+
+
+def test_timestep_layer_keeps_every_variant_prepared():
+    variants = [_layer(b, None, True, 8, seed=b) for b in (4, 8)]
+    ts = TimestepQuantLinear(variants, (8, 4, 4, 8))
+    model = torch.nn.Sequential(ts)
+    assert prepare_kernels(model, torch.bfloat16) == {"0": "w4: int8-unpack-per-call, w8: int8-cached"}
+    states = [v._kernel_state for v in variants]
+    x = torch.randn(20, IN, dtype=torch.bfloat16)
+    for segment in (0, 1, 3):
+        ts.set_segment(segment)
+        v = variants[0 if ts.active_bits == 4 else 1]
+        assert torch.equal(ts(x), v(x)) and ts.kernel == v.kernel
+    assert [v._kernel_state for v in variants] == states  # switching never rebuilt a layout
+
+
+def _butterfly(x, signs):
+    """The textbook fast Walsh-Hadamard transform in float64 (the previous implementation of rotate)."""
+    n = x.shape[-1]
+    b, h = n & -n, 1
+    y = x.double() * signs.double()
+    while h < b:
+        y = y.reshape(-1, n // (2 * h), 2, h)
+        y = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2)
+        h *= 2
+    return y.reshape(x.shape) / b**0.5
+
+
+@pytest.mark.parametrize("n", [96, 384, 8192])  # one, two and three Kronecker factors
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fast_wht_runs_in_the_input_dtype(n, dtype):
+    x = torch.randn(3, n)
+    signs = torch.randint(0, 2, (n,)).float() * 2 - 1
+    exact = _butterfly(x, signs)
+    if n < 1000:
+        R = signs.double()[:, None] * hadamard(n, dtype=torch.float64)
+        torch.testing.assert_close(exact, x.double() @ R)
+    y = rotate(x.to(dtype), signs)
+    assert y.dtype == dtype
+    assert float((y.double() - exact).abs().max()) < (1e-4 if dtype == torch.float32 else 0.05)
+
+
+def test_casting_a_model_keeps_the_quantization_grid():
+    layer = _layer(4, 32, False, 8, transforms=True)
+    scales = layer.scales.clone()
+    layer.to(torch.bfloat16)
+    assert layer.scales.dtype == torch.float16 and torch.equal(layer.scales, scales)
+    assert layer.bias.dtype == torch.bfloat16 and layer.smooth.dtype == torch.bfloat16
+    x = torch.randn(9, IN, dtype=torch.bfloat16)
+    assert _rel_diff(layer(x), layer.reference_forward(x)) < TOL[torch.bfloat16]
