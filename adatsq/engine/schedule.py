@@ -59,6 +59,12 @@ def parse_size(text: str | int) -> int:
     return int(float(match["value"]) * _UNITS[unit])
 
 
+def exact_size(n: int) -> str:
+    """'62.9 GiB (67448954880 B)': the short size and the exact bytes."""
+    short = format_size(n)
+    return short if short.endswith(" B") else f"{short} ({n} B)"
+
+
 def format_size(n: float) -> str:
     """Bytes as a short binary size ('62.8 GiB'), rounded up so a printed budget is always enough."""
     for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
@@ -242,8 +248,8 @@ def _check_single(
     worst = max(specs, key=lambda s: need[s.key])
     if need[worst.key] > budget:
         raise ConfigError(
-            f"memory budget {format_size(budget)} ({budget} B) is too small: layer {worst.key!r} needs "
-            f"{format_size(need[worst.key])} ({need[worst.key]} B: its {worst.slots}-slot float32 XᵀX of "
+            f"memory budget {exact_size(budget)} is too small: layer {worst.key!r} needs "
+            f"{exact_size(need[worst.key])} (its {worst.slots}-slot float32 XᵀX of "
             f"in_features={worst.in_features}, its GPTQ solve and the reserved bytes); the smallest feasible "
             f"budget is {format_size(need[worst.key])}: raise --max-memory or use fewer segments"
         )
