@@ -60,16 +60,17 @@ def parse_size(text: str | int) -> int:
 
 
 def exact_size(n: int) -> str:
-    """'62.9 GiB (67448954880 B)': the short size and the exact bytes."""
-    short = format_size(n)
+    """'62.9 GiB (67448954880 B)': the short size (rounded up) and the exact bytes."""
+    short = format_size(n, up=True)
     return short if short.endswith(" B") else f"{short} ({n} B)"
 
 
-def format_size(n: float) -> str:
-    """Bytes as a short binary size ('62.8 GiB'), rounded up so a printed budget is always enough."""
+def format_size(n: float, up: bool = False) -> str:
+    """Bytes as a short binary size ('62.8 GiB'); `up` rounds up, so a printed budget is always enough."""
     for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
-            return f"{math.ceil(n / scale * 10) / 10:.1f} {unit}"
+            value = math.ceil(n / scale * 10) / 10 if up else n / scale
+            return f"{value:.1f} {unit}"
     return f"{int(n)} B"
 
 

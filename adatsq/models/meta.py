@@ -92,3 +92,65 @@ def meta_denoiser(folder: str | Path) -> MetaDenoiser:
 def parameter_count(module: nn.Module) -> int:
     """Parameters of `module` (meta tensors count by shape)."""
     return sum(p.numel() for p in module.parameters())
+
+
+# ---------------------------------------------------------------- what one denoiser call reads
+
+
+@dataclass(frozen=True)
+class CallAssumptions:
+    """Sampling geometry assumed when sizing recorded denoiser inputs (None = the family's default)."""
+
+    height: int | None = None  # pixels
+    width: int | None = None
+    frames: int | None = None  # video families only (Wan)
+    text_tokens: int | None = None  # text-encoder tokens per prompt (the pipeline's max_sequence_length)
+    cfg_calls: int | None = None  # denoiser calls per step: 2 with classifier-free guidance, else 1
+
+
+# class -> (height, width, frames, text tokens, calls per step): the pipelines' published defaults
+# (Flux-dev 1024², T5 512; SD3 CLIP 77 + T5 256 with CFG; Wan 832×480×81 frames, UMT5 512 with CFG;
+# Z-Image-Turbo 1024², no CFG; Qwen-Image 1024² with true CFG; PixArt-Σ 1024², 300 tokens; DiT 256²).
+FAMILY_DEFAULTS: dict[str, tuple[int, int, int, int, int]] = {
+    "FluxTransformer2DModel": (1024, 1024, 1, 512, 1),
+    "SD3Transformer2DModel": (1024, 1024, 1, 333, 2),
+    "WanTransformer3DModel": (480, 832, 81, 512, 2),
+    "ZImageTransformer2DModel": (1024, 1024, 1, 512, 1),
+    "QwenImageTransformer2DModel": (1024, 1024, 1, 512, 2),
+    "PixArtTransformer2DModel": (1024, 1024, 1, 300, 2),
+    "DiTTransformer2DModel": (256, 256, 1, 0, 2),
+}
+_TEXT_WIDTH_KEYS = ("joint_attention_dim", "text_dim", "cap_feat_dim", "caption_channels")
+_POOLED = ("FluxTransformer2DModel", "SD3Transformer2DModel")  # they also read a pooled CLIP vector
+_PACKED = ("FluxTransformer2DModel", "QwenImageTransformer2DModel")  # 2×2 latent patches packed into tokens
+
+
+@dataclass(frozen=True)
+class CallInputs:
+    """Elements of the inputs a denoiser call reads, split by how often they change."""
+
+    assumptions: CallAssumptions  # every field resolved
+    latent_elements: int  # per call (latents, positional ids): new at every step
+    text_elements: int  # per prompt and CFG branch (text embeddings, pooled projection): same every step
+
+
+def call_inputs(meta: MetaDenoiser, assumptions: CallAssumptions = CallAssumptions()) -> CallInputs:
+    """Sizes of one denoiser call's inputs, from the config and the geometry (family defaults filled in)."""
+    config = meta.config
+    default = FAMILY_DEFAULTS.get(meta.class_name, (1024, 1024, 1, 512, 2))
+    given = (assumptions.height, assumptions.width, assumptions.frames, assumptions.text_tokens)
+    height, width, frames, tokens = (g if g is not None else d for g, d in zip(given, default, strict=False))
+    cfg = assumptions.cfg_calls if assumptions.cfg_calls is not None else default[4]
+    pixels = (height // 8) * (width // 8)  # every family's VAE downsamples by 8
+    channels = int(config.get("in_channels", 4))
+    if meta.class_name in _PACKED:
+        latent = (pixels // 4) * channels + (pixels // 4 + tokens) * 3  # packed latents + RoPE ids
+    elif meta.class_name == "WanTransformer3DModel":
+        latent = channels * ((frames - 1) // 4 + 1) * pixels  # 4× temporal compression
+    else:
+        latent = channels * pixels
+    width_text = next((int(config[k]) for k in _TEXT_WIDTH_KEYS if config.get(k)), 0)
+    pooled = int(config.get("pooled_projection_dim") or 0) if meta.class_name in _POOLED else 0
+    text = tokens * width_text + pooled
+    resolved = CallAssumptions(height, width, frames, tokens, cfg)
+    return CallInputs(resolved, latent, text)

@@ -133,4 +133,5 @@ def test_parse_size_rejects(text):
 
 
 def test_format_size_rounds_up():
-    assert format_size(62.81 * 2**30) == "62.9 GiB" and format_size(512) == "512 B"
+    assert format_size(62.81 * 2**30, up=True) == "62.9 GiB" and format_size(62.81 * 2**30) == "62.8 GiB"
+    assert format_size(512) == "512 B"
