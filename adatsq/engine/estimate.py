@@ -126,7 +126,7 @@ def estimate(
     max_memory: str | int = "80GiB",
     dtype: str = "bfloat16",
     devices: int = 1,
-    assumptions: CallAssumptions = CallAssumptions(),
+    assumptions: CallAssumptions | None = None,
 ) -> Estimate:
     """Memory, passes and checkpoint size of quantizing `model` with `recipe` (nothing is run)."""
     if dtype not in DTYPE_BYTES:
@@ -150,7 +150,7 @@ def estimate(
         reserved_bytes=weights,
         devices=devices,
     )
-    recorded, resolved = _recorded_bytes(meta, recipe, DTYPE_BYTES[dtype], assumptions)
+    recorded, resolved = _recorded_bytes(meta, recipe, DTYPE_BYTES[dtype], assumptions or CallAssumptions())
     checkpoint, checkpoint_max = _checkpoint(layers, recipe, params, DTYPE_BYTES[dtype])
     return Estimate(
         model=str(model),

@@ -134,9 +134,9 @@ class CallInputs:
     text_elements: int  # per prompt and CFG branch (text embeddings, pooled projection): same every step
 
 
-def call_inputs(meta: MetaDenoiser, assumptions: CallAssumptions = CallAssumptions()) -> CallInputs:
+def call_inputs(meta: MetaDenoiser, assumptions: CallAssumptions | None = None) -> CallInputs:
     """Sizes of one denoiser call's inputs, from the config and the geometry (family defaults filled in)."""
-    config = meta.config
+    config, assumptions = meta.config, assumptions or CallAssumptions()
     default = FAMILY_DEFAULTS.get(meta.class_name, (1024, 1024, 1, 512, 2))
     given = (assumptions.height, assumptions.width, assumptions.frames, assumptions.text_tokens)
     height, width, frames, tokens = (g if g is not None else d for g, d in zip(given, default, strict=False))
