@@ -209,6 +209,12 @@ def _estimate(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
     p.add_argument("--devices", type=int, default=1, help="owner ranks the blocks are split across")
     p.add_argument("--segments", type=int, help="timestep segments (overrides the recipe's)")
+    p.add_argument(
+        "--weights",
+        choices=["device", "stream"],
+        default="device",
+        help="keep the whole denoiser on each device (default) or stream its blocks one at a time",
+    )
     p.add_argument("--height", type=int, help="pixels (default: the family's published default)")
     p.add_argument("--width", type=int)
     p.add_argument("--frames", type=int, help="video frames (Wan; default 81)")

@@ -5,9 +5,10 @@ is enough); the recipe selects the layers; `adatsq.engine.schedule` groups their
 under the memory budget. Every number is a formula of shapes, stated where it is computed:
 
 * accumulators: one float32 XᵀX per distinct input per segment (time-invariant inputs once), on device;
-* device peak per pass: the denoiser's weights at `dtype` (kept on every device for the replay) + the
-  pass's accumulators + its largest GPTQ solve (`adatsq.quant.workspace`); activations of the replay are
-  not counted (tens of MB at 1024² for Flux);
+* device peak per pass: the denoiser's weights at `dtype` (`weights="device"`: all kept on every device
+  for the replay; `"stream"`: the layers outside blocks plus the largest block, blocks moved in one at a
+  time) + the pass's accumulators + its largest GPTQ solve (`adatsq.quant.workspace`); activations of the
+  replay are not counted (tens of MB at 1024² for Flux);
 * host peak: the recorded denoiser-call inputs (text embeddings once per prompt and CFG branch, latents
   and timestep per step) + the largest pass's accumulators folded to float64 + the packed checkpoint,
   which grows on the host until it is written;
@@ -27,7 +28,15 @@ from torch import nn
 
 from adatsq.engine.schedule import LayerShape, Schedule, build_schedule, format_size, parse_size
 from adatsq.errors import ConfigError
-from adatsq.models.layers import block_of, block_order, default_ignore, is_time_invariant, shared_input_groups
+from adatsq.models.layers import (
+    AFTER,
+    BEFORE,
+    block_of,
+    block_order,
+    default_ignore,
+    is_time_invariant,
+    shared_input_groups,
+)
 from adatsq.models.meta import CallAssumptions, MetaDenoiser, call_inputs, meta_denoiser, parameter_count
 from adatsq.plan.cost import variant_bytes
 from adatsq.plan.schema import LayerInfo
@@ -49,7 +58,8 @@ class Estimate:
     segments: int
     devices: int
     budget_bytes: int
-    weights_bytes: int  # the denoiser at `dtype` (reserved on every device)
+    weights: str  # "device" (the whole denoiser stays on every device) or "stream" (one block at a time)
+    weights_bytes: int  # the denoiser's weights on each device at `dtype` (reserved in every pass)
     accumulator_bytes: int  # all layers × segments, float32, one XᵀX per distinct input
     float64_per_layer_bytes: int  # the same with one float64 XᵀX per layer per segment (today's runner)
     one_block_bytes: int  # float32 accumulators of the largest block
@@ -82,6 +92,18 @@ def _open(model: str | Path) -> tuple[MetaDenoiser | None, nn.Module, str]:
         )
     meta = meta_denoiser(model)
     return meta, meta.module, meta.class_name
+
+
+def _resident_params(denoiser: nn.Module, names: list[str], weights: str) -> int:
+    """Parameters on each device during a pass: all of them, or the non-block ones + the largest block."""
+    total = parameter_count(denoiser)
+    if weights == "device":
+        return total
+    if weights != "stream":
+        raise ConfigError(f"weights={weights!r} is not supported; use 'device' or 'stream'")
+    blocks = [b for b in block_order(names) if b not in (BEFORE, AFTER)]
+    sizes = [parameter_count(denoiser.get_submodule(b)) for b in blocks] or [0]
+    return total - sum(sizes) + max(sizes)
 
 
 def _targeted(denoiser: nn.Module, recipe: Recipe) -> list[LayerShape]:
@@ -127,6 +149,7 @@ def estimate(
     dtype: str = "bfloat16",
     devices: int = 1,
     assumptions: CallAssumptions | None = None,
+    weights: str = "device",
 ) -> Estimate:
     """Memory, passes and checkpoint size of quantizing `model` with `recipe` (nothing is run)."""
     if dtype not in DTYPE_BYTES:
@@ -137,7 +160,7 @@ def estimate(
     names = [la.name for la in layers]
     groups = shared_input_groups(denoiser)
     params = parameter_count(denoiser)
-    weights = params * DTYPE_BYTES[dtype]
+    reserved = _resident_params(denoiser, names, weights) * DTYPE_BYTES[dtype]
     segments = recipe.calibration.segments
     schedule = build_schedule(
         layers,
@@ -147,7 +170,7 @@ def estimate(
         segments,
         budget,
         time_invariant=[g for g in groups if is_time_invariant(g)],
-        reserved_bytes=weights,
+        reserved_bytes=reserved,
         devices=devices,
     )
     recorded, resolved = _recorded_bytes(meta, recipe, DTYPE_BYTES[dtype], assumptions or CallAssumptions())
@@ -161,7 +184,8 @@ def estimate(
         segments=segments,
         devices=devices,
         budget_bytes=budget,
-        weights_bytes=weights,
+        weights=weights,
+        weights_bytes=reserved,
         accumulator_bytes=schedule.accumulator_bytes,
         float64_per_layer_bytes=sum(8 * la.in_features**2 * segments for la in layers),
         one_block_bytes=_largest_block(schedule),
@@ -251,7 +275,10 @@ def render(est: Estimate) -> str:
         ("  largest block", format_size(est.one_block_bytes)),
         ("budget per device", format_size(est.budget_bytes)),
         ("passes", f"{est.passes}"),
-        ("peak device", f"{format_size(est.peak_device_bytes)} (weights {format_size(est.weights_bytes)})"),
+        (
+            "peak device",
+            f"{format_size(est.peak_device_bytes)} (weights {format_size(est.weights_bytes)}, {est.weights})",
+        ),
         ("recorded inputs (host)", format_size(est.recorded_bytes)),
         ("peak host", format_size(est.peak_host_bytes)),
         (
@@ -287,6 +314,7 @@ def estimate_command(args: Any) -> Estimate:
         dtype=args.dtype,
         devices=args.devices,
         assumptions=assumptions,
+        weights=args.weights,
     )
 
 

@@ -121,3 +121,10 @@ def test_reference_and_a_weighted_pipeline_folder(tiny_pipeline_dir):
     assert ref.layers == 56 and ref.passes == 1
     flux = estimate(tiny_pipeline_dir("flux"), _recipe(4), max_memory="1GiB", dtype="float32")
     assert flux.params > 0 and flux.passes == 1
+
+
+def test_streamed_weights_fit_a_smaller_budget():
+    with pytest.raises(Exception, match="smallest feasible budget"):
+        estimate(CONFIGS / "flux.1-dev", _recipe(4), max_memory="20GiB")
+    streamed = estimate(CONFIGS / "flux.1-dev", _recipe(4), max_memory="20GiB", weights="stream")
+    assert streamed.weights_bytes < 1 * GiB and streamed.peak_device_bytes <= 20 * GiB
