@@ -67,10 +67,11 @@ class Estimate:
     peak_device_bytes: int
     per_device_peak_bytes: tuple[int, ...]  # by rank, the max over passes
     recorded_bytes: int  # host: recorded denoiser-call inputs
-    peak_host_bytes: int
+    peak_host_bytes: int  # recorded inputs + the largest pass folded to float64 + checkpoint_max_bytes
     checkpoint_bytes: int  # every layer one variant at weight.bits
     checkpoint_max_bytes: int  # adatsq: every layer min(G, |candidates|) variants of the largest candidates
     assumptions: dict[str, Any]
+    schedule: tuple[dict[str, Any], ...] = ()  # per pass: run_to, layers, accumulator and peak bytes
     search: dict[str, Any] | None = None  # adatsq only
     notes: tuple[str, ...] = field(default_factory=tuple)
 
@@ -197,6 +198,16 @@ def estimate(
         checkpoint_bytes=checkpoint,
         checkpoint_max_bytes=checkpoint_max,
         assumptions=resolved,
+        schedule=tuple(
+            {
+                "run_to": p.run_to,
+                "blocks": len(p.blocks),
+                "layers": len(p.layers),
+                "accumulator_bytes": sum(s.accumulator_bytes for s in p.shares),
+                "peak_device_bytes": p.peak_device_bytes,
+            }
+            for p in schedule.passes
+        ),
         search=_search(recipe),
         notes=_notes(schedule),
     )

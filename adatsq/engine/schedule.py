@@ -92,7 +92,9 @@ class AccumulatorSpec:
     in_features: int
     slots: int  # segments, or 1 for a time-invariant input
     time_invariant: bool
-    block: str  # the block whose replay fills it (the first block that reads the input)
+    block: str  # the block whose replay fills it (the first block that reads the input); a cross-block
+    # input (Wan's attn2 k/v, Z-Image's adaLN) lists layers of later blocks too: they are solved from it,
+    # and the replay need not reach their blocks
 
     @property
     def device_bytes(self) -> int:
@@ -242,7 +244,10 @@ def _share(
 
 
 def _check_single(
-    specs: Sequence[AccumulatorSpec], cost: Callable[[Sequence[AccumulatorSpec]], int], budget: int
+    specs: Sequence[AccumulatorSpec],
+    cost: Callable[[Sequence[AccumulatorSpec]], int],
+    budget: int,
+    reserved: int,
 ) -> None:
     """The budget must hold the largest accumulator with its own solve; else name it and the minimum."""
     need = {s.key: cost([s]) for s in specs}
@@ -252,7 +257,8 @@ def _check_single(
             f"memory budget {exact_size(budget)} is too small: layer {worst.key!r} needs "
             f"{exact_size(need[worst.key])} (its {worst.slots}-slot float32 XᵀX of "
             f"in_features={worst.in_features}, its GPTQ solve and the reserved bytes); the smallest feasible "
-            f"budget is {format_size(need[worst.key])}: raise --max-memory or use fewer segments"
+            f"budget is {format_size(need[worst.key], up=True)}: raise --max-memory, use fewer segments"
+            + (" or stream the weights (--weights stream)" if reserved else "")
         )
 
 
@@ -288,7 +294,7 @@ def build_schedule(
         )
         return reserved_bytes + sum(a.device_bytes for a in accs) + largest
 
-    _check_single(specs, cost, budget_bytes)
+    _check_single(specs, cost, budget_bytes, reserved_bytes)
     runs: list[list[AccumulatorSpec]] = [[]]
     for spec in specs:  # greedy: extend the current share while it fits
         if runs[-1] and cost([*runs[-1], spec]) > budget_bytes:

@@ -11,6 +11,7 @@ import pytest
 
 from adatsq.cli import main
 from adatsq.engine.estimate import estimate, search_runs
+from adatsq.errors import ConfigError
 from adatsq.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,6 +87,10 @@ def test_cli_json_keys(capsys):
     out = json.loads(capsys.readouterr().out)
     for key in ("params", "layers", "accumulator_bytes", "passes", "peak_device_bytes", "peak_host_bytes"):
         assert isinstance(out[key], int)
+    assert (
+        len(out["schedule"]) == out["passes"]
+        and out["schedule"][-1]["run_to"] == "single_transformer_blocks.37"
+    )
     assert out["checkpoint_bytes"] > 0 and out["search"]["trajectories"] == 6 + 4 * 6 * 3
 
 
@@ -124,7 +129,7 @@ def test_reference_and_a_weighted_pipeline_folder(tiny_pipeline_dir):
 
 
 def test_streamed_weights_fit_a_smaller_budget():
-    with pytest.raises(Exception, match="smallest feasible budget"):
+    with pytest.raises(ConfigError, match=r"smallest feasible budget.*--weights stream"):
         estimate(CONFIGS / "flux.1-dev", _recipe(4), max_memory="20GiB")
     streamed = estimate(CONFIGS / "flux.1-dev", _recipe(4), max_memory="20GiB", weights="stream")
     assert streamed.weights_bytes < 1 * GiB and streamed.peak_device_bytes <= 20 * GiB
