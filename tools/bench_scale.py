@@ -53,7 +53,10 @@ def versions() -> dict[str, str]:
     import transformers
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    cpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    model = next((ln.split(":", 1)[1].strip() for ln in cpu.splitlines() if ln.startswith("Model name")), "")
     return {
+        "machine": f"{model or platform.processor()} (CPU only: formulas of shapes, no model is run)",
         "python": platform.python_version(),
         "torch": torch.__version__,
         "diffusers": diffusers.__version__,
