@@ -26,16 +26,13 @@ from typing import Any
 
 from torch import nn
 
-from adatsq.engine.schedule import LayerShape, Schedule, build_schedule, format_size, parse_size
+from adatsq.engine.schedule import LayerShape, Schedule, format_size, parse_size, schedule_for
 from adatsq.errors import ConfigError
 from adatsq.models.layers import (
     AFTER,
     BEFORE,
-    block_of,
     block_order,
     default_ignore,
-    is_time_invariant,
-    shared_input_groups,
 )
 from adatsq.models.meta import CallAssumptions, MetaDenoiser, call_inputs, meta_denoiser, parameter_count
 from adatsq.plan.cost import variant_bytes
@@ -159,21 +156,10 @@ def estimate(
     meta, denoiser, class_name = _open(model)
     layers = _targeted(denoiser, recipe)
     names = [la.name for la in layers]
-    groups = shared_input_groups(denoiser)
     params = parameter_count(denoiser)
     reserved = _resident_params(denoiser, names, weights) * DTYPE_BYTES[dtype]
     segments = recipe.calibration.segments
-    schedule = build_schedule(
-        layers,
-        groups,
-        block_order(names),
-        block_of,
-        segments,
-        budget,
-        time_invariant=[g for g in groups if is_time_invariant(g)],
-        reserved_bytes=reserved,
-        devices=devices,
-    )
+    schedule = schedule_for(denoiser, names, segments, budget, reserved_bytes=reserved, devices=devices)
     recorded, resolved = _recorded_bytes(meta, recipe, DTYPE_BYTES[dtype], assumptions or CallAssumptions())
     checkpoint, checkpoint_max = _checkpoint(layers, recipe, params, DTYPE_BYTES[dtype])
     return Estimate(

@@ -1,6 +1,7 @@
 """The calibration pass schedule: which XᵀX accumulators live together so that they fit a memory budget.
 
-Pure planning, no model is run. Inputs: the targeted layers' shapes, the groups of layers that read one
+Pure planning, no model is run (`schedule_for` reads a denoiser's names and shapes, meta device is fine).
+Inputs: the targeted layers' shapes, the groups of layers that read one
 input tensor (`adatsq.models.layers.shared_input_groups`), the block each layer belongs to and the
 blocks' execution order, the number of timestep segments, a device budget and the solver's need.
 
@@ -23,7 +24,10 @@ import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
+from torch import nn
+
 from adatsq.errors import ConfigError
+from adatsq.models.layers import block_of, block_order, is_time_invariant, shared_input_groups
 from adatsq.quant.workspace import gptq_workspace_bytes
 
 ACCUMULATOR_DEVICE_BYTES = 4  # float32 XᵀX while a pass accumulates
@@ -311,3 +315,43 @@ def build_schedule(
             Pass(index, shares, union, tuple(n for s in shares for n in s.layers), run_to=union[-1])
         )
     return Schedule(tuple(specs), tuple(passes), segments, devices, budget_bytes, reserved_bytes)
+
+
+def schedule_for(
+    denoiser: nn.Module,
+    layers: Collection[str],
+    segments: int,
+    budget_bytes: int,
+    *,
+    reserved_bytes: int = 0,
+    devices: int = 1,
+    solve_bytes: Callable[[int, int], int] = gptq_workspace_bytes,
+) -> Schedule:
+    """`build_schedule` for `layers` (names of the denoiser's targeted Linear, e.g. `select_layers`' keys)
+    with the family rules of `adatsq.models.layers`: the one entry point the estimate and the runtime share.
+
+    Only names and shapes are read (a meta-device denoiser works); nothing runs.
+    """
+    modules = dict(denoiser.named_modules())
+    missing = sorted(n for n in layers if not isinstance(modules.get(n), nn.Linear))
+    if missing:
+        raise ConfigError(f"{missing[:5]} are not Linear layers of the denoiser; pass names it has")
+    wanted = set(layers)
+    shapes = [
+        LayerShape(n, m.in_features, m.out_features)
+        for n, m in modules.items()
+        if n in wanted and isinstance(m, nn.Linear)
+    ]
+    groups = shared_input_groups(denoiser)
+    return build_schedule(
+        shapes,
+        groups,
+        block_order([s.name for s in shapes]),
+        block_of,
+        segments,
+        budget_bytes,
+        time_invariant=[g for g in groups if is_time_invariant(g)],
+        solve_bytes=solve_bytes,
+        reserved_bytes=reserved_bytes,
+        devices=devices,
+    )

@@ -135,3 +135,20 @@ def test_parse_size_rejects(text):
 def test_format_size_rounds_up():
     assert format_size(62.81 * 2**30, up=True) == "62.9 GiB" and format_size(62.81 * 2**30) == "62.8 GiB"
     assert format_size(512) == "512 B"
+
+
+def test_schedule_for_a_meta_denoiser_uses_the_family_rules():
+    from pathlib import Path
+
+    from adatsq.engine.schedule import schedule_for
+    from adatsq.models.meta import meta_denoiser
+
+    wan = meta_denoiser(Path(__file__).resolve().parents[2] / "configs" / "wan2.1-t2v-1.3b").module
+    names = [n for n, _ in wan.named_modules() if n.startswith("blocks.")]
+    names = [n for n in names if n.endswith(("to_q", "to_k", "to_v", "to_out.0"))]
+    s = schedule_for(wan, names, segments=4, budget_bytes=2**40)
+    fixed = [a for a in s.accumulators if a.time_invariant]
+    assert len(fixed) == 1 and len(fixed[0].layers) == 60 and fixed[0].slots == 1
+    assert fixed[0].block == "blocks.0" and len(s.accumulators) == 30 * 4 + 1
+    with pytest.raises(ConfigError, match="not Linear layers"):
+        schedule_for(wan, ["blocks.0.norm2"], 4, 2**40)
