@@ -1,4 +1,4 @@
-"""`adatsq` command line: quantize | plan | eval | inspect | tokens (each a registered subcommand).
+"""`adatsq` command line: quantize | plan | eval | inspect | estimate | tokens (each a registered subcommand).
 
 User errors (AdatsqError) print one line on stderr and exit with code 2; nothing else is caught.
 """
@@ -201,6 +201,44 @@ def run_tokens_show(args: argparse.Namespace) -> int:
 
     check_output(args.out, args.overwrite)
     print(run_show(args.image, args.method, args.keep, args.out, args.model))
+    return 0
+
+
+@COMMANDS.register("estimate")
+def _estimate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "estimate", help="memory, passes and checkpoint size of a quantization run, without running it"
+    )
+    p.add_argument(
+        "model", help="a diffusers pipeline folder (config-only is enough, e.g. configs/flux.1-dev)"
+    )
+    p.add_argument("--recipe", required=True, help="YAML recipe, e.g. recipes/scale/adatsq-w4a8.yaml")
+    p.add_argument(
+        "--max-memory", default="80GiB", help="memory budget per device, e.g. 40GiB (default 80GiB)"
+    )
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
+    p.add_argument("--devices", type=int, default=1, help="owner ranks the blocks are split across")
+    p.add_argument("--segments", type=int, help="timestep segments (overrides the recipe's)")
+    p.add_argument(
+        "--weights",
+        choices=["device", "stream"],
+        default="device",
+        help="keep the whole denoiser on each device (default) or stream its blocks one at a time",
+    )
+    p.add_argument("--height", type=int, help="pixels (default: the family's published default)")
+    p.add_argument("--width", type=int)
+    p.add_argument("--frames", type=int, help="video frames (Wan; default 81)")
+    p.add_argument("--text-tokens", type=int, help="text tokens per prompt (default: max_sequence_length)")
+    p.add_argument("--cfg-calls", type=int, help="denoiser calls per step (2 with CFG)")
+    p.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    p.set_defaults(handler=run_estimate)
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    from adatsq.engine.estimate import estimate_command, render
+
+    result = estimate_command(args)
+    print(json.dumps(result.to_dict()) if args.json else render(result))
     return 0
 
 
