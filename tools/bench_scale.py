@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from adatsq.core.io import atomic_write_text  # noqa: E402
+from adatsq.core.sizes import format_size  # noqa: E402
 from adatsq.engine.estimate import estimate  # noqa: E402
-from adatsq.engine.schedule import format_size  # noqa: E402
 from adatsq.errors import ConfigError  # noqa: E402
 from adatsq.recipe import load_recipe  # noqa: E402
 

@@ -1,30 +1,52 @@
-"""Memory sizes as users write them ('768MiB', '40GiB', '1.5GB', '123456')."""
+"""Memory sizes as users write them ('768MiB', '40GiB', '1.5GB', '123456') and as reports print them."""
 
 from __future__ import annotations
 
+import math
 import re
 
 from adatsq.errors import ConfigError
 
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
-_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+_SIZE = re.compile(r"^\s*(?P<value>\d+(\.\d*)?|\.\d+)\s*(?P<unit>[a-zA-Z]*)\s*$")
 
 
-def parse_size(text: str) -> int:
-    """Bytes of a size string: a number with an optional decimal (GB) or binary (GiB) unit."""
-    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(text))
-    unit = match.group(2).upper() if match else None
-    if match is None or unit not in _UNITS:
+def parse_size(text: str | int) -> int:
+    """'768MiB' | '40GiB' | '1.5GB' | '123456' -> bytes (binary units are 1024-based, decimal 1000-based)."""
+    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
+        return text
+    match = _SIZE.match(str(text))
+    unit = match["unit"].lower() if match else ""
+    if not match or unit not in _UNITS:
         raise ConfigError(
-            f"memory size {text!r} is not understood; write a number with an optional unit, e.g. 768MiB, "
-            "40GiB or 1.5GB"
+            f"memory size {text!r} is not a size; write bytes with an optional unit "
+            f"({', '.join(u for u in ('KiB', 'MiB', 'GiB', 'TiB', 'KB', 'MB', 'GB', 'TB'))}), "
+            "e.g. 768MiB, 40GiB, 1.5GB or 123456"
         )
-    return int(float(match.group(1)) * _UNITS[unit])
+    return int(float(match["value"]) * _UNITS[unit])
 
 
-def format_size(n: int) -> str:
-    """Bytes in the largest binary unit that keeps the number >= 1 (e.g. '1.5 GiB')."""
+def exact_size(n: int) -> str:
+    """'62.9 GiB (67448954880 B)': the short size (rounded up) and the exact bytes."""
+    short = format_size(n, up=True)
+    return short if short.endswith(" B") else f"{short} ({n} B)"
+
+
+def format_size(n: float, up: bool = False) -> str:
+    """Bytes as a short binary size ('62.8 GiB'); `up` rounds up, so a printed budget is always enough."""
     for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
         if n >= scale:
-            return f"{n / scale:.1f} {unit}"
-    return f"{n} B"
+            value = math.ceil(n / scale * 10) / 10 if up else n / scale
+            return f"{value:.1f} {unit}"
+    return f"{int(n)} B"

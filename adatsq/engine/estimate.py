@@ -26,7 +26,8 @@ from typing import Any
 
 from torch import nn
 
-from adatsq.engine.schedule import LayerShape, Schedule, format_size, parse_size, schedule_for
+from adatsq.core.sizes import format_size, parse_size
+from adatsq.engine.schedule import LayerShape, Schedule, schedule_for
 from adatsq.errors import ConfigError
 from adatsq.models.layers import (
     AFTER,

@@ -21,6 +21,7 @@ from adatsq.calibrate.segments import SegmentMap
 from adatsq.core.sizes import format_size
 from adatsq.errors import CalibrationError, ConfigError
 from adatsq.models.base import ModelAdapter
+from adatsq.quant.workspace import gptq_workspace_bytes
 
 log = logging.getLogger(__name__)
 
@@ -31,9 +32,8 @@ def accumulator_bytes(linear: nn.Linear, segments: int) -> int:
 
 
 def solve_bytes(linear: nn.Linear) -> int:
-    """Peak working memory of one GPTQ solve (float64 copies of W and H, the inverse, its factor)."""
-    n, m = linear.in_features, linear.out_features
-    return 8 * (5 * n * n + 3 * m * n)
+    """Peak working memory of one GPTQ solve of this layer (measured: quant/workspace.py)."""
+    return gptq_workspace_bytes(linear.in_features, linear.out_features)
 
 
 @dataclass(frozen=True)

@@ -19,63 +19,18 @@ blocks' execution order, the number of timestep segments, a device budget and th
 
 from __future__ import annotations
 
-import math
-import re
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 
 from torch import nn
 
+from adatsq.core.sizes import exact_size, format_size
 from adatsq.errors import ConfigError
 from adatsq.models.layers import block_of, block_order, is_time_invariant, shared_input_groups
 from adatsq.quant.workspace import gptq_workspace_bytes
 
 ACCUMULATOR_DEVICE_BYTES = 4  # float32 XᵀX while a pass accumulates
 ACCUMULATOR_HOST_BYTES = 8  # float64 after folding on the host
-
-_UNITS = {
-    "": 1,
-    "b": 1,
-    "kb": 10**3,
-    "mb": 10**6,
-    "gb": 10**9,
-    "tb": 10**12,
-    "kib": 2**10,
-    "mib": 2**20,
-    "gib": 2**30,
-    "tib": 2**40,
-}
-_SIZE = re.compile(r"^\s*(?P<value>\d+(\.\d*)?|\.\d+)\s*(?P<unit>[a-zA-Z]*)\s*$")
-
-
-def parse_size(text: str | int) -> int:
-    """'768MiB' | '40GiB' | '1.5GB' | '123456' -> bytes (binary units are 1024-based, decimal 1000-based)."""
-    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
-        return text
-    match = _SIZE.match(str(text))
-    unit = match["unit"].lower() if match else ""
-    if not match or unit not in _UNITS:
-        raise ConfigError(
-            f"memory size {text!r} is not a size; write bytes with an optional unit "
-            f"({', '.join(u for u in ('KiB', 'MiB', 'GiB', 'TiB', 'KB', 'MB', 'GB', 'TB'))}), "
-            "e.g. 768MiB, 40GiB, 1.5GB or 123456"
-        )
-    return int(float(match["value"]) * _UNITS[unit])
-
-
-def exact_size(n: int) -> str:
-    """'62.9 GiB (67448954880 B)': the short size (rounded up) and the exact bytes."""
-    short = format_size(n, up=True)
-    return short if short.endswith(" B") else f"{short} ({n} B)"
-
-
-def format_size(n: float, up: bool = False) -> str:
-    """Bytes as a short binary size ('62.8 GiB'); `up` rounds up, so a printed budget is always enough."""
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= scale:
-            value = math.ceil(n / scale * 10) / 10 if up else n / scale
-            return f"{value:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 @dataclass(frozen=True)

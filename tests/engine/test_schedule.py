@@ -7,7 +7,8 @@ import random
 
 import pytest
 
-from adatsq.engine.schedule import LayerShape, build_schedule, format_size, parse_size
+from adatsq.core.sizes import format_size, parse_size
+from adatsq.engine.schedule import LayerShape, build_schedule
 from adatsq.errors import ConfigError
 
 
