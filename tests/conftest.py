@@ -13,6 +13,7 @@ import torch
 
 import adatsq
 from adatsq.checkpoint.save import QuantizedModel
+from adatsq.models.diffusers.tiny import build_tiny_pipeline
 from adatsq.models.reference.adapter import ReferenceAdapter
 from adatsq.models.reference.model import DigitsPipeline, build_scheduler, build_transformer
 from adatsq.recipe import Recipe, recipe_from_dict
@@ -67,5 +68,18 @@ def quantized_reference(
             qmodel.save(directory)
             built[method, bits] = (qmodel, directory)
         return built[method, bits]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """`tiny_pipeline_dir(family)`: folder of that family's tiny offline diffusers pipeline (saved once)."""
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = build_tiny_pipeline(family, tmp_path_factory.mktemp(family))
+        return built[family]
 
     return get
