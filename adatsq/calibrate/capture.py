@@ -13,6 +13,7 @@ from torch import nn
 
 from adatsq.calibrate.distributed import reduce_
 from adatsq.errors import CalibrationError
+from adatsq.models.layers import shared_input_groups
 
 
 def accumulate_hessian(H: torch.Tensor, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -53,8 +54,27 @@ class LayerStats:
         return self.xtx[segment] / max(int(self.tokens[segment]), 1)
 
 
+def distinct(stats: dict[str, LayerStats]) -> dict[str, LayerStats]:
+    """One entry per accumulator: layers that share an input share their LayerStats (first name kept)."""
+    seen: dict[int, str] = {}
+    return {seen.setdefault(id(st), name): st for name, st in stats.items() if id(st) not in seen}
+
+
+class _SharedInput:
+    """Layers that read one input tensor (q/k/v, ...): one accumulator, filled by whichever runs first."""
+
+    def __init__(self, members: tuple[str, ...], stats: LayerStats) -> None:
+        self.members, self.stats = members, stats
+        self.call = -1  # the denoiser call whose input was last accumulated
+        self.input: torch.Tensor | None = None
+
+
 class StatsCapture:
-    """Forward pre-hooks on the given layers; `segment` / `step` are set by the denoiser's pre-hook."""
+    """Forward pre-hooks on the given layers; `set_position` is called once per denoiser call.
+
+    Layers that read the same input tensor (models.layers.shared_input_groups) share one LayerStats:
+    its XᵀX is computed once per call, and every other member checks it really got that very tensor.
+    """
 
     def __init__(self, layers: dict[str, nn.Linear], segments: int) -> None:
         if not layers:
@@ -62,20 +82,25 @@ class StatsCapture:
         self.layers = layers
         self.segment = 0
         self.step = 0
-        self.stats = {  # on the layer's device: activations never leave the accelerator
-            name: LayerStats(
+        self.call = 0
+        self.groups: dict[str, _SharedInput] = {}
+        for members in shared_input_groups(list(layers)):
+            m = layers[members[0]]
+            stats = LayerStats(  # on the layer's device: activations never leave the accelerator
                 xtx=torch.zeros(
                     segments, m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device
                 ),
                 tokens=torch.zeros(segments, dtype=torch.int64, device=m.weight.device),
                 absmax=torch.zeros(segments, m.in_features, device=m.weight.device),
             )
-            for name, m in layers.items()
-        }
+            group = _SharedInput(members, stats)
+            self.groups.update(dict.fromkeys(members, group))
+        self.stats = {name: self.groups[name].stats for name in layers}
         self._handles: list = []
 
     def set_position(self, segment: int, step: int) -> None:
         self.segment, self.step = segment, step
+        self.call += 1
 
     def __enter__(self) -> StatsCapture:
         for name, module in self.layers.items():
@@ -86,18 +111,30 @@ class StatsCapture:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        for group in self.groups.values():
+            group.input = None
 
     def _hook_for(self, name: str):
-        stats = self.stats[name]
+        group = self.groups[name]
 
         def hook(module: nn.Module, args: tuple) -> None:
+            if len(group.members) > 1:
+                if group.call == self.call:  # a sibling already accumulated this call's input
+                    if not _same_tensor(args[0], group.input):
+                        raise CalibrationError(
+                            f"layers {list(group.members)} were expected to read one input tensor, but "
+                            f"{name!r} got another; this model needs its own sharing rule "
+                            "(adatsq.models.layers.shared_input_groups)"
+                        )
+                    return
+                group.call, group.input = self.call, args[0]
             x = args[0].detach()
             if not bool(torch.isfinite(x).all()):
                 raise CalibrationError(
                     f"non-finite (NaN/inf) activations enter layer {name!r} at sampler step {self.step}; "
                     "check the model's dtype / calibration inputs"
                 )
-            s = self.segment
+            stats, s = group.stats, self.segment
             _, n = accumulate_hessian(stats.xtx[s], 0, x)
             stats.tokens[s] += n
             stats.absmax[s] = accumulate_absmax(stats.absmax[s], x)
@@ -106,7 +143,7 @@ class StatsCapture:
 
     def finish(self) -> dict[str, LayerStats]:
         """The statistics summed over every process (max for channel maxima), checked to be filled."""
-        for stats in self.stats.values():
+        for stats in distinct(self.stats).values():
             reduce_(stats.xtx)
             reduce_(stats.tokens)
             reduce_(stats.absmax, op="max")
@@ -121,3 +158,14 @@ class StatsCapture:
                 f"{len(empty)} layer(s) never ran during calibration (e.g. {empty[0]!r}); "
                 "they are not on the sampling path: add them to the recipe's ignore list"
             )
+
+
+def _same_tensor(a: torch.Tensor, b: torch.Tensor | None) -> bool:
+    """The very same data (same storage, shape and strides), so the shared XᵀX is exact for both."""
+    return (
+        b is not None
+        and a.data_ptr() == b.data_ptr()
+        and a.shape == b.shape
+        and a.stride() == b.stride()
+        and a.dtype == b.dtype
+    )

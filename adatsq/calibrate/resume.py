@@ -16,7 +16,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from adatsq.calibrate.capture import LayerStats
+from adatsq.calibrate.capture import LayerStats, distinct
 from adatsq.calibrate.segments import SegmentMap
 from adatsq.core.io import atomic_write
 
@@ -50,7 +50,7 @@ def save_progress(path: Path, stats: dict[str, LayerStats], done: int, key: str)
     """Atomically write the partial sums after `done` batches of this process's shard."""
     tensors = {
         f"{name}::{f}": getattr(st, f).detach().cpu().contiguous()
-        for name, st in stats.items()
+        for name, st in distinct(stats).items()
         for f in FIELDS
     }
     atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"key": key, "done": str(done)}))
@@ -66,7 +66,7 @@ def load_progress(path: Path, stats: dict[str, LayerStats], key: str) -> int:
             if meta.get("key") != key:
                 log.warning("ignoring %s: it was written for other calibration settings", path)
                 return 0
-            for name, st in stats.items():
+            for name, st in distinct(stats).items():
                 for field in FIELDS:
                     getattr(st, field).copy_(f.get_tensor(f"{name}::{field}"))
             done = int(meta["done"])

@@ -21,6 +21,7 @@ from adatsq.calibrate.segments import SegmentMap
 from adatsq.core.sizes import format_size
 from adatsq.errors import CalibrationError, ConfigError
 from adatsq.models.base import ModelAdapter
+from adatsq.models.layers import shared_input_groups
 from adatsq.quant.workspace import gptq_workspace_bytes
 
 log = logging.getLogger(__name__)
@@ -38,40 +39,52 @@ def solve_bytes(linear: nn.Linear) -> int:
 
 @dataclass(frozen=True)
 class Pass:
-    layers: tuple[str, ...]  # in execution order; the last one is where replay stops
-    bytes: int  # accumulators of the pass + the largest solve among them
+    layers: tuple[str, ...]  # the layers solved after this pass (shared-input groups kept together)
+    stop_after: str  # replay stops after this layer: the last one whose group's input is still needed
+    bytes: int  # the pass's accumulators (one per shared input) + the largest solve among its layers
 
 
 def plan_passes(
     layers: dict[str, nn.Linear], order: Sequence[str], segments: int, budget: int | None
 ) -> list[Pass]:
-    """Consecutive groups of layers (in execution order) whose state fits `budget`; one pass without one."""
+    """Consecutive groups of accumulators (in execution order) whose state fits `budget`; one pass without.
+
+    Layers that read one input share one accumulator (models.layers.shared_input_groups), filled by the
+    member that runs first, so a group is placed and counted once, at that member.
+    """
     missing = [name for name in layers if name not in order]
     if missing:
         raise CalibrationError(
             f"{len(missing)} layer(s) never ran during calibration (e.g. {missing[0]!r}); "
             "they are not on the sampling path: add them to the recipe's ignore list"
         )
-    names = [name for name in order if name in layers]
+    position = {name: i for i, name in enumerate(order)}
+    groups = sorted(shared_input_groups(list(layers)), key=lambda g: min(position[n] for n in g))
 
-    def need(group: list[str]) -> int:
-        acc = sum(accumulator_bytes(layers[n], segments) for n in group)
-        return acc + max(solve_bytes(layers[n]) for n in group)
+    def need(units: list[tuple[str, ...]]) -> int:
+        acc = sum(accumulator_bytes(layers[g[0]], segments) for g in units)
+        return acc + max(solve_bytes(layers[n]) for g in units for n in g)
 
-    worst = max(names, key=lambda n: need([n]))
+    def make(units: list[tuple[str, ...]]) -> Pass:
+        first_reader = [min(g, key=position.__getitem__) for g in units]
+        return Pass(
+            tuple(n for g in units for n in g), max(first_reader, key=position.__getitem__), need(units)
+        )
+
+    worst = max(groups, key=lambda g: need([g]))
     if budget is not None and need([worst]) > budget:
         raise ConfigError(
-            f"the memory budget ({format_size(budget)}) is below what layer {worst!r} alone needs: "
+            f"the memory budget ({format_size(budget)}) is below what layer {worst[0]!r} alone needs: "
             f"{format_size(need([worst]))} for its statistics over {segments} segment(s) plus its solve; "
             f"the smallest feasible budget is {need([worst])} bytes"
         )
-    passes, group = [], []
-    for name in names:
-        if group and budget is not None and need([*group, name]) > budget:
-            passes.append(Pass(tuple(group), need(group)))
-            group = []
-        group.append(name)
-    passes.append(Pass(tuple(group), need(group)))
+    passes, units = [], []
+    for group in groups:
+        if units and budget is not None and need([*units, group]) > budget:
+            passes.append(make(units))
+            units = []
+        units.append(group)
+    passes.append(make(units))
     return passes
 
 
@@ -122,5 +135,5 @@ def budgeted_passes(
             "pass %d/%d: %d layers, %s", index + 1, len(passes), len(group.layers), format_size(group.bytes)
         )
         yield capture_pass(
-            adapter, recording, {n: layers[n] for n in group.layers}, segments, group.layers[-1], progress
+            adapter, recording, {n: layers[n] for n in group.layers}, segments, group.stop_after, progress
         )

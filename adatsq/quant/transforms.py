@@ -72,26 +72,42 @@ def _sylvester(n: int, dtype: torch.dtype, device: torch.device) -> Tensor:
 def rotate(x: Tensor, signs: Tensor | None = None) -> Tensor:
     """x R along the last dim, R = diag(signs) kron(I_m, H_b), H_b the orthonormal Sylvester Hadamard.
 
-    Runs in x's dtype (bf16 stays bf16) as a fast Walsh-Hadamard transform: H_b is the Kronecker product
-    of Sylvester blocks of at most 64, each applied as one small matmul, so the cost is a few passes over
-    x rather than log2(b) butterfly stages. Sylvester Hadamard matrices are symmetric, so the same call
-    also computes W R for a weight W.
+    Sylvester Hadamard matrices are symmetric, so the same call also computes W R for a weight W.
+    float32 / float64 run the exact butterfly (the numerics checkpoints and reports were made with);
+    half precisions run a fast matmul Walsh-Hadamard transform in their own dtype (the kernels' path).
     """
-    n = x.shape[-1]
-    b = hadamard_block_size(n)
-    lead = x.shape[:-1]
     y = x if signs is None else x * signs.to(x.dtype)
+    b = hadamard_block_size(x.shape[-1])
+    wht = _matmul_wht if x.dtype in (torch.float16, torch.bfloat16) else _butterfly
+    return (wht(y, b) / math.sqrt(b)).to(x.dtype)
+
+
+def _butterfly(y: Tensor, b: int) -> Tensor:
+    """Unnormalised WHT of every aligned run of `b` along the last dim, log2(b) add/subtract stages."""
+    n, lead = y.shape[-1], y.shape[:-1]
+    h = 1
+    while h < b:  # butterfly stage: pairs (i, i + h) inside each aligned run of 2h
+        y = y.reshape(*lead, n // (2 * h), 2, h)
+        y = torch.stack((y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]), dim=-2)
+        h *= 2
+    return y.reshape(*lead, n)
+
+
+def _matmul_wht(y: Tensor, b: int) -> Tensor:
+    """The same transform as Kronecker factors of Sylvester blocks of at most 64, one small matmul each:
+    a few passes over y instead of log2(b) stages."""
+    n, lead = y.shape[-1], y.shape[:-1]
     factors, last = [], b
     while last > _WHT_FACTOR:
         factors.append(_WHT_FACTOR)
         last //= _WHT_FACTOR
     # the last factor acts on the fastest-moving index: a right multiply
-    y = y.reshape(-1, last) @ _sylvester(last, x.dtype, x.device)
+    y = y.reshape(-1, last) @ _sylvester(last, y.dtype, y.device)
     inner = last
     for f in reversed(factors):  # each further factor acts on the next index up: a left multiply
-        y = torch.matmul(_sylvester(f, x.dtype, x.device), y.reshape(-1, f, inner))
+        y = torch.matmul(_sylvester(f, y.dtype, y.device), y.reshape(-1, f, inner))
         inner *= f
-    return (y.reshape(*lead, n) / math.sqrt(b)).to(x.dtype)
+    return y.reshape(*lead, n)
 
 
 def hadamard(n: int, seed: int | None = None, dtype: torch.dtype = torch.float32) -> Tensor:

@@ -54,3 +54,28 @@ def test_layers_that_never_ran_fail_loudly():
         capture.check_filled()
     with pytest.raises(CalibrationError, match="no Linear layer"):
         StatsCapture({}, segments=1)
+
+
+def test_layers_reading_one_input_share_one_accumulator():
+    q, k, other = nn.Linear(4, 3), nn.Linear(4, 5), nn.Linear(4, 2)
+    layers = {"blocks.0.attn.to_q": q, "blocks.0.attn.to_k": k, "blocks.0.ff.proj": other}
+    capture = StatsCapture(layers, segments=1)
+    assert capture.stats["blocks.0.attn.to_q"] is capture.stats["blocks.0.attn.to_k"]
+    assert capture.stats["blocks.0.ff.proj"] is not capture.stats["blocks.0.attn.to_q"]
+    x, y = torch.randn(6, 4), torch.randn(2, 4)
+    with capture:
+        for inputs in (x, y):
+            capture.set_position(0, 0)
+            q(inputs), k(inputs), other(inputs)
+    shared, alone = capture.stats["blocks.0.attn.to_q"], capture.stats["blocks.0.ff.proj"]
+    assert shared.tokens.tolist() == alone.tokens.tolist() == [8]  # counted once per call, not per layer
+    assert torch.equal(shared.xtx, alone.xtx)  # exactly what one layer alone accumulates
+
+
+def test_grouped_layers_that_read_different_tensors_are_refused():
+    q, k = nn.Linear(4, 3), nn.Linear(4, 3)
+    capture = StatsCapture({"blocks.0.attn.to_q": q, "blocks.0.attn.to_k": k}, segments=1)
+    with capture, pytest.raises(CalibrationError, match="expected to read one input tensor"):
+        capture.set_position(0, 0)
+        q(torch.randn(2, 4))
+        k(torch.randn(2, 4))
