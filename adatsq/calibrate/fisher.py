@@ -120,7 +120,7 @@ def fisher_weights(
         raise CalibrationError("the calibration set is empty; Fisher weights need at least one input")
     total, method = torch.zeros(num_steps, dtype=torch.float64), "gradient"
     for i, chunk in tqdm(
-        shard(batches(inputs, batch_size)), desc="fisher", unit="batch", disable=not progress
+        shard(batches(inputs, batch_size)), desc="fisher", unit="batch", disable=None if progress else True
     ):
         per_step = (
             _gradient_sensitivity(adapter, chunk, seed + i, num_steps) if method == "gradient" else None

@@ -100,7 +100,10 @@ def record_calls(
     try:
         with torch.no_grad():
             for i, chunk in tqdm(
-                shard(batches(inputs, batch_size)), desc="recording", unit="batch", disable=not progress
+                shard(batches(inputs, batch_size)),
+                desc="recording",
+                unit="batch",
+                disable=None if progress else True,
             ):
                 position["batch"] = i
                 adapter.generate(chunk, seed=seed + i, num_steps=len(segments.timesteps))
@@ -132,7 +135,9 @@ def replay(
     handle = stop_after.register_forward_hook(stop) if stop_after is not None else None
     try:
         with torch.no_grad():
-            for call in tqdm(recording.calls, desc=desc, unit="call", disable=not progress, leave=False):
+            for call in tqdm(
+                recording.calls, desc=desc, unit="call", disable=None if progress else True, leave=False
+            ):
                 on_call(call)
                 with contextlib.suppress(_StopReplay):
                     denoiser(*_device_copy(call.args, device), **_device_copy(call.kwargs, device))

@@ -58,7 +58,7 @@ def collect_stats(
                 mine[done:],
                 desc="calibrating",
                 unit="batch",
-                disable=not progress,
+                disable=None if progress else True,
                 initial=done,
                 total=len(mine),
             )

@@ -37,6 +37,26 @@ def solve_bytes(linear: nn.Linear) -> int:
     return gptq_workspace_bytes(linear.in_features, linear.out_features)
 
 
+def group_bytes(layers: dict[str, nn.Linear], group: tuple[str, ...], segments: int) -> int:
+    """One accumulator per shared input: the group's members read the same tensor."""
+    return accumulator_bytes(layers[group[0]], segments)
+
+
+def check_budget(layers: dict[str, nn.Linear], segments: int, budget: int) -> None:
+    """Before any work: the budget must hold the largest single accumulator plus its solve."""
+
+    def alone(group: tuple[str, ...]) -> int:
+        return group_bytes(layers, group, segments) + max(solve_bytes(layers[n]) for n in group)
+
+    worst = max(shared_input_groups(list(layers)), key=alone)
+    if alone(worst) > budget:
+        raise ConfigError(
+            f"the memory budget ({format_size(budget)}) is below what layer {worst[0]!r} alone needs: "
+            f"{format_size(alone(worst))} for its statistics over {segments} segment(s) plus its solve; "
+            f"the smallest feasible budget is {alone(worst)} bytes"
+        )
+
+
 @dataclass(frozen=True)
 class Pass:
     layers: tuple[str, ...]  # the layers solved after this pass (shared-input groups kept together)
@@ -62,8 +82,9 @@ def plan_passes(
     groups = sorted(shared_input_groups(list(layers)), key=lambda g: min(position[n] for n in g))
 
     def need(units: list[tuple[str, ...]]) -> int:
-        acc = sum(accumulator_bytes(layers[g[0]], segments) for g in units)
-        return acc + max(solve_bytes(layers[n]) for g in units for n in g)
+        return sum(group_bytes(layers, g, segments) for g in units) + max(
+            solve_bytes(layers[n]) for g in units for n in g
+        )
 
     def make(units: list[tuple[str, ...]]) -> Pass:
         first_reader = [min(g, key=position.__getitem__) for g in units]
@@ -71,13 +92,8 @@ def plan_passes(
             tuple(n for g in units for n in g), max(first_reader, key=position.__getitem__), need(units)
         )
 
-    worst = max(groups, key=lambda g: need([g]))
-    if budget is not None and need([worst]) > budget:
-        raise ConfigError(
-            f"the memory budget ({format_size(budget)}) is below what layer {worst[0]!r} alone needs: "
-            f"{format_size(need([worst]))} for its statistics over {segments} segment(s) plus its solve; "
-            f"the smallest feasible budget is {need([worst])} bytes"
-        )
+    if budget is not None:
+        check_budget(layers, segments, budget)
     passes, units = [], []
     for group in groups:
         if units and budget is not None and need([*units, group]) > budget:
@@ -121,6 +137,7 @@ def budgeted_passes(
     progress: bool,
 ) -> Iterator[dict[str, LayerStats]]:
     """Record once, then yield the statistics of one group of layers at a time (freed when dropped)."""
+    check_budget(layers, segments.count, budget)
     recording = record_calls(adapter, segments, inputs, batch_size=batch_size, seed=seed, progress=progress)
     passes = plan_passes(layers, recording.linear_order, segments.count, budget)
     log.info(

@@ -62,7 +62,7 @@ def solve_candidates(
     everywhere = torch.ones(calibration.segments.count, dtype=torch.bool)
     variants: dict[str, dict[int, Variant]] = {}
     for name, linear in tqdm(
-        calibration.layers.items(), desc="candidates", unit="layer", disable=not progress
+        calibration.layers.items(), desc="candidates", unit="layer", disable=None if progress else True
     ):
         hessian, absmax = variant_statistics(calibration.stats[name], everywhere, weights)
         spec = LayerSpec((bits[0],), recipe.weight.group_size, recipe.weight.symmetric)

@@ -69,7 +69,7 @@ def quantize(
     timings: dict[str, float] = {"calibration_seconds": 0.0, "quantize_seconds": 0.0}
     variants: dict[str, dict[int, Variant]] = {}
     layer_reports: dict[str, dict[str, dict[str, float]]] = {}
-    bar = tqdm(total=len(layers), desc="quantizing", unit="layer", disable=not progress)
+    bar = tqdm(total=len(layers), desc="quantizing", unit="layer", disable=None if progress else True)
     clock = time.perf_counter()
     if not needs_stats:
         stats = dict.fromkeys(layers)  # round-to-nearest without smoothing: no calibration at all

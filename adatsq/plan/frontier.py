@@ -168,7 +168,7 @@ def sweep(
         raise PlanError(f"a sweep needs budgets of one kind, got {sorted(kinds)}; sweep each kind separately")
     search = METHODS.get(method)
     results = []
-    for budget in tqdm(budgets, desc=f"{method} sweep", disable=not progress):
+    for budget in tqdm(budgets, desc=f"{method} sweep", disable=None if progress else True):
         results.append(search(problem, budget, config, measure))
         log.info("%s %s: %s in %.2fs", method, budget, results[-1].metrics, results[-1].search_seconds)
     return build_frontier(results, kinds.pop(), method)
