@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import difflib
+import re
+
 from torch import nn
 
 from adatsq.checkpoint.format import LayerSpec
 from adatsq.engine.solve import Variant
-from adatsq.errors import CalibrationError
+from adatsq.errors import CalibrationError, ConfigError
 from adatsq.models.base import ModelAdapter
 from adatsq.quant.linear import TimestepQuantLinear
 from adatsq.quant.scheme import ActScheme
@@ -18,14 +21,28 @@ def effective_ignore(adapter: ModelAdapter, recipe: Recipe) -> tuple[str, ...]:
     return tuple(adapter.default_ignore()) if recipe.ignore is None else recipe.ignore
 
 
+def check_patterns(kind: str, patterns: tuple[str, ...], names: list[str]) -> None:
+    """Nothing fails open: every pattern a user wrote must match at least one layer name."""
+    for pattern in patterns:
+        if not any(re.search(pattern, name) for name in names):
+            close = difflib.get_close_matches(
+                re.sub(r"[\\^$.*+?()\[\]{}|]", "", pattern), names, n=3, cutoff=0
+            )
+            raise ConfigError(
+                f"{kind} pattern {pattern!r} matches no Linear layer of the denoiser (regexes, searched in "
+                f"module names; closest: {', '.join(close)}); fix it or run `adatsq inspect MODEL`"
+            )
+
+
 def select_layers(adapter: ModelAdapter, recipe: Recipe) -> dict[str, nn.Linear]:
-    """Linear layers the recipe targets; none matching is an error (a phase that did nothing)."""
+    """Linear layers the recipe targets; a pattern or a selection that matches nothing is an error."""
     ignore = effective_ignore(adapter, recipe)
-    layers = {
-        n: m
-        for n, m in adapter.denoiser().named_modules()
-        if isinstance(m, nn.Linear) and recipe.selects(n, ignore)
-    }
+    linears = {n: m for n, m in adapter.denoiser().named_modules() if isinstance(m, nn.Linear)}
+    check_patterns("targets", recipe.targets, list(linears))
+    if recipe.ignore is not None:  # the family's defaults cover several families: only the user's are checked
+        check_patterns("ignore", recipe.ignore, list(linears))
+    check_patterns("planner.pin", recipe.planner.pin, list(linears))
+    layers = {n: m for n, m in linears.items() if recipe.selects(n, ignore)}
     if not layers:
         raise CalibrationError(
             f"no Linear layer matches targets {list(recipe.targets)} minus ignore {list(ignore)}; "

@@ -1,6 +1,7 @@
 """engine/uniform.py and engine/surgery.py: which layers get quantized, into what, and with which bits."""
 
 import re
+from dataclasses import replace
 
 import pytest
 import torch
@@ -9,7 +10,8 @@ from torch import nn
 import adatsq.engine.uniform
 from adatsq.engine.surgery import select_layers
 from adatsq.engine.uniform import quantize
-from adatsq.errors import CalibrationError
+from adatsq.errors import CalibrationError, ConfigError
+from adatsq.models.resolve import adapter_for
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear
 from adatsq.quant.rtn import rtn
 from adatsq.quant.scheme import WeightScheme
@@ -97,7 +99,18 @@ def test_plan_bits_per_segment_build_switching_layers(tiny_adapter, make_recipe)
 
 
 def test_select_layers_fails_loudly_when_nothing_matches(tiny_adapter, make_recipe):
-    with pytest.raises(CalibrationError, match=r"no Linear layer matches targets \['nothing_here'\]"):
+    with pytest.raises(ConfigError, match=r"targets pattern 'nothing_here' matches no Linear layer"):
         select_layers(tiny_adapter(), make_recipe("rtn", targets=["nothing_here"]))
     with pytest.raises(CalibrationError, match="adatsq inspect"):  # everything targeted is ignored
         select_layers(tiny_adapter(), make_recipe("rtn", ignore=[".*"]))
+
+
+@pytest.mark.parametrize(
+    "field, patterns",
+    [("targets", [r"transformer_blocks\.0\.attn1\.to_q", "re:.*proj_out.*"]), ("ignore", ["proj_out_3"])],
+)
+def test_a_pattern_that_matches_nothing_is_an_error(make_recipe, field, patterns):
+    """Nothing fails open: llm-compressor's 're:' prefix or a typo would otherwise quantize every layer."""
+    recipe = replace(make_recipe(method="rtn"), **{field: tuple(patterns)})
+    with pytest.raises(ConfigError, match=rf"{field} pattern '{re.escape(patterns[-1])}' matches no Linear"):
+        select_layers(adapter_for("reference"), recipe)
