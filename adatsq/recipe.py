@@ -107,11 +107,16 @@ class PlannerConfig:
         for name in ("beam_width", "proposals_per_stage", "fisher_samples", "measure_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"planner.{name} must be >= 1, got {getattr(self, name)}")
+        object.__setattr__(self, "pin", _strip_re(self.pin))
         for pattern in self.pin:
             _check_regex(pattern)
 
     def pins(self, name: str) -> bool:
         return any(re.search(p, name) for p in self.pin)
+
+
+def _strip_re(patterns: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(p[3:] if p.startswith("re:") else p for p in patterns)
 
 
 def _check_regex(pattern: str) -> None:
@@ -140,6 +145,10 @@ class Recipe:
 
     def __post_init__(self) -> None:
         QUANT_METHODS.get(self.method)  # an unknown method is a ConfigError naming the registered ones
+        # llm-compressor marks regexes with 're:'; every pattern here is a regex, so the prefix is dropped
+        object.__setattr__(self, "targets", _strip_re(self.targets))
+        if self.ignore is not None:
+            object.__setattr__(self, "ignore", _strip_re(self.ignore))
         for pattern in (*self.targets, *(self.ignore or ())):
             _check_regex(pattern)
 
@@ -153,6 +162,9 @@ class Recipe:
 
 
 def recipe_from_dict(data: object, where: str = "recipe") -> Recipe:
+    """`activation: null` means activations stay float (as `activation: {bits: null}`)."""
+    if isinstance(data, dict) and "activation" in data and data["activation"] is None:
+        data = {**data, "activation": {}}
     return from_mapping(Recipe, data, where)
 
 

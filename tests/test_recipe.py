@@ -59,3 +59,19 @@ def test_targets_and_ignore_select_layers():
     assert recipe.selects("transformer_blocks.0.attn1.to_q")
     assert not recipe.selects("transformer_blocks.0.attn1.to_out.0")
     assert not recipe.selects("transformer_blocks.0.ff.net.2")
+
+
+def test_llm_compressor_vocabulary_that_means_the_same():
+    recipe = recipe_from_dict(
+        {
+            "method": "gptq",
+            "weight": {"bits": 4},
+            "activation": None,
+            "targets": ["re:.*attn.*"],
+            "ignore": ["re:proj_out"],
+            "planner": {"pin": ["re:norm1"]},
+        }
+    )
+    assert recipe.activation.bits is None  # `activation: null` = float activations, as the README says
+    assert (recipe.targets, recipe.ignore, recipe.planner.pin) == ((".*attn.*",), ("proj_out",), ("norm1",))
+    assert recipe.selects("blocks.0.attn.to_q") and not recipe.selects("blocks.0.ff.net.2")
