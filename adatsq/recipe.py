@@ -17,6 +17,8 @@ from adatsq.quant.methods import QUANT_METHODS
 from adatsq.quant.scheme import WEIGHT_BITS, ActScheme, WeightScheme
 from adatsq.quant.transforms import TransformScheme
 
+MAX_COUNT = 10**7  # samples / steps / batch size beyond this are typos, not calibration runs
+
 
 @dataclass(frozen=True)
 class CalibrationConfig:
@@ -39,8 +41,10 @@ class CalibrationConfig:
         if self.max_memory is not None:
             parse_size(self.max_memory)  # a malformed size is an error at construction
         for name in ("samples", "steps", "batch_size", "segments"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"calibration.{name} must be >= 1, got {getattr(self, name)}")
+            if not 1 <= getattr(self, name) <= MAX_COUNT:
+                raise ConfigError(f"calibration.{name} must be in 1..{MAX_COUNT}, got {getattr(self, name)}")
+        if not 0 <= self.seed < 2**63:
+            raise ConfigError(f"calibration.seed must be in 0..2**63-1 (a torch seed), got {self.seed}")
         if self.segments > self.steps:
             raise ConfigError(
                 f"calibration.segments ({self.segments}) cannot exceed calibration.steps ({self.steps})"
@@ -174,7 +178,13 @@ def load_recipe(path: str | Path) -> Recipe:
     if not path.is_file():
         raise ConfigError(f"recipe file {str(path)!r} not found; shipped recipes live in recipes/")
     try:
-        data = yaml.safe_load(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ConfigError(
+            f"recipe {str(path)!r} is not UTF-8 text (bad byte at offset {err.start}); save it as UTF-8"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
     return recipe_from_dict(data, where=f"recipe {path.name}")

@@ -75,3 +75,21 @@ def test_llm_compressor_vocabulary_that_means_the_same():
     assert recipe.activation.bits is None  # `activation: null` = float activations, as the README says
     assert (recipe.targets, recipe.ignore, recipe.planner.pin) == ((".*attn.*",), ("proj_out",), ("norm1",))
     assert recipe.selects("blocks.0.attn.to_q") and not recipe.selects("blocks.0.ff.net.2")
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("méthode: gptq\n".encode("latin-1"), "not UTF-8 text"),
+        (
+            b"method: gptq\nweight: {bits: 4}\ncalibration: {samples: 99999999999999999999}\n",
+            "samples must be",
+        ),
+        (b"method: gptq\nweight: {bits: 4}\ncalibration: {seed: 18446744073709551616}\n", "seed must be"),
+    ],
+)
+def test_unreadable_or_absurd_recipes_are_one_clear_error(tmp_path, content, message):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=message):
+        load_recipe(path)

@@ -35,6 +35,21 @@ def parse_dtype(name: str | None) -> torch.dtype | None:
     return DTYPES[name]
 
 
+def parse_device(name: str | None) -> str | None:
+    """A torch device this machine has ('cpu', 'cuda', 'cuda:1', ...); None keeps the default (cpu)."""
+    if name is None:
+        return None
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} was asked for but this machine has no CUDA GPU; use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r} is not supported; use cpu, cuda or cuda:N")
+    return name
+
+
 def adapter_class(family: str) -> type[ModelAdapter]:
     """The registered adapter of a checkpoint's model family."""
     if family not in ADAPTERS.names():
@@ -51,7 +66,7 @@ def adapter_for(model: Any, *, dtype: str | None = None, device: str | None = No
     """
     if isinstance(model, ModelAdapter):
         return model
-    torch_dtype = parse_dtype(dtype)
+    torch_dtype, device = parse_dtype(dtype), parse_device(device)
     for family in RESOLUTION_ORDER:
         adapter = family.open(model, torch_dtype, device)
         if adapter is not None:

@@ -85,3 +85,13 @@ def test_adapter_class_of_a_checkpoint_family():
         CheckpointError, match=r"unknown model family 'flux'.*supported: diffusers, reference, umm"
     ):
         adapter_class("flux")
+
+
+@pytest.mark.parametrize(
+    "device, message", [("tpu", "not a torch device|not supported"), ("cuda", "no CUDA GPU")]
+)
+def test_devices_this_machine_cannot_use_are_refused(device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(ConfigError, match=message):
+        adapter_for("reference", device=device)
