@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN = $(VENV)/bin
 STAMP = $(VENV)/.adatsq-installed
 
-.PHONY: setup demo test test-slow lint
+.PHONY: setup demo test test-slow lint bench-venv
 
 setup: $(STAMP)
 
@@ -29,3 +29,12 @@ test-slow: setup
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# The kernel benchmark's own venv: peer libraries (torchao, optimum-quanto) never enter the project's.
+bench-venv: .bench-venv/.installed
+
+.bench-venv/.installed: pyproject.toml
+	$(PYTHON) -m venv .bench-venv
+	.bench-venv/bin/python -m pip install --quiet torch==2.13.0
+	.bench-venv/bin/python -m pip install --quiet torchao==0.18.0 optimum-quanto==0.2.7 -e .
+	touch .bench-venv/.installed

@@ -37,16 +37,20 @@ def quantize(
     return run(model, recipe, calibration, plan=plan, progress=progress, resume=resume)
 
 
-def load(directory: Any, token_reduction: str | None = None, keep: float = 0.5) -> Any:
+def load(directory: Any, token_reduction: str | None = None, keep: float = 0.5, *, dtype: Any = None) -> Any:
     """Load a checkpoint folder written by `adatsq quantize`: the pipeline (or model), ready to sample.
 
-    A unified model comes back as a `UnifiedModel` (understanding + generation); `token_reduction`
-    (e.g. "g2tr") with `keep` reduces its understanding tokens.
+    `dtype` (torch.bfloat16, or "bfloat16") casts the denoiser and the pipeline's components to it;
+    every quantized layer's kernel layout is derived for inputs of that dtype (float32 when None) at
+    load, so the first sampling step does not pay for it. A unified model comes back as a
+    `UnifiedModel` (understanding + generation); `token_reduction` (e.g. "g2tr") with `keep` reduces
+    its understanding tokens.
     """
-    from adatsq.checkpoint.load import load_checkpoint
+    from adatsq.checkpoint.load import cast_for_inference, load_checkpoint
     from adatsq.models.umm.adapter import UMMGenerationAdapter
 
     adapter, _ = load_checkpoint(directory)
+    cast_for_inference(adapter, dtype)
     if token_reduction is None and not isinstance(adapter, UMMGenerationAdapter):
         return adapter.user_model()
     from adatsq.tokens.umm.unified import with_token_reduction

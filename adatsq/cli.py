@@ -131,6 +131,11 @@ def _eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("checkpoint", type=Path)
     p.add_argument("--samples", type=int, default=100, help="samples from each model (default 100)")
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        help="run both models in this dtype; adds the keys dtype and bf16_seconds (float model in bf16)",
+    )
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
     p.set_defaults(handler=run_eval)
 
@@ -141,7 +146,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {args.samples}")
-    metrics = evaluate_checkpoint(args.checkpoint, samples=args.samples, seed=args.seed)
+    metrics = evaluate_checkpoint(args.checkpoint, samples=args.samples, seed=args.seed, dtype=args.dtype)
     if args.json:
         print(json.dumps(metrics))
     else:

@@ -51,6 +51,19 @@ def test_eval_json_has_exactly_the_documented_keys(checkpoint, capsys):
     assert metrics["avg_bits"] == 4.0 and metrics["psnr_db"] > 15 and 0 < metrics["ssim"] <= 1
 
 
+def test_eval_dtype_adds_bf16_seconds(checkpoint, capsys):
+    assert main(["eval", str(checkpoint), "--samples", "2", "--json", "--dtype", "bfloat16"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert len(metrics) == 11 and metrics["dtype"] == "bfloat16"
+    assert metrics["bf16_seconds"] == metrics["fp_seconds"]
+
+
+def test_inspect_has_a_kernel_column(checkpoint, capsys):
+    assert main(["inspect", str(checkpoint)]) == 0
+    out = capsys.readouterr().out
+    assert "kernel (cpu, float32)" in out and "fake-a8" in out
+
+
 def test_eval_in_a_fresh_process(checkpoint):
     result = run_cli("eval", str(checkpoint), "--samples", "2", "--json")
     assert result.returncode == 0, result.stderr

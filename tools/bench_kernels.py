@@ -1,6 +1,6 @@
 """Benchmark of the quantized-layer kernels at real DiT shapes against bf16 and the CPU peers; end to end.
 
-    .bench-venv/bin/python tools/bench_kernels.py       # writes reports/kernels.json and reports/kernels.md
+    make bench-venv && .bench-venv/bin/python tools/bench_kernels.py   # reports/kernels.{json,md}
 
 The peers live in the benchmark's own venv (python3 -m venv .bench-venv; pip install torch==2.13.0, then
 torchao==0.18.0 optimum-quanto==0.2.7 diffusers transformers ... and -e .); a missing peer is skipped
@@ -8,8 +8,9 @@ with the reason. What it measures, every number from one process with pinned thr
 1. Linear layers at Flux / Wan-1.3B / Z-Image shapes x 256/1024/4096 tokens: fp32, bf16, ours
    (W8A8, W4A8 per channel with weights unpacked per call or cached, W4A8 group 64 as shipped, W4A16
    group 64 cached or per call), the aten 4-bit CPU ops, torchao and quanto. Repeats are interleaved
-   (round r times every method once), medians reported; a method slower than 4x bf16 on its first call
-   is timed once. Resident weight bytes include the kernel layouts our layers derive.
+   (round r times every method once), the fastest reported (medians too, in the JSON); a method
+   slower than 4x bf16 on its first call is timed once. Resident weight bytes include the kernel
+   layouts our layers derive.
 2. ours vs the reference dequantize path on every format at 256 tokens: max |difference|.
 3. end to end: the shipped reference DiT (gptq-w8a8 / gptq-w4a8 recipes, quantized through
    adatsq.quantize) sampled in fp32 and bf16 with the kernels and with the reference path, at a small
@@ -23,9 +24,7 @@ import argparse
 import copy
 import gc
 import io
-import json
 import os
-import platform
 import resource
 import statistics
 import sys
@@ -36,14 +35,27 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from bench.common import (
+    ROOT,
+    add_common_arguments,
+    machine_info,
+    machine_line,
+    pin_threads,
+    read_report,
+    table,
+    timed,
+    versions,
+    write_markdown,
+    write_report,
+)
 from torch import nn
 
+from adatsq.eval.metrics import psnr as batch_psnr
 from adatsq.quant.kernels import KernelPolicy
 from adatsq.quant.linear import QuantLinear, prepare_kernels, set_kernel_policy
 from adatsq.quant.rtn import rtn
 from adatsq.quant.scheme import ActScheme, WeightScheme
 
-ROOT = Path(__file__).resolve().parent.parent
 SHAPES = (
     ("flux attn 3072->3072", 3072, 3072),
     ("flux mlp up 3072->12288", 3072, 12288),
@@ -55,6 +67,8 @@ SHAPES = (
 )
 TOKENS = (256, 1024, 4096)
 SLOW = 4.0  # a method this many times slower than bf16 on its first call is timed once
+REPEATS = {256: 3, 1024: 3, 4096: 2}  # timed rounds per token count (interleaved)
+WARM_MACS = 2e10  # tokens x in x out above which no warm-up round is spent (the largest calls)
 # ours: (label, weight scheme, act bits, kernel policy)
 OURS = (
     ("ours W8A8", WeightScheme(8, None, True), 8, KernelPolicy()),
@@ -71,25 +85,16 @@ OURS = (
 )
 
 
-def versions() -> dict[str, str]:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for name in ("torchao", "optimum.quanto", "diffusers"):
+def peer_versions() -> dict[str, str]:
+    """The peers' versions (the shared `versions()` has torch, diffusers, the commit)."""
+    out = {}
+    for name in ("torchao", "optimum.quanto"):
         try:
             module = __import__(name, fromlist=["__version__"])
             out[name] = getattr(module, "__version__", "?")
         except ImportError as err:
             out[name] = f"absent ({err})"
     return out
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def cpu_flags() -> list[str]:
@@ -199,6 +204,41 @@ PROBE_ONLY = (
 )  # ~100x slower than bf16 here: first shape, 256 tokens
 
 
+def time_methods(
+    methods: dict[str, tuple[Callable, int, str]],
+    xs: dict[str, torch.Tensor],
+    ref: torch.Tensor,
+    reps: int,
+    warm: bool,
+) -> tuple[dict[str, list[float]], set[str], dict[str, float]]:
+    """Interleaved rounds (every method once per round, bf16 first): seconds per method, the methods
+    timed once (slower than SLOW x bf16 on their first call) and the relative error against `ref` of
+    each method's first output (no extra round just for the errors).
+
+    Small calls get a warm-up round that is thrown away; calls above WARM_MACS multiply-accumulates
+    (seconds each; the same layer already ran at fewer tokens) are timed from the first round on."""
+    times: dict[str, list[float]] = {name: [] for name in methods}
+    once: set[str] = set()
+    err: dict[str, float] = {}
+    ref_norm = ref.norm()
+    with torch.no_grad():
+        for r in range(reps + int(warm)):
+            for name, (fn, _, tag) in methods.items():
+                if name in once:
+                    continue
+                y, elapsed = timed(lambda fn=fn, tag=tag: fn(xs[tag]))
+                if r == 0:
+                    err[name] = float((y.float() - ref).norm() / ref_norm)
+                    if name != "bf16" and elapsed > SLOW * times["bf16"][0]:
+                        once.add(name)
+                del y
+                if r > 0 or name in once or name == "bf16" or not warm:
+                    times[name].append(elapsed)
+    if warm:
+        times["bf16"] = times["bf16"][1:]  # its warm-up only served as the yardstick above
+    return times, once, err
+
+
 def bench_shape(
     label: str, K: int, N: int, tokens: tuple[int, ...], reps: dict[int, int], probe: bool
 ) -> dict[str, Any]:
@@ -228,23 +268,13 @@ def bench_shape(
         if not (probe and m_tokens == tokens[0]):
             for name in PROBE_ONLY:
                 methods.pop(name, None)
-        times: dict[str, list[float]] = {name: [] for name in methods}
-        once: set[str] = set()
+        warm = m_tokens * K * N <= WARM_MACS
         with torch.no_grad():
-            for r in range(reps[m_tokens] + 1):  # round 0 is the warm-up, kept only for methods timed once
-                for name, (fn, _, tag) in methods.items():
-                    if name in once:
-                        continue
-                    start = time.perf_counter()
-                    fn(xs[tag])
-                    elapsed = time.perf_counter() - start
-                    if r == 0 and name != "bf16" and elapsed > SLOW * times["bf16"][0]:
-                        once.add(name)
-                    if r > 0 or name in once or name == "bf16":
-                        times[name].append(elapsed)
-            times["bf16"] = times["bf16"][1:]  # its warm-up only served as the yardstick above
-            med = {n: statistics.median(t) for n, t in times.items()}
             ref32 = lin(x32)
+        times, once, err = time_methods(methods, xs, ref32, reps.get(m_tokens, 1), warm)
+        best = {n: min(t) for n, t in times.items()}  # the least-disturbed call on a shared machine
+        med = {n: statistics.median(t) for n, t in times.items()}
+        with torch.no_grad():
             diffs = {}
             if m_tokens == tokens[0]:
                 for name, layer in ours.items():
@@ -257,20 +287,19 @@ def bench_shape(
                             (layer(x32) - layer.reference_forward(x32)).abs().max()
                         ),
                     }
-            err = {}
-            for name, (fn, _, tag) in methods.items():
-                y = fn(xs[tag]).float()
-                err[name] = float((y - ref32).norm() / ref32.norm())
         rows[str(m_tokens)] = {
-            "ms": {n: round(v * 1e3, 3) for n, v in med.items()},
-            "vs_bf16": {n: round(med["bf16"] / v, 3) for n, v in med.items()},
+            "ms": {n: round(v * 1e3, 3) for n, v in best.items()},
+            "vs_bf16": {n: round(best["bf16"] / v, 3) for n, v in best.items()},
+            "ms_median": {n: round(v * 1e3, 3) for n, v in med.items()},
+            "vs_bf16_median": {n: round(med["bf16"] / v, 3) for n, v in med.items()},
             "timed_once": sorted(once),
             "rel_error_vs_fp32": {n: round(v, 5) for n, v in err.items()},
-            "repeats": reps[m_tokens],
+            "repeats": reps.get(m_tokens, 1),
+            "warm_up_round": warm,
             **({"ours_vs_reference": diffs} if diffs else {}),
         }
         print(
-            f"  {label} M={m_tokens}: " + ", ".join(f"{n}={v * 1e3:.1f}ms" for n, v in med.items()),
+            f"  {label} M={m_tokens}: " + ", ".join(f"{n}={v * 1e3:.1f}ms" for n, v in best.items()),
             flush=True,
         )
     return {
@@ -287,18 +316,15 @@ def bench_shape(
 # ----------------------------------------------------------------------------- end to end
 
 
-def timed(fn: Callable[[], Any], reps: int) -> tuple[Any, float]:
-    out, times = None, []
-    for _ in range(reps):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return out, statistics.median(times)
+def median_timed(fn: Callable[[], Any], reps: int) -> tuple[Any, float]:
+    """(last fn(), median wall seconds of `reps` calls)."""
+    runs = [timed(fn) for _ in range(reps)]
+    return runs[-1][0], statistics.median(sec for _, sec in runs)
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a.float().clamp(-1, 1) - b.float().clamp(-1, 1)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(4.0 / mse)).item()
+    """PSNR in dB of samples in [-1, 1] (clamped), the metric of `adatsq eval`."""
+    return batch_psnr(a.float().clamp(-1, 1), b.float().clamp(-1, 1))
 
 
 def reference_dit(batches: tuple[int, ...], reps: int) -> dict[str, Any]:
@@ -331,7 +357,7 @@ def reference_dit(batches: tuple[int, ...], reps: int) -> dict[str, Any]:
 
                 with torch.no_grad():
                     adapter.generate(labels, seed=0, num_steps=2)  # warm-up
-                    sample, seconds = timed(draw, reps)
+                    sample, seconds = median_timed(draw, reps)
                 entry: dict[str, Any] = {
                     "seconds": round(seconds, 3),
                     "kernels": sorted(set(kernels.values())),
@@ -339,7 +365,7 @@ def reference_dit(batches: tuple[int, ...], reps: int) -> dict[str, Any]:
                 if kernels:
                     set_kernel_policy(denoiser, KernelPolicy(enabled=False))
                     with torch.no_grad():
-                        ref_sample, ref_seconds = timed(draw, 1)
+                        ref_sample, ref_seconds = median_timed(draw, 1)
                     set_kernel_policy(denoiser, KernelPolicy())
                     entry["reference_path_seconds"] = round(ref_seconds, 3)
                     entry["max_abs_vs_reference_path"] = float(
@@ -407,7 +433,7 @@ def flux_block(img_tokens: int, txt_tokens: int, reps: int) -> dict[str, Any]:
             k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in inputs.items()
         }
         with torch.no_grad():
-            return timed(lambda: m(**cast)[0].float(), reps)
+            return median_timed(lambda: m(**cast)[0].float(), reps)
 
     ref, results["fp32"] = None, {}
     ref, seconds = run(model, torch.float32)
@@ -468,6 +494,8 @@ def goals(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ratios = [
             shape["tokens"][t]["vs_bf16"][name] for shape in layers for t in shape["tokens"] if int(t) >= 1024
         ]
+        if not ratios:
+            continue
         out.append(
             {
                 "goal": goal,
@@ -502,26 +530,33 @@ def goals(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def table(header: list[str], rows: list[list[Any]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
-        "| " + " | ".join(str(c) for c in row) + " |" for row in rows
-    ]
-
-
 def markdown(report: dict[str, Any]) -> str:
     m = report["machine"]
+    flags = ", ".join(m["cpu_flags"]) or "none"
+    amx = "AMX present" if any(f.startswith("amx") for f in m["cpu_flags"]) else "no AMX on this machine"
+    done = "; ".join(report.get("done", [])) or "nothing yet"
+    status = (
+        [f"**PARTIAL REPORT**: the run has not finished (written after: {done}).", ""]
+        if report.get("partial")
+        else []
+    )
     lines = [
         "# Quantized-layer kernels: speed against bf16 and the CPU peers",
         "",
-        f"Generated by `tools/bench_kernels.py` on {m['cpu']} (flags: {', '.join(m['flags']) or 'none'}; "
-        f"no AMX on this machine), {m['threads']} torch thread(s), load average at start "
-        f"{m['load_start']} / end {m['load_end']}, total {report['seconds']:.0f} s. Versions: "
+        *status,
+        f"Generated by `tools/bench_kernels.py` on {machine_line(m)} ({m.get('threads_reason', '')}); "
+        f"CPU flags: {flags} ({amx}). Load average at start {m['load_average_at_start']}, at the last "
+        f"write {report['load_average_at_end']}; {report['seconds']:.0f} s in all. Versions: "
         + ", ".join(f"{k} {v}" for k, v in report["versions"].items())
         + ".",
         "",
-        "Times are medians of interleaved repeats (every method once per round; "
-        f"repeats per token count {report['repeats']}); a method slower than {SLOW}x bf16 on its "
-        "first call is timed once (marked *). Inputs bf16 (fp32 for fp32 and `_dyn_quant_matmul_4bit`).",
+        "Times are the fastest of interleaved repeats (every method once per round, bf16 first, the ratios "
+        f"side by side from the same rounds; timed rounds per token count {report['repeats']}, plus one "
+        f"warm-up round thrown away where tokens x in x out <= {WARM_MACS:.0e}: the largest calls are "
+        f"seconds each and the layer already ran at fewer tokens). A method slower than {SLOW}x bf16 on "
+        "its first call is timed once (marked *). Inputs bf16 (fp32 for fp32 and "
+        "`_dyn_quant_matmul_4bit`). The machine is shared: the fastest of the repeats is the least "
+        "disturbed call (the JSON also has the medians, `ms_median` / `vs_bf16_median`).",
         "",
         "## Goals",
         "",
@@ -539,10 +574,11 @@ def markdown(report: dict[str, Any]) -> str:
                 f"median speed-up {g['median_speedup']:.2f}x"
             )
     lines += ["", "## Layers: time in ms (speed-up over bf16)", ""]
-    names = list(report["layers"][0]["tokens"]["256"]["ms"]) if report["layers"] else []
+    names = list(next(iter(report["layers"][0]["tokens"].values()))["ms"]) if report["layers"] else []
     for shape in report["layers"]:
         lines += [f"### {shape['label']}", ""]
         rows = []
+        err_row = shape["tokens"].get("1024") or next(iter(shape["tokens"].values()))
         for name in [n for n in names if n in shape["weight_bytes"]]:
             cells = []
             for row in shape["tokens"].values():
@@ -558,7 +594,7 @@ def markdown(report: dict[str, Any]) -> str:
                     shape["kernels"].get(name, ""),
                     *cells,
                     "-" if mib is None else f"{mib / 2**20:.1f}",
-                    f"{shape['tokens']['1024']['rel_error_vs_fp32'].get(name, float('nan')):.4f}",
+                    f"{err_row['rel_error_vs_fp32'].get(name, float('nan')):.4f}",
                 ]
             )
         lines += table(
@@ -571,7 +607,7 @@ def markdown(report: dict[str, Any]) -> str:
             ],
             rows,
         )
-        diffs = shape["tokens"]["256"].get("ours_vs_reference", {})
+        diffs = next(iter(shape["tokens"].values())).get("ours_vs_reference", {})
         if diffs:
             lines += [
                 "",
@@ -651,42 +687,55 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write(args: argparse.Namespace, report: dict[str, Any], started: float, partial: bool) -> None:
+    """Both report files, atomically; `partial` marks a run still going (or one that died after it)."""
+    report["partial"] = partial
+    report["goals"] = goals(report["layers"]) if report["layers"] else []
+    report["seconds"] = time.perf_counter() - started
+    report["load_average_at_end"] = [round(x, 2) for x in os.getloadavg()]
+    write_report(args.out, "kernels", report, markdown(report))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--shapes", type=int, default=len(SHAPES), help="first N shapes only")
+    parser.add_argument("--tokens", type=int, nargs="+", default=list(TOKENS), help="token counts")
     parser.add_argument("--skip-e2e", action="store_true")
     parser.add_argument("--skip-layers", action="store_true")
     parser.add_argument("--dit-batches", type=int, nargs="+", default=[4, 32])
     parser.add_argument("--flux-tokens", type=int, nargs=2, default=[1024, 256], help="image, text tokens")
     parser.add_argument("--e2e-reps", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=ROOT / "reports")
+    add_common_arguments(parser, "kernels")
     args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
+    if args.from_json:
+        write_markdown(args.out, "kernels", markdown(read_report(args.from_json)))
+        return 0
+    threads, reason = pin_threads(args.threads)
     warnings.filterwarnings("ignore")
-    start = time.perf_counter()
-    load_start = [round(x, 2) for x in os.getloadavg()]
-    reps = {256: 3, 1024: 2, 4096: 1}
-    layers = []
+    started = time.perf_counter()
+    machine = machine_info(threads, reason)
+    machine["cpu_flags"] = cpu_flags()
+    report: dict[str, Any] = {
+        "machine": machine,
+        "versions": {**versions(), **peer_versions()},
+        "repeats": REPEATS,
+        "layers": [],
+        "done": [],
+    }
+    print(f"[bench_kernels] {machine_line(machine)} ({reason})", flush=True)
     for i, (label, K, N) in enumerate(SHAPES[: 0 if args.skip_layers else args.shapes]):
-        layers.append(bench_shape(label, K, N, TOKENS, reps, probe=i == 0))
+        report["layers"].append(bench_shape(label, K, N, tuple(args.tokens), REPEATS, probe=i == 0))
+        report["done"].append(label)
+        write(args, report, started, partial=True)
         gc.collect()
-    report: dict[str, Any] = {"layers": layers, "repeats": reps, "versions": versions()}
-    report["goals"] = goals(layers) if layers else []
     if not args.skip_e2e:
         report["reference_dit"] = reference_dit(tuple(args.dit_batches), reps=args.e2e_reps)
+        report["done"].append("reference DiT end to end")
+        write(args, report, started, partial=True)
         report["flux_block"] = flux_block(*args.flux_tokens, reps=args.e2e_reps)
-    report["machine"] = {
-        "cpu": cpu_name(),
-        "flags": cpu_flags(),
-        "threads": args.threads,
-        "load_start": load_start,
-        "load_end": [round(x, 2) for x in os.getloadavg()],
-    }
-    report["seconds"] = time.perf_counter() - start
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "kernels.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "kernels.md").write_text(markdown(report))
+        report["done"].append("Flux block end to end")
+    write(args, report, started, partial=False)
+    print(f"[bench_kernels] wrote {args.out}/kernels.json/.md in {report['seconds'] / 60:.1f} min")
     return 0
 
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
+import torch
 from torch import nn
 
 from adatsq.checkpoint.format import CONFIG, read_config, variant_prefix
@@ -14,6 +16,20 @@ from adatsq.errors import CheckpointError
 from adatsq.models.layers import sensitive_layers
 from adatsq.models.resolve import adapter_for
 from adatsq.plan.inspect import inspect_plan_file
+from adatsq.quant.kernels import choose_kernel
+
+
+def layer_kernel(layer: dict[str, Any], act_bits: int | None) -> str:
+    """The kernel a float32 CPU input runs (what QuantLinear.kernel_for("cpu", float32) says), one
+    entry per variant of a timestep-adaptive layer; A4 layers are flagged as simulated."""
+    bits = sorted(set(layer["bits"]))
+    kernels = [
+        choose_kernel(b, layer["group_size"], layer["in_features"], act_bits, "cpu", torch.float32)
+        for b in bits
+    ]
+    pairs = zip(bits, kernels, strict=True)
+    text = kernels[0] if len(bits) == 1 else ", ".join(f"w{b}: {k}" for b, k in pairs)
+    return f"{text} (A4 simulated)" if act_bits == 4 else text
 
 
 def inspect_checkpoint(directory: Path) -> str:
@@ -29,14 +45,15 @@ def inspect_checkpoint(directory: Path) -> str:
             f" A{act}" if act else ""
         )
         rows.append([name, "/".join(map(str, layer["bits"])), str(layer["group_size"] or "channel"), scheme,
-                     str(nbytes)])  # fmt: skip
+                     layer_kernel(layer, act), str(nbytes)])  # fmt: skip
     total = sum(sizes.values())
     summary = (
         f"{config['method']} checkpoint of {config['model']['family']!r}: {len(rows)} quantized layers, "
         f"{len(config['segments'])} timestep segment(s) over {config['num_steps']} steps; "
         f"{quantized_bytes} bytes in quantized layers, {total - quantized_bytes} in the rest, {total} total"
     )
-    return table(["layer", "bits/segment", "group", "scheme", "bytes"], rows) + "\n" + summary
+    header = ["layer", "bits/segment", "group", "scheme", "kernel (cpu, float32)", "bytes"]
+    return table(header, rows) + "\n" + summary
 
 
 def inspect_model(model: str | Path) -> str:

@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from adatsq.calibrate.segments import SegmentMap, attach_segment_switching
@@ -19,8 +20,8 @@ from adatsq.checkpoint.shards import TensorFiles
 from adatsq.core.modules import set_module
 from adatsq.errors import CheckpointError
 from adatsq.models.base import ModelAdapter
-from adatsq.models.resolve import adapter_class
-from adatsq.quant.linear import QuantLinear, TimestepQuantLinear
+from adatsq.models.resolve import adapter_class, parse_dtype
+from adatsq.quant.linear import QuantLinear, TimestepQuantLinear, prepare_kernels
 from adatsq.quant.scheme import ActScheme
 
 _VARIANT_KEY = re.compile(r"(?P<layer>.+)\.w(?P<bits>\d+)\.(?P<buffer>[a-z_]+)")
@@ -105,3 +106,21 @@ def load_checkpoint(directory: str | Path, verify: bool = True) -> tuple[ModelAd
     attach_segment_switching(adapter, segments)
     denoiser.eval()
     return adapter, config
+
+
+def cast_for_inference(adapter: ModelAdapter, dtype: torch.dtype | str | None) -> dict[str, str]:
+    """Cast the denoiser and the pipeline's other components to `dtype` (a torch dtype or its name;
+    None: leave them) and derive every quantized layer's kernel layout for inputs of that dtype now
+    (float32 when None); returns layer -> kernel.
+
+    Quantized layers keep their float16 scales (the grid stays exact); bias and transforms follow dtype.
+    """
+    if isinstance(dtype, str):
+        dtype = parse_dtype(dtype)
+    user = adapter.user_model()
+    denoiser = adapter.denoiser()
+    if dtype is not None:
+        if user is not denoiser and callable(getattr(user, "to", None)):
+            user.to(dtype)  # a pipeline: every component (text encoders, VAE), the denoiser included
+        denoiser.to(dtype)
+    return prepare_kernels(denoiser, dtype or torch.float32)

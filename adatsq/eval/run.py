@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from adatsq.calibrate.record import batches
-from adatsq.checkpoint.load import load_checkpoint
+from adatsq.checkpoint.load import cast_for_inference, load_checkpoint
 from adatsq.checkpoint.shards import TensorFiles
 from adatsq.errors import CheckpointError
 from adatsq.eval.metrics import accuracy, frechet_distance, psnr, ssim
@@ -86,24 +86,43 @@ def compare_samples(
 
 
 def evaluate_checkpoint(
-    directory: str | Path, samples: int = 100, seed: int = 1234, batch_size: int = 50
-) -> dict[str, float | int | None]:
-    """The metrics of `adatsq eval` (EVAL_KEYS) for one checkpoint folder."""
+    directory: str | Path,
+    samples: int = 100,
+    seed: int = 1234,
+    batch_size: int = 50,
+    dtype: str | None = None,
+) -> dict[str, Any]:
+    """The metrics of `adatsq eval` (EVAL_KEYS) for one checkpoint folder.
+
+    Kernel layouts are derived at load (as `adatsq.load` does), not inside the timed sampling. With
+    `dtype` ("bfloat16", ...) both models run in it, and two keys follow EVAL_KEYS: `dtype` and
+    `bf16_seconds`, the float model's sampling time in bfloat16 (the speed a quantized model should
+    beat; fp_seconds itself when dtype is bfloat16).
+    """
     directory = Path(directory)
     quant, config = load_checkpoint(directory)
     source = config["model"].get("source")
     if not source:
         raise CheckpointError(f"{directory} does not record its float model; re-quantize with this version")
-    fp = adapter_for(source)
+    cast_for_inference(quant, dtype)
+    fp = adapter_for(source, dtype=dtype)
     inputs = fp.default_inputs(samples, seed)
     num_steps = config["num_steps"]
     reference, fp_seconds = timed_samples(fp, inputs, seed, num_steps, batch_size, "float samples")
     quantized, quant_seconds = timed_samples(quant, inputs, seed, num_steps, batch_size, "quantized samples")
-    metrics = compare_samples(quantized, reference, inputs, quant.family)
-    return {
+    metrics = compare_samples(quantized.float(), reference.float(), inputs, quant.family)
+    out: dict[str, Any] = {
         **metrics,
         "avg_bits": average_bits(config),
         "checkpoint_bytes": TensorFiles(directory, verify=False).nbytes(),
         "fp_seconds": fp_seconds,
         "quant_seconds": quant_seconds,
     }
+    if dtype is not None:
+        out["dtype"] = dtype
+        if dtype == "bfloat16":
+            out["bf16_seconds"] = fp_seconds
+        else:
+            bf16 = adapter_for(source, dtype="bfloat16")
+            out["bf16_seconds"] = timed_samples(bf16, inputs, seed, num_steps, batch_size, "bf16 samples")[1]
+    return out

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from adatsq.calibrate.segments import split_steps
 from adatsq.checkpoint.format import CONFIG, WEIGHTS
-from adatsq.checkpoint.inspect import inspect_path
+from adatsq.checkpoint.inspect import inspect_path, layer_kernel
 from adatsq.errors import CheckpointError
 from adatsq.models.reference.model import load_reference_transformer
 from adatsq.plan.schema import Budget, Plan, save_plan
@@ -33,18 +33,29 @@ def test_checkpoint_table_bytes_add_up_to_the_file(quantized_reference):
     file_tensor_bytes = len(data) - 8 - header  # safetensors: u64 header length, JSON header, raw tensors
     tensors = load_file(str(directory / WEIGHTS))
     assert sum(t.numel() * t.element_size() for t in tensors.values()) == file_tensor_bytes
-    for name, bits, group, scheme, nbytes in rows:
+    for name, bits, group, scheme, kernel, nbytes in rows:
         layer = config["layers"][name]
         out, inp = layer["out_features"], layer["in_features"]
         groups = -(-inp // 32)
         # packed 4-bit codes + float16 scales + uint8 zeros + float32 bias
         assert int(nbytes) == out * (-(-inp * 4 // 8)) + out * groups * 2 + out * groups + out * 4, name
         assert (bits, group, scheme) == ("4", "32", "asym W4 A8")
-    quantized = sum(int(r[4]) for r in rows)
+        assert kernel == "dequant-cached+fake-a8"  # group-wise A8: no per-group int8 matmul
+    quantized = sum(int(r[5]) for r in rows)
     rest = file_tensor_bytes - quantized
     assert summary.startswith("gptq checkpoint of 'reference': 42 quantized layers, 1 timestep segment(s)")
     assert f"{quantized} bytes in quantized layers, {rest} in the rest, {file_tensor_bytes} total" in summary
     assert rest > 0  # the default ignore keeps embedders and the output projection in float
+
+
+def test_kernel_column_per_variant_and_a4_simulated():
+    per_channel = {"bits": [8, 4, 4], "group_size": None, "in_features": 64}
+    assert layer_kernel(per_channel, 8) == "w4: int8-unpack-per-call, w8: int8-cached"
+    assert layer_kernel({**per_channel, "bits": [8]}, 8) == "int8-cached"
+    grouped = {"bits": [4], "group_size": 32, "in_features": 64}
+    assert layer_kernel(grouped, None) == "dequant-cached"
+    assert layer_kernel(grouped, 4) == "dequant-cached+fake-a4 (A4 simulated)"
+    assert layer_kernel(per_channel, 4).endswith("(A4 simulated)")
 
 
 def test_plan_file(tmp_path):

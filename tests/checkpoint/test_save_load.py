@@ -30,6 +30,22 @@ def test_round_trip_samples_identically(saved):
     assert len(layers) == len(qmodel.layers) >= 40
 
 
+def test_load_in_bfloat16_prepares_the_kernels(saved):
+    qmodel, directory = saved
+    pipe = adatsq.load(directory, dtype=torch.bfloat16)
+    layers = [m for m in pipe.transformer.modules() if isinstance(m, QuantLinear)]
+    assert pipe.transformer.dtype == torch.bfloat16 and len(layers) == len(qmodel.layers)
+    for m in layers:
+        assert m._kernel_state is not None and m._kernel_state.key[2] == torch.bfloat16  # built at load
+        assert m.kernel == m.kernel_for("cpu", torch.bfloat16) == "dequant-cached+fake-a8"
+        assert m.scales.dtype == torch.float16  # the grid stays exact
+    noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    images = pipe([1, 2], num_inference_steps=2, latents=noise.clone()).images
+    reference = adatsq.load(directory)([1, 2], num_inference_steps=2, latents=noise.clone()).images
+    assert images.dtype == torch.bfloat16 and (images.float() - reference).abs().max() < 0.1
+    assert adatsq.load(directory, dtype="bfloat16").transformer.dtype == torch.bfloat16
+
+
 def test_files_and_report(saved):
     _, directory = saved
     config = json.loads((directory / CONFIG).read_text())

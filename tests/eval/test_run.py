@@ -44,6 +44,17 @@ def test_more_bits_are_closer_to_float(metrics, quantized_reference):
     assert w3["checkpoint_bytes"] < w8["checkpoint_bytes"]
 
 
+def test_dtype_adds_the_dtype_and_bf16_seconds(quantized_reference):
+    directory = quantized_reference("rtn", 8)[1]
+    bf16 = evaluate_checkpoint(directory, samples=4, seed=5, batch_size=4, dtype="bfloat16")
+    assert set(bf16) == KEYS | {"dtype", "bf16_seconds"}
+    assert bf16["dtype"] == "bfloat16" and bf16["bf16_seconds"] == bf16["fp_seconds"] > 0
+    assert bf16["psnr_db"] > 20  # W8 against the float model, both in bf16
+    fp32 = evaluate_checkpoint(directory, samples=4, seed=5, batch_size=4, dtype="float32")
+    assert fp32["dtype"] == "float32" and fp32["bf16_seconds"] > 0
+    assert fp32["bf16_seconds"] != fp32["fp_seconds"]  # a separate run of the float model in bf16
+
+
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="is missing"):
         evaluate_checkpoint(tmp_path, samples=2)
