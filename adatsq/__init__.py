@@ -37,16 +37,17 @@ def quantize(
     return run(model, recipe, calibration, plan=plan, progress=progress, resume=resume)
 
 
-def load(directory: Any, token_reduction: str | None = None, keep: float = 0.5) -> Any:
+def load(directory: Any, token_reduction: str | None = None, keep: float = 0.5, verify: bool = True) -> Any:
     """Load a checkpoint folder written by `adatsq quantize`: the pipeline (or model), ready to sample.
 
     A unified model comes back as a `UnifiedModel` (understanding + generation); `token_reduction`
-    (e.g. "g2tr") with `keep` reduces its understanding tokens.
+    (e.g. "g2tr") with `keep` reduces its understanding tokens. `verify=False` skips the sha256 of
+    every tensor (the folder's structure is validated either way).
     """
     from adatsq.checkpoint.load import load_checkpoint
     from adatsq.models.umm.adapter import UMMGenerationAdapter
 
-    adapter, _ = load_checkpoint(directory)
+    adapter, _ = load_checkpoint(directory, verify)
     if token_reduction is None and not isinstance(adapter, UMMGenerationAdapter):
         return adapter.user_model()
     from adatsq.tokens.umm.unified import with_token_reduction

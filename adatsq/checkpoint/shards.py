@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from adatsq.checkpoint.format import SAFETENSORS_ERRORS, WEIGHTS
+from adatsq.checkpoint.format import CONFIG, SAFETENSORS_ERRORS, WEIGHTS
 from adatsq.errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
@@ -35,6 +37,10 @@ DTYPE_BYTES = {
     "F64": 8,
     "I64": 8,
 }
+TORCH_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I16": torch.int16, "F32": torch.float32, "I32": torch.int32, "F64": torch.float64, "I64": torch.int64,
+}  # fmt: skip
 DEFAULT_MAX_SHARD = "10GB"  # diffusers' save_pretrained default
 METADATA = {"format": "pt", "adatsq": "1"}
 
@@ -63,6 +69,29 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 23), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes as safetensors stores them (row-major, little-endian)."""
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _stored_spans(path: Path) -> dict[str, tuple[int, int]]:
+    """key -> (start, end) byte offsets of each tensor's data in a safetensors file, from its header."""
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    begin = 8 + length
+    return {
+        key: (begin + info["data_offsets"][0], begin + info["data_offsets"][1])
+        for key, info in header.items()
+        if key != "__metadata__"
+    }
+
+
+def _differs(data: memoryview, expected: str | None) -> bool:
+    return expected is not None and hashlib.sha256(data).hexdigest() != expected
 
 
 def write_tensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> int:
@@ -138,15 +167,48 @@ class TensorFiles:
         except SAFETENSORS_ERRORS as err:
             raise CheckpointError(f"{self.directory / name} is truncated or corrupted ({err})") from None
 
-    def sizes(self) -> dict[str, int]:
-        """Stored bytes of every tensor, from the safetensors headers only."""
-        sizes = {}
+    def specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """key -> (safetensors dtype, shape) of every tensor, from the headers only (no data is read)."""
+        specs = {}
         for key, name in self.weight_map.items():
             if name not in self._handles:
                 self._handles[name] = self._open(name)
-            view = self._handles[name].get_slice(key)
-            sizes[key] = math.prod(view.get_shape()) * DTYPE_BYTES[view.get_dtype()]
-        return sizes
+            try:
+                view = self._handles[name].get_slice(key)
+            except SAFETENSORS_ERRORS:
+                raise CheckpointError(
+                    f"{self.directory / name} does not hold tensor {key!r} that {INDEX} maps to it; "
+                    "the checkpoint is incomplete or mixed: re-run quantize"
+                ) from None
+            specs[key] = (view.get_dtype(), tuple(view.get_shape()))
+        return specs
+
+    def sizes(self) -> dict[str, int]:
+        """Stored bytes of every tensor, from the safetensors headers only."""
+        return {
+            key: math.prod(shape) * DTYPE_BYTES.get(dtype, 0) for key, (dtype, shape) in self.specs().items()
+        }
+
+    def verify_checksums(self, expected: dict[str, str]) -> None:
+        """Hash every tensor's stored bytes and compare with `expected` (the config's "checksums")."""
+        for name in sorted(set(self.weight_map.values())):
+            path = self.directory / name
+            try:
+                spans = _stored_spans(path)
+            except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
+                raise CheckpointError(f"{path} is truncated or corrupted ({err}); re-run quantize") from None
+            # slices of a memoryview copy nothing
+            with (
+                path.open("rb") as f,
+                mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data,
+                memoryview(data) as view,
+            ):
+                bad = [k for k, (a, b) in spans.items() if _differs(view[a:b], expected.get(k))]
+            if bad:
+                raise CheckpointError(
+                    f"tensor {bad[0]!r} in {path} is damaged: its sha256 differs from the one in {CONFIG}; "
+                    "re-download the checkpoint or re-run quantize (verify=False skips the check)"
+                )
 
     def files(self) -> Iterator[Path]:
         for name in sorted(set(self.weight_map.values())):
