@@ -132,6 +132,7 @@ def _eval(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", type=int, default=100, help="samples from each model (default 100)")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 of every checkpoint tensor")
     p.set_defaults(handler=run_eval)
 
 
@@ -141,7 +142,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {args.samples}")
-    metrics = evaluate_checkpoint(args.checkpoint, samples=args.samples, seed=args.seed)
+    metrics = evaluate_checkpoint(
+        args.checkpoint, samples=args.samples, seed=args.seed, verify=not args.no_verify
+    )
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -156,13 +159,14 @@ def _inspect(sub: argparse._SubParsersAction) -> None:
         "inspect", help="per-layer table of a checkpoint, a plan.json / frontier.json, or a float model"
     )
     p.add_argument("path", type=Path)
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 of every checkpoint tensor")
     p.set_defaults(handler=run_inspect)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     from adatsq.checkpoint.inspect import inspect_path
 
-    print(inspect_path(args.path))
+    print(inspect_path(args.path, verify=not args.no_verify))
     return 0
 
 

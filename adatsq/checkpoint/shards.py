@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import mmap
+import re
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -41,6 +42,7 @@ TORCH_DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F16": torch.float16, "BF16": torch.bfloat16,
     "I16": torch.int16, "F32": torch.float32, "I32": torch.int32, "F64": torch.float64, "I64": torch.int64,
 }  # fmt: skip
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 DEFAULT_MAX_SHARD = "10GB"  # diffusers' save_pretrained default
 METADATA = {"format": "pt", "adatsq": "1"}
 
@@ -131,10 +133,22 @@ class TensorFiles:
     def _read_index(self, verify: bool) -> dict[str, str]:
         path = self.directory / INDEX
         try:
-            index = json.loads(path.read_text())
+            index = json.loads(path.read_text(encoding="utf-8"))
             weight_map, hashes = index["weight_map"], index["metadata"]["sha256"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{path} is corrupted ({err}); re-run quantize") from None
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+        ) as err:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+            raise CheckpointError(
+                f"{path} is corrupted ({type(err).__name__}: {err}); re-run quantize"
+            ) from None
+        names = set(weight_map.values()) if isinstance(weight_map, dict) else {None}
+        if not all(isinstance(n, str) and _SHARD.fullmatch(n) for n in names) or not isinstance(hashes, dict):
+            raise CheckpointError(
+                f"{path} is corrupted: weight_map must map tensor keys to shard files named like "
+                f"{shard_name(1, 2)} and metadata.sha256 map them to hashes; re-run quantize"
+            )
         for name in sorted(set(weight_map.values())):
             shard = self.directory / name
             if not shard.is_file():

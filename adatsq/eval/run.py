@@ -86,11 +86,11 @@ def compare_samples(
 
 
 def evaluate_checkpoint(
-    directory: str | Path, samples: int = 100, seed: int = 1234, batch_size: int = 50
+    directory: str | Path, samples: int = 100, seed: int = 1234, batch_size: int = 50, verify: bool = True
 ) -> dict[str, float | int | None]:
     """The metrics of `adatsq eval` (EVAL_KEYS) for one checkpoint folder."""
     directory = Path(directory)
-    quant, config = load_checkpoint(directory)
+    quant, config = load_checkpoint(directory, verify)
     source = config["model"].get("source")
     if not source:
         raise CheckpointError(f"{directory} does not record its float model; re-quantize with this version")
