@@ -37,19 +37,27 @@ def quantize(
     return run(model, recipe, calibration, plan=plan, progress=progress, resume=resume)
 
 
-def load(directory: Any, token_reduction: str | None = None, keep: float = 0.5, *, dtype: Any = None) -> Any:
+def load(
+    directory: Any,
+    token_reduction: str | None = None,
+    keep: float = 0.5,
+    *,
+    dtype: Any = None,
+    verify: bool = True,
+) -> Any:
     """Load a checkpoint folder written by `adatsq quantize`: the pipeline (or model), ready to sample.
 
     `dtype` (torch.bfloat16, or "bfloat16") casts the denoiser and the pipeline's components to it;
     every quantized layer's kernel layout is derived for inputs of that dtype (float32 when None) at
-    load, so the first sampling step does not pay for it. A unified model comes back as a
+    load, so the first sampling step does not pay for it. `verify=False` skips the sha256 of every
+    tensor (the folder's structure is validated either way). A unified model comes back as a
     `UnifiedModel` (understanding + generation); `token_reduction` (e.g. "g2tr") with `keep` reduces
     its understanding tokens.
     """
     from adatsq.checkpoint.load import cast_for_inference, load_checkpoint
     from adatsq.models.umm.adapter import UMMGenerationAdapter
 
-    adapter, _ = load_checkpoint(directory)
+    adapter, _ = load_checkpoint(directory, verify)
     cast_for_inference(adapter, dtype)
     if token_reduction is None and not isinstance(adapter, UMMGenerationAdapter):
         return adapter.user_model()

@@ -137,6 +137,7 @@ def _eval(sub: argparse._SubParsersAction) -> None:
         help="run both models in this dtype; adds the keys dtype and bf16_seconds (float model in bf16)",
     )
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 of every checkpoint tensor")
     p.set_defaults(handler=run_eval)
 
 
@@ -146,7 +147,9 @@ def run_eval(args: argparse.Namespace) -> int:
 
     if args.samples < 1:
         raise ConfigError(f"--samples must be >= 1, got {args.samples}")
-    metrics = evaluate_checkpoint(args.checkpoint, samples=args.samples, seed=args.seed, dtype=args.dtype)
+    metrics = evaluate_checkpoint(
+        args.checkpoint, samples=args.samples, seed=args.seed, dtype=args.dtype, verify=not args.no_verify
+    )
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -161,13 +164,14 @@ def _inspect(sub: argparse._SubParsersAction) -> None:
         "inspect", help="per-layer table of a checkpoint, a plan.json / frontier.json, or a float model"
     )
     p.add_argument("path", type=Path)
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 of every checkpoint tensor")
     p.set_defaults(handler=run_inspect)
 
 
 def run_inspect(args: argparse.Namespace) -> int:
     from adatsq.checkpoint.inspect import inspect_path
 
-    print(inspect_path(args.path))
+    print(inspect_path(args.path, verify=not args.no_verify))
     return 0
 
 

@@ -28,6 +28,7 @@ CONFIG_KEYS = {
     "format_version", "adatsq_version", "method", "model", "activation", "num_steps", "timesteps",
     "segments", "segment_steps", "layers", "ignore", "recipe",
 }  # fmt: skip
+OPTIONAL_KEYS = {"checksums"}  # sha256 of every tensor's bytes (absent in checkpoints written before 0.x)
 # what safetensors raises for a truncated or damaged file
 SAFETENSORS_ERRORS = (SafetensorError, OSError, ValueError, RuntimeError, KeyError)
 
@@ -65,9 +66,10 @@ def read_config(directory: Path) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{str(directory)!r} is not an adatsq checkpoint: {CONFIG} is missing")
     try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path} is corrupted (invalid JSON: {err.msg}); re-run quantize") from None
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        detail = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8"
+        raise CheckpointError(f"{path} is corrupted (invalid JSON: {detail}); re-run quantize") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{path} must hold a JSON object")
     if config.get("format_version") != FORMAT_VERSION:
@@ -75,7 +77,7 @@ def read_config(directory: Path) -> dict[str, Any]:
             f"{path}: format_version {config.get('format_version')!r} is not supported "
             f"(this adatsq reads {FORMAT_VERSION}); re-quantize with this version"
         )
-    missing, unknown = CONFIG_KEYS - set(config), set(config) - CONFIG_KEYS
+    missing, unknown = CONFIG_KEYS - set(config), set(config) - CONFIG_KEYS - OPTIONAL_KEYS
     if missing or unknown:
         raise CheckpointError(f"{path}: missing keys {sorted(missing)}, unknown keys {sorted(unknown)}")
     return config

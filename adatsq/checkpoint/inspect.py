@@ -9,8 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from adatsq.checkpoint.format import CONFIG, read_config, variant_prefix
-from adatsq.checkpoint.shards import TensorFiles
+from adatsq.checkpoint.format import CONFIG, variant_prefix
+from adatsq.checkpoint.validate import open_checkpoint
 from adatsq.core.tables import table
 from adatsq.errors import CheckpointError
 from adatsq.models.layers import sensitive_layers
@@ -32,9 +32,10 @@ def layer_kernel(layer: dict[str, Any], act_bits: int | None) -> str:
     return f"{text} (A4 simulated)" if act_bits == 4 else text
 
 
-def inspect_checkpoint(directory: Path) -> str:
-    config = read_config(directory)
-    sizes = TensorFiles(directory).sizes()
+def inspect_checkpoint(directory: Path, verify: bool = True) -> str:
+    """The per-layer table of a checkpoint, after the same validation as `load_checkpoint`."""
+    opened = open_checkpoint(directory, verify)
+    config, sizes = opened.config, opened.files.sizes()
     act = config["activation"]["bits"]
     rows, quantized_bytes = [], 0
     for name, layer in config["layers"].items():
@@ -73,7 +74,7 @@ def inspect_model(model: str | Path) -> str:
     return table(header, rows) + f"\n{len(rows)} Linear layers, {total} weights ({adapter.family})"
 
 
-def inspect_path(path: Path) -> str:
+def inspect_path(path: Path, verify: bool = True) -> str:
     """A checkpoint folder, a plan / frontier JSON, or a float model ('reference' or a diffusers folder)."""
     if (
         path.is_dir()
@@ -84,7 +85,7 @@ def inspect_path(path: Path) -> str:
     if str(path) == "reference":
         return inspect_model("reference")
     if path.is_dir():
-        return inspect_checkpoint(path)
+        return inspect_checkpoint(path, verify)
     if path.suffix == ".json" and path.is_file():
         return inspect_plan_file(path)
     raise CheckpointError(

@@ -1,4 +1,4 @@
-"""Rebuild a quantized model from a checkpoint folder, validating the config against the tensors first.
+"""Rebuild a quantized model from a checkpoint folder, validated first (validate.py).
 
 Tensors are read one layer at a time from the (possibly sharded) files, and each float layer of the
 base model is replaced as soon as its quantized variants exist, so loading holds the quantized model
@@ -7,7 +7,6 @@ plus one layer, never a second copy of the checkpoint.
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -15,36 +14,14 @@ import torch
 from torch import nn
 
 from adatsq.calibrate.segments import SegmentMap, attach_segment_switching
-from adatsq.checkpoint.format import BASE, read_config
 from adatsq.checkpoint.shards import TensorFiles
+from adatsq.checkpoint.validate import open_checkpoint
 from adatsq.core.modules import set_module
 from adatsq.errors import CheckpointError
 from adatsq.models.base import ModelAdapter
-from adatsq.models.resolve import adapter_class, parse_dtype
+from adatsq.models.resolve import parse_dtype
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear, prepare_kernels
 from adatsq.quant.scheme import ActScheme
-
-_VARIANT_KEY = re.compile(r"(?P<layer>.+)\.w(?P<bits>\d+)\.(?P<buffer>[a-z_]+)")
-
-
-def split_keys(config: dict[str, Any], keys: list[str]) -> tuple[dict[str, dict[int, list[str]]], list[str]]:
-    """(layer -> bits -> its variant keys, the other keys), checking every variant of a row is present."""
-    variants: dict[str, dict[int, list[str]]] = {name: {} for name in config["layers"]}
-    rest = []
-    for key in keys:
-        match = _VARIANT_KEY.fullmatch(key)
-        if match and match["layer"] in variants:
-            variants[match["layer"]].setdefault(int(match["bits"]), []).append(key)
-        else:
-            rest.append(key)
-    for name, layer in config["layers"].items():
-        for bits in sorted(set(layer["bits"])):
-            if f"{name}.w{bits}.qweight" not in variants[name].get(bits, []):
-                raise CheckpointError(
-                    f"config says layer {name!r} has a {bits}-bit variant but {name}.w{bits}.qweight is "
-                    "missing; the config does not match the tensors: re-run quantize"
-                )
-    return variants, rest
 
 
 def _quantized_layer(
@@ -74,30 +51,21 @@ def _quantized_layer(
 def load_checkpoint(directory: str | Path, verify: bool = True) -> tuple[ModelAdapter, dict[str, Any]]:
     """Rebuild the quantized model of a checkpoint folder; returns its adapter and config.
 
-    `verify` checks each shard of a sharded checkpoint against the sha256 in its index.
+    The folder is validated first (`open_checkpoint`: config schema, every tensor's dtype and shape,
+    the base model); `verify` also checks every tensor's sha256 recorded in the config and each shard
+    of a sharded checkpoint against its index.
     """
-    directory = Path(directory)
-    config = read_config(directory)
-    files = TensorFiles(directory, verify)
-    variant_keys, rest_keys = split_keys(config, files.keys())
-    adapter = adapter_class(config["model"]["family"]).load_base(directory / BASE)
+    opened = open_checkpoint(directory, verify)
+    config, files, adapter = opened.config, opened.files, opened.adapter
     denoiser = adapter.denoiser()
     act = ActScheme(bits=config["activation"]["bits"])
     for name, layer in config["layers"].items():
-        try:
-            original = denoiser.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"layer {name!r} of the config does not exist in the base model") from None
-        module = _quantized_layer(name, layer, variant_keys[name], files, act)
-        if (module.out_features, module.in_features) != tuple(original.weight.shape):
-            raise CheckpointError(
-                f"layer {name!r} has shape {tuple(original.weight.shape)} in the base model"
-            )
+        module = _quantized_layer(name, layer, opened.variant_keys[name], files, act)
         set_module(denoiser, name, module)  # the float layer is released here
-    missing, unexpected = denoiser.load_state_dict({k: files.get(k) for k in rest_keys}, strict=False)
+    missing, unexpected = denoiser.load_state_dict({k: files.get(k) for k in opened.rest_keys}, strict=False)
     quantized_keys = tuple(f"{name}." for name in config["layers"])
     missing = [k for k in missing if not k.startswith(quantized_keys)]
-    if missing or unexpected:
+    if missing or unexpected:  # open_checkpoint checked the keys: only a changed model class gets here
         raise CheckpointError(
             f"the tensors in {directory} do not match its config: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}"

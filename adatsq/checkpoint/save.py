@@ -21,7 +21,7 @@ from adatsq.checkpoint.format import (
     layer_variants,
     variant_prefix,
 )
-from adatsq.checkpoint.shards import DEFAULT_MAX_SHARD, write_tensors
+from adatsq.checkpoint.shards import DEFAULT_MAX_SHARD, tensor_sha256, write_tensors
 from adatsq.core.io import commit_output, prepare_output, write_json
 from adatsq.core.sizes import parse_size
 from adatsq.core.version import __version__
@@ -114,8 +114,11 @@ def save_checkpoint(
     shard_bytes = parse_size(max_shard_size)
     tmp = prepare_output(directory, overwrite)
     try:
-        written = write_tensors(tmp, checkpoint_tensors(qmodel), shard_bytes)
-        write_json(tmp / CONFIG, checkpoint_config(qmodel))
+        tensors = checkpoint_tensors(qmodel)
+        written = write_tensors(tmp, tensors, shard_bytes)
+        config = checkpoint_config(qmodel)
+        config["checksums"] = {key: tensor_sha256(tensors[key]) for key in sorted(tensors)}
+        write_json(tmp / CONFIG, config)
         qmodel.adapter.save_base(tmp / BASE)
         if qmodel.plan is not None:
             save_plan(qmodel.plan, tmp / PLAN)

@@ -11,6 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
+import re
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from adatsq.checkpoint.format import SAFETENSORS_ERRORS, WEIGHTS
+from adatsq.checkpoint.format import CONFIG, SAFETENSORS_ERRORS, WEIGHTS
 from adatsq.errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
@@ -35,6 +38,11 @@ DTYPE_BYTES = {
     "F64": 8,
     "I64": 8,
 }
+TORCH_DTYPES = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I16": torch.int16, "F32": torch.float32, "I32": torch.int32, "F64": torch.float64, "I64": torch.int64,
+}  # fmt: skip
+_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 DEFAULT_MAX_SHARD = "10GB"  # diffusers' save_pretrained default
 METADATA = {"format": "pt", "adatsq": "1"}
 
@@ -63,6 +71,29 @@ def file_sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 23), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes as safetensors stores them (row-major, little-endian)."""
+    data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+    return hashlib.sha256(data).hexdigest()
+
+
+def _stored_spans(path: Path) -> dict[str, tuple[int, int]]:
+    """key -> (start, end) byte offsets of each tensor's data in a safetensors file, from its header."""
+    with path.open("rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+    begin = 8 + length
+    return {
+        key: (begin + info["data_offsets"][0], begin + info["data_offsets"][1])
+        for key, info in header.items()
+        if key != "__metadata__"
+    }
+
+
+def _differs(data: memoryview, expected: str | None) -> bool:
+    return expected is not None and hashlib.sha256(data).hexdigest() != expected
 
 
 def write_tensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> int:
@@ -102,10 +133,22 @@ class TensorFiles:
     def _read_index(self, verify: bool) -> dict[str, str]:
         path = self.directory / INDEX
         try:
-            index = json.loads(path.read_text())
+            index = json.loads(path.read_text(encoding="utf-8"))
             weight_map, hashes = index["weight_map"], index["metadata"]["sha256"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise CheckpointError(f"{path} is corrupted ({err}); re-run quantize") from None
+        except (
+            ValueError,
+            KeyError,
+            TypeError,
+        ) as err:  # JSONDecodeError, UnicodeDecodeError are ValueErrors
+            raise CheckpointError(
+                f"{path} is corrupted ({type(err).__name__}: {err}); re-run quantize"
+            ) from None
+        names = set(weight_map.values()) if isinstance(weight_map, dict) else {None}
+        if not all(isinstance(n, str) and _SHARD.fullmatch(n) for n in names) or not isinstance(hashes, dict):
+            raise CheckpointError(
+                f"{path} is corrupted: weight_map must map tensor keys to shard files named like "
+                f"{shard_name(1, 2)} and metadata.sha256 map them to hashes; re-run quantize"
+            )
         for name in sorted(set(weight_map.values())):
             shard = self.directory / name
             if not shard.is_file():
@@ -138,15 +181,48 @@ class TensorFiles:
         except SAFETENSORS_ERRORS as err:
             raise CheckpointError(f"{self.directory / name} is truncated or corrupted ({err})") from None
 
-    def sizes(self) -> dict[str, int]:
-        """Stored bytes of every tensor, from the safetensors headers only."""
-        sizes = {}
+    def specs(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """key -> (safetensors dtype, shape) of every tensor, from the headers only (no data is read)."""
+        specs = {}
         for key, name in self.weight_map.items():
             if name not in self._handles:
                 self._handles[name] = self._open(name)
-            view = self._handles[name].get_slice(key)
-            sizes[key] = math.prod(view.get_shape()) * DTYPE_BYTES[view.get_dtype()]
-        return sizes
+            try:
+                view = self._handles[name].get_slice(key)
+            except SAFETENSORS_ERRORS:
+                raise CheckpointError(
+                    f"{self.directory / name} does not hold tensor {key!r} that {INDEX} maps to it; "
+                    "the checkpoint is incomplete or mixed: re-run quantize"
+                ) from None
+            specs[key] = (view.get_dtype(), tuple(view.get_shape()))
+        return specs
+
+    def sizes(self) -> dict[str, int]:
+        """Stored bytes of every tensor, from the safetensors headers only."""
+        return {
+            key: math.prod(shape) * DTYPE_BYTES.get(dtype, 0) for key, (dtype, shape) in self.specs().items()
+        }
+
+    def verify_checksums(self, expected: dict[str, str]) -> None:
+        """Hash every tensor's stored bytes and compare with `expected` (the config's "checksums")."""
+        for name in sorted(set(self.weight_map.values())):
+            path = self.directory / name
+            try:
+                spans = _stored_spans(path)
+            except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
+                raise CheckpointError(f"{path} is truncated or corrupted ({err}); re-run quantize") from None
+            # slices of a memoryview copy nothing
+            with (
+                path.open("rb") as f,
+                mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data,
+                memoryview(data) as view,
+            ):
+                bad = [k for k, (a, b) in spans.items() if _differs(view[a:b], expected.get(k))]
+            if bad:
+                raise CheckpointError(
+                    f"tensor {bad[0]!r} in {path} is damaged: its sha256 differs from the one in {CONFIG}; "
+                    "re-download the checkpoint or re-run quantize (verify=False skips the check)"
+                )
 
     def files(self) -> Iterator[Path]:
         for name in sorted(set(self.weight_map.values())):

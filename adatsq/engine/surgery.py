@@ -29,7 +29,7 @@ def check_patterns(kind: str, patterns: tuple[str, ...], names: list[str]) -> No
                 re.sub(r"[\\^$.*+?()\[\]{}|]", "", pattern), names, n=3, cutoff=0
             )
             raise ConfigError(
-                f"{kind} pattern {pattern!r} matches no Linear layer of the denoiser (regexes, searched in "
+                f"{kind} pattern '{pattern}' matches no Linear layer of the denoiser (regexes, searched in "
                 f"module names; closest: {', '.join(close)}); fix it or run `adatsq inspect MODEL`"
             )
 

@@ -91,16 +91,17 @@ def evaluate_checkpoint(
     seed: int = 1234,
     batch_size: int = 50,
     dtype: str | None = None,
+    verify: bool = True,
 ) -> dict[str, Any]:
     """The metrics of `adatsq eval` (EVAL_KEYS) for one checkpoint folder.
 
     Kernel layouts are derived at load (as `adatsq.load` does), not inside the timed sampling. With
     `dtype` ("bfloat16", ...) both models run in it, and two keys follow EVAL_KEYS: `dtype` and
     `bf16_seconds`, the float model's sampling time in bfloat16 (the speed a quantized model should
-    beat; fp_seconds itself when dtype is bfloat16).
+    beat; fp_seconds itself when dtype is bfloat16). `verify=False` skips the tensors' sha256.
     """
     directory = Path(directory)
-    quant, config = load_checkpoint(directory)
+    quant, config = load_checkpoint(directory, verify)
     source = config["model"].get("source")
     if not source:
         raise CheckpointError(f"{directory} does not record its float model; re-quantize with this version")

@@ -103,12 +103,37 @@ def write_base_json(directory: Path, name: str, data: dict[str, Any]) -> None:
     write_json(directory / name, data)
 
 
+class _BaseJson(dict):
+    """A dict read from a base/ JSON file: a missing key is a CheckpointError naming the file."""
+
+    path: Path
+
+    def __missing__(self, key: str) -> Any:
+        raise CheckpointError(
+            f"{self.path}: key {key!r} is missing; the checkpoint folder is damaged or was written by "
+            "another version: re-run quantize"
+        )
+
+
 def read_base_json(directory: Path, name: str) -> dict[str, Any]:
-    """Counterpart of `write_base_json`; a missing file means the checkpoint folder is incomplete."""
+    """Counterpart of `write_base_json`; a missing file, bad JSON or a missing key is a CheckpointError."""
     path = directory / name
     if not path.is_file():
         raise CheckpointError(f"{path} is missing; the checkpoint folder is incomplete: re-run quantize")
-    return json.loads(path.read_text())
+
+    def as_dict(pairs: list[tuple[str, Any]]) -> _BaseJson:
+        data = _BaseJson(pairs)
+        data.path = path
+        return data
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=as_dict)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        detail = err.msg if isinstance(err, json.JSONDecodeError) else "not UTF-8"
+        raise CheckpointError(f"{path} is corrupted (invalid JSON: {detail}); re-run quantize") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} must hold a JSON object, not {type(data).__name__}; re-run quantize")
+    return data
 
 
 def parse_class_labels(lines: list[str], classes: int, model_name: str) -> list[int]:
