@@ -181,3 +181,19 @@ def test_casting_a_model_keeps_the_quantization_grid():
     assert layer.bias.dtype == torch.bfloat16 and layer.smooth.dtype == torch.bfloat16
     x = torch.randn(9, IN, dtype=torch.bfloat16)
     assert _rel_diff(layer(x), layer.reference_forward(x)) < TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("bits, dtype", [(8, torch.float32), (4, torch.bfloat16)])
+def test_long_inputs_run_in_row_chunks_with_the_same_result(monkeypatch, bits, dtype):
+    """Rows are independent (per-token codes): chunking the int8 matmul changes no bit of the output."""
+    from adatsq.quant.kernels import forward
+
+    layer = _layer(bits, None, False, 8)
+    x = torch.randn(3, 700, IN).to(dtype)  # 2100 rows: two full chunks of 1024 and a partial one
+    assert layer.kernel_for("cpu", dtype).startswith("int8")
+    chunked = layer(x)
+    monkeypatch.setattr(forward, "ROW_CHUNK", 10**9)
+    layer.prepare(dtype)
+    whole = layer(x)
+    assert torch.equal(chunked, whole)
+    assert _rel_diff(chunked, layer.reference_forward(x)) < TOL[dtype]
