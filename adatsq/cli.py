@@ -251,8 +251,25 @@ def run_estimate(args: argparse.Namespace) -> int:
     return 0
 
 
+@COMMANDS.register("env")
+def _env(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("env", help="versions, threads and devices, to paste into a bug report")
+    p.set_defaults(handler=run_env)
+
+
+def run_env(args: argparse.Namespace) -> int:
+    from adatsq.core.environment import environment
+
+    for key, value in environment().items():
+        print(f"- {key}: {value}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from adatsq.core.version import __version__
+
     parser = argparse.ArgumentParser(prog="adatsq", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"adatsq {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS.names():

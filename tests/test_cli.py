@@ -188,3 +188,18 @@ def test_plan_cli_writes_plan_plots_and_frontier_then_quantizes(tmp_path, capsys
         "quantize", "reference", "--recipe", str(wrong), "--plan", str(plan), "--out", str(tmp_path / "x")
     )
     assert_user_error(result, "made for 4 sampler steps in 2 segments")
+
+
+def test_version_and_env_like_their_peers(capsys):
+    import torch
+
+    import adatsq
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out.strip() == f"adatsq {adatsq.__version__}"
+    assert main(["env"]) == 0
+    lines = dict(line[2:].split(": ", 1) for line in capsys.readouterr().out.splitlines())
+    assert lines["torch"] == torch.__version__ and lines["adatsq"] == adatsq.__version__
+    assert lines["torch threads"] == str(torch.get_num_threads())
+    assert lines["cuda"] == "not available" or torch.cuda.is_available()
