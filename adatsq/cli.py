@@ -52,14 +52,34 @@ def _quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-shard-size", default="10GB", help="split model.safetensors into shards of this size (10GB)"
     )
+    p.add_argument(
+        "--devices",
+        type=int,
+        help="expected number of processes (torchrun --nproc-per-node N); refused if it differs",
+    )
     add_placement(p)
     p.set_defaults(handler=run_quantize)
+
+
+def join_processes(device: str | None, expected: int | None) -> str | None:
+    """Under torchrun: join the process group (owner ranks split the passes); this rank's device."""
+    from adatsq.calibrate.distributed import init_from_environment, launched_size
+    from adatsq.errors import ConfigError
+
+    size = launched_size()
+    if expected is not None and expected != size:
+        raise ConfigError(
+            f"--devices {expected} does not match the {size} process(es) launched; "
+            f"run `torchrun --nproc-per-node {expected} $(which adatsq) ...` or drop --devices"
+        )
+    return init_from_environment(device)
 
 
 def run_quantize(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from adatsq import quantize
+    from adatsq.calibrate.distributed import is_writer
     from adatsq.calibrate.inputs import read_calibration
     from adatsq.core.io import check_output
     from adatsq.models.resolve import adapter_for
@@ -71,10 +91,13 @@ def run_quantize(args: argparse.Namespace) -> int:
     if args.max_memory is not None:
         recipe = replace(recipe, calibration=replace(recipe.calibration, max_memory=args.max_memory))
     check_output(args.out, args.overwrite)  # fail before any long work
-    adapter = adapter_for(args.model, dtype=args.dtype, device=args.device)
+    device = join_processes(args.device, args.devices)
+    adapter = adapter_for(args.model, dtype=args.dtype, device=device)
     calibration = read_calibration(args.calib, adapter) if args.calib else None
     resume = progress_file(args.out)
     qmodel = quantize(adapter, recipe, calibration, plan=args.plan, resume=resume)
+    if not is_writer():  # every rank holds the same result; rank 0 writes it
+        return 0
     qmodel.save(args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
     resume.unlink(missing_ok=True)
     report = json.loads((args.out / "report.json").read_text())
@@ -285,6 +308,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except AdatsqError as err:
         print(f"adatsq: error: {err}", file=sys.stderr)
         return 2
+    finally:
+        from adatsq.calibrate.distributed import finish
+
+        finish()
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """Streaming capture of per-layer, per-segment activation statistics during calibration sampling.
 
-The hooks only call pure accumulators: activations are folded into float64 XᵀX sums as they pass and
-never stored, so memory is O(layers × segments × in_features²) whatever the number of samples.
+The hooks only call pure accumulators: activations are folded into float32 XᵀX sums in place as they
+pass (one `addmm_`, no [in, in] temporary) and never stored, so memory is 4 · in² bytes per accumulator
+slot whatever the number of samples. Means and Fisher-weighted sums are formed in float64 per layer, at
+solve time (`LayerStats.hessian`). Layers that read one input share one accumulator; an input with the
+same values at every step (cross-attention text: models.layers.is_time_invariant) has a single slot.
 """
 
 from __future__ import annotations
@@ -13,17 +16,17 @@ from torch import nn
 
 from adatsq.calibrate.distributed import reduce_
 from adatsq.errors import CalibrationError
-from adatsq.models.layers import shared_input_groups
+from adatsq.models.layers import is_time_invariant, shared_input_groups
 
 
 def accumulate_hessian(H: torch.Tensor, n: int, x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Add the rows of `x` (any leading shape, last dim = in_features) to the XᵀX sum `H`.
+    """Add the rows of `x` (any leading shape, last dim = in_features) to the float32 XᵀX sum `H`.
 
-    One batch's product runs in float32 (fast kernels; a few thousand rows lose nothing that matters);
-    the running sum over the whole calibration set is kept in float64, where cancellation would bite.
+    XᵀX is a sum of positive semi-definite terms (no cancellation), so float32 keeps ~6 significant
+    digits over millions of rows, far below GPTQ's 1 % damping; llm-compressor accumulates in float32 too.
     """
-    rows = x.reshape(-1, x.shape[-1]).float()
-    return H.add_(rows.T @ rows), n + rows.shape[0]
+    rows = x.reshape(-1, x.shape[-1]).to(H.dtype)
+    return H.addmm_(rows.T, rows), n + rows.shape[0]
 
 
 def accumulate_absmax(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -35,23 +38,37 @@ def accumulate_absmax(m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 class LayerStats:
     """Statistics of one Linear layer's inputs, one slot per timestep segment."""
 
-    xtx: torch.Tensor  # [G, in, in] float64 sums of XᵀX
-    tokens: torch.Tensor  # [G] int64 rows accumulated
+    xtx: torch.Tensor  # [G, in, in] float32 sums of XᵀX, or [1, in, in] for a time-invariant input
+    tokens: torch.Tensor  # [G] int64 rows accumulated per segment
     absmax: torch.Tensor  # [G, in] float32 max |x| per channel
 
+    @property
+    def time_invariant(self) -> bool:
+        """One slot for every segment: the input's values do not depend on the step."""
+        return self.xtx.shape[0] != self.tokens.shape[0]
+
     def hessian(self, weights: torch.Tensor | None = None) -> torch.Tensor:
-        """Σ_s w_s · XᵀX_s / n_s: per-segment means, weighted (Fisher) or averaged (weights=None)."""
+        """Σ_s w_s · XᵀX_s / n_s in float64: per-segment means, weighted (Fisher) or averaged (weights=None).
+
+        Weights sum to 1, so a time-invariant input (every segment's mean the same) gives its one mean.
+        """
         filled = self.tokens > 0
         if weights is None:
             weights = filled.to(torch.float64) / filled.sum()
         weights = weights.to(torch.float64)
         if bool((weights[~filled] > 0).any()):
             raise CalibrationError("a timestep segment with weight > 0 received no calibration tokens")
-        means = self.xtx[filled] / self.tokens[filled].to(torch.float64)[:, None, None]
-        return torch.einsum("s,sij->ij", weights[filled], means)
+        if self.time_invariant:
+            return self.segment_hessian(0)
+        H = torch.zeros(self.xtx.shape[1:], dtype=torch.float64, device=self.xtx.device)
+        for s in torch.nonzero(filled & (weights > 0)).flatten().tolist():
+            H.add_(self.xtx[s], alpha=float(weights[s]) / int(self.tokens[s]))  # no float64 copy of a slot
+        return H
 
     def segment_hessian(self, segment: int) -> torch.Tensor:
-        return self.xtx[segment] / max(int(self.tokens[segment]), 1)
+        """Mean XᵀX of one segment, float64 (a time-invariant input: its one mean)."""
+        slot, count = (0, self.tokens.sum()) if self.time_invariant else (segment, self.tokens[segment])
+        return self.xtx[slot].double() / max(int(count), 1)
 
 
 def distinct(stats: dict[str, LayerStats]) -> dict[str, LayerStats]:
@@ -65,6 +82,7 @@ class _SharedInput:
 
     def __init__(self, members: tuple[str, ...], stats: LayerStats) -> None:
         self.members, self.stats = members, stats
+        self.slots = stats.xtx.shape[0]
         self.call = -1  # the denoiser call whose input was last accumulated
         self.input: torch.Tensor | None = None
 
@@ -74,6 +92,7 @@ class StatsCapture:
 
     Layers that read the same input tensor (models.layers.shared_input_groups) share one LayerStats:
     its XᵀX is computed once per call, and every other member checks it really got that very tensor.
+    A time-invariant group (models.layers.is_time_invariant) gets one slot for all segments.
     """
 
     def __init__(self, layers: dict[str, nn.Linear], segments: int) -> None:
@@ -86,10 +105,9 @@ class StatsCapture:
         self.groups: dict[str, _SharedInput] = {}
         for members in shared_input_groups(list(layers)):
             m = layers[members[0]]
+            slots = 1 if is_time_invariant(members) else segments
             stats = LayerStats(  # on the layer's device: activations never leave the accelerator
-                xtx=torch.zeros(
-                    segments, m.in_features, m.in_features, dtype=torch.float64, device=m.weight.device
-                ),
+                xtx=torch.zeros(slots, m.in_features, m.in_features, device=m.weight.device),
                 tokens=torch.zeros(segments, dtype=torch.int64, device=m.weight.device),
                 absmax=torch.zeros(segments, m.in_features, device=m.weight.device),
             )
@@ -135,18 +153,22 @@ class StatsCapture:
                     "check the model's dtype / calibration inputs"
                 )
             stats, s = group.stats, self.segment
-            _, n = accumulate_hessian(stats.xtx[s], 0, x)
+            _, n = accumulate_hessian(stats.xtx[min(s, group.slots - 1)], 0, x)
             stats.tokens[s] += n
             stats.absmax[s] = accumulate_absmax(stats.absmax[s], x)
 
         return hook
 
-    def finish(self) -> dict[str, LayerStats]:
-        """The statistics summed over every process (max for channel maxima), checked to be filled."""
-        for stats in distinct(self.stats).values():
-            reduce_(stats.xtx)
-            reduce_(stats.tokens)
-            reduce_(stats.absmax, op="max")
+    def finish(self, *, summed_over_ranks: bool) -> dict[str, LayerStats]:
+        """The statistics, checked to be filled; data-parallel runs first sum them over every process.
+
+        Owner-rank passes (engine/passes.py) pass False: each rank holds its own layers' sums whole.
+        """
+        if summed_over_ranks:
+            for stats in distinct(self.stats).values():
+                reduce_(stats.xtx)
+                reduce_(stats.tokens)
+                reduce_(stats.absmax, op="max")
         self.check_filled()
         return self.stats
 

@@ -19,7 +19,7 @@ from torch import nn
 from torch.utils._pytree import tree_flatten, tree_map
 from tqdm.auto import tqdm
 
-from adatsq.calibrate.distributed import shard
+from adatsq.calibrate.distributed import gather, shard
 from adatsq.calibrate.segments import SegmentMap
 from adatsq.errors import CalibrationError
 from adatsq.models.base import ModelAdapter
@@ -69,7 +69,11 @@ def record_calls(
     seed: int,
     progress: bool = True,
 ) -> Recording:
-    """Sample this process's share of `inputs` (batch i from seed + i) and keep every denoiser call."""
+    """Sample `inputs` (batch i from seed + i) and keep every denoiser call.
+
+    With several processes each samples its share of the batches, and every process then holds the
+    whole recording, ordered as one process would have recorded it.
+    """
     if not inputs:
         raise CalibrationError("the calibration set is empty; give at least one prompt/label (--calib FILE)")
     recording = Recording()
@@ -110,7 +114,17 @@ def record_calls(
     finally:
         for handle in handles:
             handle.remove()
-    return recording
+    return _whole(recording)
+
+
+def _whole(recording: Recording) -> Recording:
+    """Every process's calls in global batch order (a stable sort keeps each batch's own call order)."""
+    parts = gather(recording)
+    if len(parts) == 1:
+        return recording
+    calls = sorted((call for part in parts for call in part.calls), key=lambda call: call.batch)
+    order = next((part.linear_order for part in parts if part.linear_order), [])
+    return Recording(calls, order)
 
 
 class _StopReplay(Exception):

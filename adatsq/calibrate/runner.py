@@ -69,7 +69,7 @@ def collect_stats(
                     last_save = time.monotonic()
     finally:
         handle.remove()
-    stats = capture.finish()
+    stats = capture.finish(summed_over_ranks=True)
     log.info(
         "calibrated %d layers on %d inputs × %d steps", len(layers), len(inputs), len(segments.timesteps)
     )

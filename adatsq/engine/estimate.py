@@ -10,8 +10,8 @@ under the memory budget. Every number is a formula of shapes, stated where it is
   time) + the pass's accumulators + its largest GPTQ solve (`adatsq.quant.workspace`); activations of the
   replay are not counted (tens of MB at 1024² for Flux);
 * host peak: the recorded denoiser-call inputs (text embeddings once per prompt and CFG branch, latents
-  and timestep per step) + the largest pass's accumulators folded to float64 + the packed checkpoint,
-  which grows on the host until it is written;
+  and timestep per step) + the packed checkpoint, which grows on the host until it is written (the
+  statistics are solved where they were accumulated and never copied to the host);
 * AdaTSQ search, in full sampler runs of `planner.measure_samples` inputs: the beam measures at most
   P trajectories at segment 0 and B·P at each later segment s, each a partial run that stops after
   segment s, i.e. (s + 1)/G of a run: P/G + B·P·(G(G + 1)/2 − 1)/G runs (B beam width, P proposals per
@@ -65,7 +65,7 @@ class Estimate:
     peak_device_bytes: int
     per_device_peak_bytes: tuple[int, ...]  # by rank, the max over passes
     recorded_bytes: int  # host: recorded denoiser-call inputs
-    peak_host_bytes: int  # recorded inputs + the largest pass folded to float64 + checkpoint_max_bytes
+    peak_host_bytes: int  # recorded inputs + checkpoint_max_bytes (statistics never leave the device)
     checkpoint_bytes: int  # every layer one variant at weight.bits
     checkpoint_max_bytes: int  # adatsq: every layer min(G, |candidates|) variants of the largest candidates
     assumptions: dict[str, Any]
@@ -181,7 +181,7 @@ def estimate(
         peak_device_bytes=schedule.peak_device_bytes,
         per_device_peak_bytes=_per_rank(schedule),
         recorded_bytes=recorded,
-        peak_host_bytes=recorded + schedule.peak_host_bytes + checkpoint_max,
+        peak_host_bytes=recorded + checkpoint_max,
         checkpoint_bytes=checkpoint,
         checkpoint_max_bytes=checkpoint_max,
         assumptions=resolved,

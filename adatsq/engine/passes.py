@@ -1,110 +1,55 @@
-"""Calibration within a memory budget: record the sampler once, then capture + solve groups of layers.
+"""Calibration in passes: record the sampler once, then capture + solve the schedule's groups of layers.
 
-Each pass replays the recorded denoiser calls with hooks on its group only (stopping after the group's
-deepest layer), solves the group's variants, keeps them on the host and frees the group's XᵀX before
-the next pass. The float layers stay in place until every pass has run, so every layer sees the float
-model's activations whatever the grouping: the checkpoint does not depend on the budget.
+The pass schedule is `engine.schedule.schedule_for`, the very one `adatsq estimate` prints: accumulators
+(one float32 XᵀX per distinct input and segment) grouped so that each pass fits the memory budget, split
+into one share per owner rank. A rank replays the recorded denoiser calls for its shares only, with
+hooks on their layers, stopping right after the last layer whose input they need; it solves them, keeps
+the variants and frees the statistics before its next share. The float layers stay in place until every
+pass has run, so each statistic is the same sum of the same terms in the same order whatever the budget
+and the number of processes: the checkpoint does not depend on either.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
 from adatsq.calibrate.capture import LayerStats, StatsCapture
+from adatsq.calibrate.distributed import world
 from adatsq.calibrate.record import Recording, record_calls, replay
 from adatsq.calibrate.segments import SegmentMap
 from adatsq.core.sizes import format_size
-from adatsq.errors import CalibrationError, ConfigError
+from adatsq.engine.schedule import Schedule, Share, schedule_for
+from adatsq.errors import CalibrationError
 from adatsq.models.base import ModelAdapter
-from adatsq.models.layers import shared_input_groups
-from adatsq.quant.workspace import gptq_workspace_bytes
 
 log = logging.getLogger(__name__)
 
 
-def accumulator_bytes(linear: nn.Linear, segments: int) -> int:
-    """What StatsCapture holds for one layer: float64 XᵀX and float32 channel maxima per segment."""
-    return segments * (8 * linear.in_features**2 + 4 * linear.in_features + 8)
+def pass_schedule(
+    adapter: ModelAdapter, layers: dict[str, nn.Linear], segments: int, budget: int | None
+) -> Schedule:
+    """The schedule for this run: checked against the budget before any work, one share per process."""
+    return schedule_for(adapter.denoiser(), list(layers), segments, budget, devices=world()[1])
 
 
-def solve_bytes(linear: nn.Linear) -> int:
-    """Peak working memory of one GPTQ solve of this layer (measured: quant/workspace.py)."""
-    return gptq_workspace_bytes(linear.in_features, linear.out_features)
-
-
-def group_bytes(layers: dict[str, nn.Linear], group: tuple[str, ...], segments: int) -> int:
-    """One accumulator per shared input: the group's members read the same tensor."""
-    return accumulator_bytes(layers[group[0]], segments)
-
-
-def check_budget(layers: dict[str, nn.Linear], segments: int, budget: int) -> None:
-    """Before any work: the budget must hold the largest single accumulator plus its solve."""
-
-    def alone(group: tuple[str, ...]) -> int:
-        return group_bytes(layers, group, segments) + max(solve_bytes(layers[n]) for n in group)
-
-    worst = max(shared_input_groups(list(layers)), key=alone)
-    if alone(worst) > budget:
-        raise ConfigError(
-            f"the memory budget ({format_size(budget)}) is below what layer {worst[0]!r} alone needs: "
-            f"{format_size(alone(worst))} for its statistics over {segments} segment(s) plus its solve; "
-            f"the smallest feasible budget is {alone(worst)} bytes"
-        )
-
-
-@dataclass(frozen=True)
-class Pass:
-    layers: tuple[str, ...]  # the layers solved after this pass (shared-input groups kept together)
-    stop_after: str  # replay stops after this layer: the last one whose group's input is still needed
-    bytes: int  # the pass's accumulators (one per shared input) + the largest solve among its layers
-
-
-def plan_passes(
-    layers: dict[str, nn.Linear], order: Sequence[str], segments: int, budget: int | None
-) -> list[Pass]:
-    """Consecutive groups of accumulators (in execution order) whose state fits `budget`; one pass without.
-
-    Layers that read one input share one accumulator (models.layers.shared_input_groups), filled by the
-    member that runs first, so a group is placed and counted once, at that member.
-    """
-    missing = [name for name in layers if name not in order]
+def stop_layer(share: Share, recording: Recording) -> str:
+    """The last layer (in execution order) that first reads one of the share's inputs: replay stops there."""
+    position = {name: i for i, name in enumerate(recording.linear_order)}
+    missing = [n for n in share.layers if n not in position]
     if missing:
         raise CalibrationError(
             f"{len(missing)} layer(s) never ran during calibration (e.g. {missing[0]!r}); "
             "they are not on the sampling path: add them to the recipe's ignore list"
         )
-    position = {name: i for i, name in enumerate(order)}
-    groups = sorted(shared_input_groups(list(layers)), key=lambda g: min(position[n] for n in g))
-
-    def need(units: list[tuple[str, ...]]) -> int:
-        return sum(group_bytes(layers, g, segments) for g in units) + max(
-            solve_bytes(layers[n]) for g in units for n in g
-        )
-
-    def make(units: list[tuple[str, ...]]) -> Pass:
-        first_reader = [min(g, key=position.__getitem__) for g in units]
-        return Pass(
-            tuple(n for g in units for n in g), max(first_reader, key=position.__getitem__), need(units)
-        )
-
-    if budget is not None:
-        check_budget(layers, segments, budget)
-    passes, units = [], []
-    for group in groups:
-        if units and budget is not None and need([*units, group]) > budget:
-            passes.append(make(units))
-            units = []
-        units.append(group)
-    passes.append(make(units))
-    return passes
+    first_readers = [min(a.layers, key=position.__getitem__) for a in share.accumulators]
+    return max(first_readers, key=position.__getitem__)
 
 
-def capture_pass(
+def capture_share(
     adapter: ModelAdapter,
     recording: Recording,
     layers: dict[str, nn.Linear],
@@ -122,10 +67,10 @@ def capture_pass(
             stop_after=layers[stop_after],
             progress=progress,
         )
-    return capture.finish()
+    return capture.finish(summed_over_ranks=False)
 
 
-def budgeted_passes(
+def calibration_passes(
     adapter: ModelAdapter,
     layers: dict[str, nn.Linear],
     segments: SegmentMap,
@@ -133,24 +78,32 @@ def budgeted_passes(
     *,
     batch_size: int,
     seed: int,
-    budget: int,
+    budget: int | None,
     progress: bool,
 ) -> Iterator[dict[str, LayerStats]]:
-    """Record once, then yield the statistics of one group of layers at a time (freed when dropped)."""
-    check_budget(layers, segments.count, budget)
+    """Record once, then yield the statistics of this rank's shares, one at a time (freed when dropped)."""
+    schedule = pass_schedule(adapter, layers, segments.count, budget)
     recording = record_calls(adapter, segments, inputs, batch_size=batch_size, seed=seed, progress=progress)
-    passes = plan_passes(layers, recording.linear_order, segments.count, budget)
+    rank, size = world()
+    mine = [s for p in schedule.passes for s in p.shares if s.rank == rank]
     log.info(
-        "calibration in %d pass(es) under %s; recorded %d denoiser calls (%s on the host)",
-        len(passes),
-        format_size(budget),
+        "calibration in %d pass(es)%s on %d process(es); recorded %d denoiser calls (%s on the host)",
+        len(schedule.passes),
+        "" if budget is None else f" under {format_size(budget)}",
+        size,
         len(recording.calls),
         format_size(recording.nbytes()),
     )
-    for index, group in enumerate(passes):
+    for index, share in enumerate(mine):
         log.info(
-            "pass %d/%d: %d layers, %s", index + 1, len(passes), len(group.layers), format_size(group.bytes)
+            "share %d/%d of rank %d: %d layers, %s",
+            index + 1,
+            len(mine),
+            rank,
+            len(share.layers),
+            format_size(share.peak_device_bytes),
         )
-        yield capture_pass(
-            adapter, recording, {n: layers[n] for n in group.layers}, segments, group.stop_after, progress
+        stop = stop_layer(share, recording)
+        yield capture_share(
+            adapter, recording, {n: layers[n] for n in share.layers}, segments, stop, progress
         )

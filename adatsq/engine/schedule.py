@@ -6,15 +6,19 @@ input tensor (`adatsq.models.layers.shared_input_groups`), the block each layer 
 blocks' execution order, the number of timestep segments, a device budget and the solver's need.
 
 * One accumulator per distinct input: a group of layers reading one tensor shares one XᵀX, with one slot
-  per segment, float32 on the device (4·in² bytes a slot), folded to float64 on the host (8·in²).
-  A time-invariant input (the same values at every step, e.g. Wan's cross-attention text) has one slot.
+  per segment, float32 on the device (4·in² bytes a slot; calibrate/capture.py). It stays there until the
+  pass's solves are done and is then freed: nothing is folded to the host (a float64 copy would add no
+  precision to a sum that is already complete). A time-invariant input (the same values at every step,
+  e.g. Wan's cross-attention text) has one slot.
 * Accumulators are ordered by the block that first reads their input (execution order), then by module
   order. A pass is a run of consecutive accumulators whose bytes, plus the largest solve among their
   layers, plus the `reserved` bytes (weights kept on the device) fit the budget. A replay for the pass runs
   the recorded denoiser calls up to the pass's deepest block (`run_to`) and stops.
 * With N devices, each pass is split into N consecutive shares, one per owner rank; each share must fit
   the budget on its own device. Greedy filling is optimal here: every sub-run of a run that fits also fits,
-  so packing each share as full as possible never needs more shares than any other split.
+  so packing each share as full as possible never needs more shares than any other split. When everything
+  fits in fewer than N shares, the accumulators are spread over N so that every rank replays and solves
+  a part (engine/passes.py runs the shares; the result does not depend on the split).
 """
 
 from __future__ import annotations
@@ -29,8 +33,7 @@ from adatsq.errors import ConfigError
 from adatsq.models.layers import block_of, block_order, is_time_invariant, shared_input_groups
 from adatsq.quant.workspace import gptq_workspace_bytes
 
-ACCUMULATOR_DEVICE_BYTES = 4  # float32 XᵀX while a pass accumulates
-ACCUMULATOR_HOST_BYTES = 8  # float64 after folding on the host
+ACCUMULATOR_DEVICE_BYTES = 4  # float32 XᵀX while a pass accumulates and solves
 
 
 @dataclass(frozen=True)
@@ -60,11 +63,6 @@ class AccumulatorSpec:
         """float32 on the device while the pass accumulates: 4·in² per slot."""
         return ACCUMULATOR_DEVICE_BYTES * self.in_features**2 * self.slots
 
-    @property
-    def host_bytes(self) -> int:
-        """float64 on the host after folding: 8·in² per slot."""
-        return ACCUMULATOR_HOST_BYTES * self.in_features**2 * self.slots
-
 
 @dataclass(frozen=True)
 class Share:
@@ -78,12 +76,11 @@ class Share:
     accumulator_bytes: int  # device bytes of its accumulators
     solve_bytes: int  # the largest solve among its layers
     peak_device_bytes: int  # reserved + accumulator_bytes + solve_bytes
-    host_bytes: int  # float64 fold of its accumulators
 
 
 @dataclass(frozen=True)
 class Pass:
-    """One replay of the recorded calls: every rank fills its share, folds it to the host and solves."""
+    """One replay of the recorded calls: every rank fills its share, solves it and frees it."""
 
     index: int
     shares: tuple[Share, ...]  # one per rank that holds something (rank order)
@@ -95,11 +92,6 @@ class Pass:
     def peak_device_bytes(self) -> int:
         return max(s.peak_device_bytes for s in self.shares)
 
-    @property
-    def host_bytes(self) -> int:
-        """Host bytes of this pass's folded accumulators, all ranks together (one host)."""
-        return sum(s.host_bytes for s in self.shares)
-
 
 @dataclass(frozen=True)
 class Schedule:
@@ -109,7 +101,7 @@ class Schedule:
     passes: tuple[Pass, ...]
     segments: int
     devices: int
-    budget_bytes: int  # per device
+    budget_bytes: int | None  # per device; None: unbounded
     reserved_bytes: int  # per device, outside accumulators and solves (e.g. the denoiser's weights)
 
     @property
@@ -118,18 +110,8 @@ class Schedule:
         return sum(a.device_bytes for a in self.accumulators)
 
     @property
-    def host_accumulator_bytes(self) -> int:
-        """float64 bytes of every accumulator: what keeping them all on the host would take."""
-        return sum(a.host_bytes for a in self.accumulators)
-
-    @property
     def peak_device_bytes(self) -> int:
         return max(p.peak_device_bytes for p in self.passes)
-
-    @property
-    def peak_host_bytes(self) -> int:
-        """The largest pass's folded accumulators (recorded inputs and results are the caller's)."""
-        return max(p.host_bytes for p in self.passes)
 
     def pass_of(self, layer: str) -> Pass:
         for p in self.passes:
@@ -198,18 +180,14 @@ def _share(
         accumulator_bytes=acc_bytes,
         solve_bytes=solve_bytes,
         peak_device_bytes=reserved + acc_bytes + solve_bytes,
-        host_bytes=sum(a.host_bytes for a in accs),
     )
 
 
 def _check_single(
-    specs: Sequence[AccumulatorSpec],
-    cost: Callable[[Sequence[AccumulatorSpec]], int],
-    budget: int,
-    reserved: int,
+    specs: Sequence[AccumulatorSpec], solve: Mapping[str, int], budget: int, reserved: int
 ) -> None:
     """The budget must hold the largest accumulator with its own solve; else name it and the minimum."""
-    need = {s.key: cost([s]) for s in specs}
+    need = {s.key: reserved + s.device_bytes + solve[s.key] for s in specs}
     worst = max(specs, key=lambda s: need[s.key])
     if need[worst.key] > budget:
         raise ConfigError(
@@ -221,13 +199,45 @@ def _check_single(
         )
 
 
+def _greedy_runs(
+    specs: Sequence[AccumulatorSpec], solve: Mapping[str, int], reserved: int, limit: int | None
+) -> list[list[AccumulatorSpec]]:
+    """Consecutive runs of accumulators, each extended while reserved + its bytes + its largest solve
+    (`solve[key]`, per accumulator) stays within `limit`; one accumulator alone always makes a run."""
+    runs: list[list[AccumulatorSpec]] = [[]]
+    held = largest = 0
+    for spec in specs:
+        grown = reserved + held + spec.device_bytes + max(largest, solve[spec.key])
+        if runs[-1] and limit is not None and grown > limit:
+            runs.append([])
+            held = largest = 0
+        runs[-1].append(spec)
+        held, largest = held + spec.device_bytes, max(largest, solve[spec.key])
+    return runs
+
+
+def _spread_runs(
+    specs: Sequence[AccumulatorSpec], solve: Mapping[str, int], reserved: int, limit: int, parts: int
+) -> list[list[AccumulatorSpec]]:
+    """At most `parts` runs with the smallest largest cost (bisection: greedy run counts fall as the
+    limit grows), so that every device owns a share of a run that would fit one alone."""
+    low = reserved + max(s.device_bytes + solve[s.key] for s in specs)
+    while low < limit:
+        middle = (low + limit) // 2
+        if len(_greedy_runs(specs, solve, reserved, middle)) <= parts:
+            limit = middle
+        else:
+            low = middle + 1
+    return _greedy_runs(specs, solve, reserved, limit)
+
+
 def build_schedule(
     layers: Sequence[LayerShape],
     groups: Sequence[tuple[str, ...]],
     blocks: Sequence[str],
     block_of: Mapping[str, str] | Callable[[str], str],
     segments: int,
-    budget_bytes: int,
+    budget_bytes: int | None,
     *,
     time_invariant: Collection[tuple[str, ...]] = (),
     solve_bytes: Callable[[int, int], int] = gptq_workspace_bytes,
@@ -247,18 +257,17 @@ def build_schedule(
     shapes = {layer.name: layer for layer in layers}
     position = {b: i for i, b in enumerate(blocks)}
 
-    def cost(accs: Sequence[AccumulatorSpec]) -> int:
-        largest = max(
-            solve_bytes(shapes[n].in_features, shapes[n].out_features) for a in accs for n in a.layers
-        )
-        return reserved_bytes + sum(a.device_bytes for a in accs) + largest
-
-    _check_single(specs, cost, budget_bytes, reserved_bytes)
-    runs: list[list[AccumulatorSpec]] = [[]]
-    for spec in specs:  # greedy: extend the current share while it fits
-        if runs[-1] and cost([*runs[-1], spec]) > budget_bytes:
-            runs.append([])
-        runs[-1].append(spec)
+    solve = {  # each accumulator's largest solve
+        a.key: max(solve_bytes(shapes[n].in_features, shapes[n].out_features) for n in a.layers)
+        for a in specs
+    }
+    if budget_bytes is not None:
+        _check_single(specs, solve, budget_bytes, reserved_bytes)
+    runs = _greedy_runs(specs, solve, reserved_bytes, budget_bytes)
+    if len(runs) < devices:  # room to spare: spread the accumulators so that every device owns a share
+        whole = reserved_bytes + sum(a.device_bytes for a in specs) + max(solve.values())
+        limit = whole if budget_bytes is None else min(whole, budget_bytes)
+        runs = _spread_runs(specs, solve, reserved_bytes, limit, devices)
     passes = []
     for index, start in enumerate(range(0, len(runs), devices)):
         shares = tuple(
@@ -276,7 +285,7 @@ def schedule_for(
     denoiser: nn.Module,
     layers: Collection[str],
     segments: int,
-    budget_bytes: int,
+    budget_bytes: int | None,
     *,
     reserved_bytes: int = 0,
     devices: int = 1,

@@ -18,12 +18,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adatsq.calibrate.capture import LayerStats
+from adatsq.calibrate.distributed import gather, world
 from adatsq.calibrate.runner import collect_stats
 from adatsq.calibrate.segments import SegmentMap, attach_segment_switching
 from adatsq.checkpoint.format import LayerSpec
 from adatsq.checkpoint.save import QuantizedModel
 from adatsq.core.modules import set_module
-from adatsq.engine.passes import budgeted_passes
+from adatsq.engine.passes import calibration_passes
 from adatsq.engine.solve import Variant, segment_mask, solve_variant, variant_statistics
 from adatsq.engine.surgery import build_layer, effective_ignore, select_layers
 from adatsq.models.base import ModelAdapter
@@ -77,36 +78,50 @@ def quantize(
         timings["calibration_seconds"] += time.perf_counter() - clock
         clock = time.perf_counter()
         for name, layer_stats in group.items():
-            spec = specs[name]
-            variants[name] = {}
-            for bits in sorted(set(spec.bits)):
-                hessian = absmax = None
-                if layer_stats is not None:
-                    hessian, absmax = variant_statistics(
-                        layer_stats, segment_mask(spec, bits), segment_weights
-                    )
-                variants[name][bits] = solve_variant(
-                    layers[name].weight.detach().float(),
-                    hessian if method.uses_hessian else None,
-                    absmax,
-                    spec.scheme(bits),
-                    recipe,
-                )
+            variants[name] = _solve_layer(layers[name], specs[name], layer_stats, segment_weights, recipe)
             layer_reports[name] = {f"w{bits}": v.info for bits, v in variants[name].items()}
             bar.update()
+        del group, layer_stats  # this pass's statistics are freed before the next one accumulates
         timings["quantize_seconds"] += time.perf_counter() - clock
         clock = time.perf_counter()
     bar.close()
+    variants, layer_reports = _from_every_rank(variants, layer_reports)
     denoiser = adapter.denoiser()
-    for name, linear in layers.items():  # assembled only now: every pass saw the float model
-        set_module(denoiser, name, build_layer(linear, specs[name], variants[name], recipe.activation))
+    names = list(layers)
+    for name in names:  # assembled only now (every pass saw the float model), releasing as it goes
+        linear, solved = layers.pop(name), variants.pop(name)
+        set_module(denoiser, name, build_layer(linear, specs[name], solved, recipe.activation))
     attach_segment_switching(adapter, segments)
-    log.info("quantized %d layers (%s)", len(layers), recipe.method)
+    log.info("quantized %d layers (%s)", len(names), recipe.method)
     if not needs_stats or stats is not None:
         del timings["calibration_seconds"]
-    report = {"method": recipe.method, **timings, "layers": {n: layer_reports[n] for n in layers}}
+    report = {"method": recipe.method, **timings, "layers": {n: layer_reports[n] for n in names}}
     ignore = effective_ignore(adapter, recipe)
     return QuantizedModel(adapter, recipe, segments, specs, recipe.activation, ignore, report)
+
+
+def _solve_layer(
+    linear: nn.Linear,
+    spec: LayerSpec,
+    stats: LayerStats | None,
+    segment_weights: torch.Tensor | None,
+    recipe: Recipe,
+) -> dict[int, Variant]:
+    """Every distinct bit-width of one layer, each from the statistics of the segments that use it."""
+    uses_hessian = QUANT_METHODS.get(recipe.method).uses_hessian
+    variants = {}
+    for bits in sorted(set(spec.bits)):
+        hessian = absmax = None
+        if stats is not None:
+            hessian, absmax = variant_statistics(stats, segment_mask(spec, bits), segment_weights)
+        variants[bits] = solve_variant(
+            linear.weight.detach().float(),
+            hessian if uses_hessian else None,
+            absmax,
+            spec.scheme(bits),
+            recipe,
+        )
+    return variants
 
 
 def _statistics(
@@ -125,13 +140,27 @@ def _statistics(
         return
     cal = recipe.calibration
     inputs = list(calibration) if calibration is not None else adapter.default_inputs(cal.samples, cal.seed)
-    if cal.max_memory_bytes is None:
+    if cal.max_memory_bytes is None and world()[1] == 1:
         yield collect_stats(
             adapter, layers, segments, inputs, batch_size=cal.batch_size, seed=cal.seed, progress=progress,
             resume=resume,
         )  # fmt: skip
         return
-    yield from budgeted_passes(
+    yield from calibration_passes(
         adapter, layers, segments, inputs, batch_size=cal.batch_size, seed=cal.seed,
         budget=cal.max_memory_bytes, progress=progress,
     )  # fmt: skip
+
+
+def _from_every_rank(
+    variants: dict[str, dict[int, Variant]], reports: dict[str, dict[str, dict[str, float]]]
+) -> tuple[dict[str, dict[int, Variant]], dict[str, dict[str, dict[str, float]]]]:
+    """The variants every owner rank solved, on every rank (the identity in a single process)."""
+    parts = gather((variants, reports))
+    if len(parts) == 1:
+        return variants, reports
+    merged: tuple[dict, dict] = ({}, {})
+    for part in parts:
+        for whole, mine in zip(merged, part, strict=True):
+            whole.update(mine)
+    return merged

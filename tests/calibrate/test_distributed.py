@@ -1,4 +1,4 @@
-"""Two gloo processes calibrate half the batches each; all-reduced statistics equal one process's."""
+"""Data-parallel calibration (the planner's path): two gloo processes' all-reduced sums match one's."""
 
 import torch
 import torch.distributed as dist
@@ -39,5 +39,5 @@ def test_two_processes_match_one(tmp_path):
     assert set(reduced) == set(single)
     for name, (xtx, tokens, absmax) in reduced.items():
         assert torch.equal(tokens, single[name].tokens)
-        torch.testing.assert_close(xtx, single[name].xtx, rtol=1e-10, atol=1e-8)
+        torch.testing.assert_close(xtx, single[name].xtx, rtol=1e-4, atol=1e-4)  # float32 sums, two orders
         torch.testing.assert_close(absmax, single[name].absmax)

@@ -7,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import adatsq
@@ -16,7 +17,7 @@ from adatsq.calibrate.runner import collect_stats
 from adatsq.calibrate.segments import SegmentMap
 from adatsq.checkpoint.save import checkpoint_tensors
 from adatsq.core.sizes import parse_size
-from adatsq.engine.passes import accumulator_bytes, plan_passes, solve_bytes
+from adatsq.engine.schedule import schedule_for
 from adatsq.engine.surgery import select_layers
 from adatsq.errors import ConfigError
 from adatsq.models.resolve import adapter_for
@@ -48,34 +49,6 @@ def test_malformed_sizes_name_the_format(text):
         parse_size(text)
 
 
-def toy_layers(widths):
-    return {f"l{i}": nn.Linear(w, 8) for i, w in enumerate(widths)}
-
-
-def test_passes_cover_every_layer_once_in_order_and_grow_as_the_budget_shrinks():
-    layers = toy_layers([16, 32, 64, 32, 16, 64])
-    order = ["l5", "l0", "l1", "l2", "l3", "l4"]  # execution order, not registration order
-    counts = []
-    widest = accumulator_bytes(layers["l5"], 2) + solve_bytes(layers["l5"])
-    for budget in (None, 10**7, 3 * widest, widest):
-        passes = plan_passes(layers, order, segments=2, budget=budget)
-        assert [n for p in passes for n in p.layers] == order
-        if budget is not None:
-            assert all(p.bytes <= budget for p in passes)
-        counts.append(len(passes))
-    assert counts[0] == 1 and counts == sorted(counts) and counts[-1] > counts[1]
-
-
-def test_a_budget_below_one_layer_names_it_and_the_feasible_minimum():
-    layers = toy_layers([16, 64])
-    need = accumulator_bytes(layers["l1"], 2) + solve_bytes(layers["l1"])
-    with pytest.raises(
-        ConfigError, match=rf"layer 'l1' alone needs.*smallest feasible budget is {need} bytes"
-    ):
-        plan_passes(layers, ["l0", "l1"], segments=2, budget=need - 1)
-    assert len(plan_passes(layers, ["l0", "l1"], segments=2, budget=need)) == 2
-
-
 def test_replayed_statistics_equal_the_live_ones_exactly(recipe):
     adapter = adapter_for("reference")
     layers = select_layers(adapter, recipe)
@@ -99,11 +72,14 @@ def test_replayed_statistics_equal_the_live_ones_exactly(recipe):
 
 
 def test_checkpoints_are_identical_under_any_budget(recipe):
-    layers = select_layers(adapter_for("reference"), recipe)
-    counts = [len(plan_passes(layers, list(layers), 2, parse_size(b))) for b in ("20MiB", "48MiB")]
+    adapter = adapter_for("reference")
+    layers = list(select_layers(adapter, recipe))
+    whole = schedule_for(adapter.denoiser(), layers, 2, None).peak_device_bytes  # everything in one pass
+    budgets = [str(int(whole * f)) for f in (0.6, 0.85)]
+    counts = [len(schedule_for(adapter.denoiser(), layers, 2, parse_size(b)).passes) for b in budgets]
     assert counts[0] > counts[1] > 1  # both budgets really split the calibration
     live = tensor_digest(adatsq.quantize("reference", recipe, progress=False))
-    for budget in ("20MiB", "48MiB"):
+    for budget in budgets:
         bounded = replace(recipe, calibration=replace(recipe.calibration, max_memory=budget))
         assert tensor_digest(adatsq.quantize("reference", bounded, progress=False)) == live, budget
 
@@ -113,3 +89,36 @@ def test_planning_refuses_a_budget_instead_of_ignoring_it(recipe):
     r = replace(r, calibration=replace(r.calibration, max_memory="1GiB"))
     with pytest.raises(ConfigError, match="max_memory"):
         adatsq.quantize("reference", r, progress=False)
+
+
+def _quantize_in_process(rank: int, init: str, recipe, out: str, world_size: int) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size)
+    try:
+        qmodel = adatsq.quantize("reference", recipe, progress=False)
+        if rank == 0:
+            qmodel.save(out)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("budget", [None, "0.6"])
+def test_two_processes_write_the_single_process_checkpoint_byte_for_byte(recipe, tmp_path, budget):
+    """Owner ranks replay and solve their own shares: same sums, same order, same bytes."""
+    import torch.multiprocessing as mp
+
+    if budget is not None:
+        adapter = adapter_for("reference")
+        whole = schedule_for(adapter.denoiser(), list(select_layers(adapter, recipe)), 2, None)
+        budget = str(int(whole.peak_device_bytes * float(budget)))
+        recipe = replace(recipe, calibration=replace(recipe.calibration, max_memory=budget))
+    adatsq.quantize("reference", recipe, progress=False).save(tmp_path / "one")
+    init = f"file://{tmp_path / 'pg'}"
+    mp.spawn(_quantize_in_process, args=(init, recipe, str(tmp_path / "two"), 2), nprocs=2, join=True)
+    assert (tmp_path / "two" / "adatsq_config.json").read_bytes() == (
+        tmp_path / "one" / "adatsq_config.json"
+    ).read_bytes()
+    one, two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
+    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)

@@ -35,7 +35,6 @@ def test_one_accumulator_per_distinct_input_and_time_invariant_once():
     s = build_schedule(layers, groups, blocks, where, segments=4, budget_bytes=10**9, solve_bytes=solve)
     assert len(s.accumulators) == 9 and len(s.passes) == 1
     assert s.accumulator_bytes == 3 * 4 * 4 * (16 + 16 + 64)  # float32, 4 slots, per block
-    assert s.host_accumulator_bytes == 2 * s.accumulator_bytes
     fixed = build_schedule(
         layers, groups, blocks, where, 4, 10**9, solve_bytes=solve, time_invariant=[groups[1]]
     )
@@ -100,7 +99,8 @@ def test_greedy_matches_brute_force(seed, devices):
     s = build_schedule(layers, groups, blocks, where, 3, budget, solve_bytes=solve, devices=devices)
     runs = _fewest_runs(items, fits)
     assert len(s.passes) == -(-runs // devices)
-    assert sum(len(p.shares) for p in s.passes) == runs
+    shares = sum(len(p.shares) for p in s.passes)
+    assert shares == runs or (runs < devices and runs < shares <= devices)  # spread over the devices
     assert all(len(p.shares) <= devices for p in s.passes)
 
 
