@@ -61,7 +61,7 @@ def run_quantize(args: argparse.Namespace) -> int:
 
     from adatsq import quantize
     from adatsq.calibrate.inputs import read_calibration
-    from adatsq.core.io import check_output
+    from adatsq.checkpoint.save import check_destination
     from adatsq.models.resolve import adapter_for
     from adatsq.recipe import load_recipe
 
@@ -70,7 +70,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         recipe = replace(recipe, calibration=replace(recipe.calibration, seed=args.seed))
     if args.max_memory is not None:
         recipe = replace(recipe, calibration=replace(recipe.calibration, max_memory=args.max_memory))
-    check_output(args.out, args.overwrite)  # fail before any long work
+    check_destination(args.out, args.overwrite)  # fail before any long work
     adapter = adapter_for(args.model, dtype=args.dtype, device=args.device)
     calibration = read_calibration(args.calib, adapter) if args.calib else None
     resume = progress_file(args.out)
