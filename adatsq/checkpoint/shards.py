@@ -45,7 +45,9 @@ TORCH_DTYPES = {
 }  # fmt: skip
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 DEFAULT_MAX_SHARD = "10GB"  # diffusers' save_pretrained default
-METADATA = {"format": "pt", "adatsq": "1"}
+# One key only: safetensors writes `__metadata__` from a Rust HashMap, in a random order each call, so a
+# second key would make the header bytes differ between runs of the same seed. Readers ignore it.
+METADATA = {"format": "pt"}
 
 
 def shard_name(index: int, count: int) -> str:

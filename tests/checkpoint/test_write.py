@@ -5,13 +5,59 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 
+import adatsq
 from adatsq.checkpoint import shards
 from adatsq.checkpoint.format import WEIGHTS
 from adatsq.errors import OutputError
+
+WRITE = """
+import hashlib, sys
+from pathlib import Path
+sha = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()
+import torch
+from adatsq.checkpoint.shards import write_tensors
+g = torch.Generator().manual_seed(0)
+tensors = {f"block.{i}.{kind}": torch.randn(64, 32, generator=g).to(dtype)
+           for i in range(6) for kind, dtype in [("weight", torch.float16), ("bias", torch.float32)]}
+tensors["qweight"] = torch.randint(0, 255, (128, 16), generator=g, dtype=torch.uint8)
+for run in range(4):
+    for max_bytes in (1 << 30, 16_000):
+        out = Path(sys.argv[1], f"{run}-{max_bytes}")
+        out.mkdir()
+        write_tensors(out, tensors, max_bytes)
+        print(" ".join(f"{p.name}:{sha(p)}" for p in sorted(out.glob("*"))))
+"""
+
+
+def test_tensor_files_are_byte_identical_across_runs(tmp_path):
+    """safetensors orders `__metadata__` at random per call and per process: only one key keeps it fixed."""
+    lines = set()
+    for seed in ("0", "1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "OMP_NUM_THREADS": "1"}
+        (tmp_path / seed).mkdir()
+        command = [sys.executable, "-c", WRITE, str(tmp_path / seed)]
+        run = subprocess.run(command, capture_output=True, text=True, env=env)
+        assert run.returncode == 0, run.stderr
+        lines.update(run.stdout.splitlines())
+    assert len(lines) == 2  # one single-file layout, one sharded layout
+    assert any("model-00001-of-" in line and "model.safetensors.index.json" in line for line in lines)
+
+
+def test_checkpoints_with_the_older_metadata_still_load(quantized_reference, tmp_path):
+    qmodel, directory = quantized_reference("gptq", 4)
+    old = tmp_path / "old"
+    shutil.copytree(directory, old)
+    tensors = load_file(old / WEIGHTS)
+    save_file(tensors, str(old / WEIGHTS), metadata={"format": "pt", "adatsq": "1"})  # before the change
+    pipe = adatsq.load(old)
+    assert len(qmodel.layers) and pipe.transformer is not None
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o077])
