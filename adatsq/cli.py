@@ -23,7 +23,6 @@ COMMANDS: Registry[Callable[[argparse._SubParsersAction], None]] = Registry("com
 
 def progress_file(out: Path) -> Path:
     """Where interrupted calibration for `out` keeps its partial sums (rerun the command to resume)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
     return out.parent / f".{out.name}.calibration.safetensors"
 
 
@@ -81,7 +80,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     from adatsq import quantize
     from adatsq.calibrate.distributed import is_writer
     from adatsq.calibrate.inputs import read_calibration
-    from adatsq.core.io import check_output
+    from adatsq.checkpoint.save import check_destination
     from adatsq.models.resolve import adapter_for
     from adatsq.recipe import load_recipe
 
@@ -90,7 +89,7 @@ def run_quantize(args: argparse.Namespace) -> int:
         recipe = replace(recipe, calibration=replace(recipe.calibration, seed=args.seed))
     if args.max_memory is not None:
         recipe = replace(recipe, calibration=replace(recipe.calibration, max_memory=args.max_memory))
-    check_output(args.out, args.overwrite)  # fail before any long work
+    check_destination(args.out, args.overwrite)  # fail before any long work
     device = join_processes(args.device, args.devices)
     adapter = adapter_for(args.model, dtype=args.dtype, device=device)
     calibration = read_calibration(args.calib, adapter) if args.calib else None
@@ -126,7 +125,7 @@ def _plan(sub: argparse._SubParsersAction) -> None:
 def run_plan(args: argparse.Namespace) -> int:
     from adatsq.calibrate.inputs import read_calibration
     from adatsq.core.io import check_output
-    from adatsq.engine.adaptive import plan_command
+    from adatsq.engine.adaptive import parse_sweep, plan_command
     from adatsq.errors import ConfigError
     from adatsq.models.resolve import adapter_for
     from adatsq.recipe import load_recipe
@@ -134,7 +133,10 @@ def run_plan(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe)
     if (args.sweep or args.plot) and not args.frontier:
         raise ConfigError("--sweep and --plot describe the frontier: add --frontier frontier.json")
-    for path in (args.out, args.frontier, args.plot):
+    if args.sweep:
+        parse_sweep(args.sweep)  # the whole list, before anything is written
+    plots = (args.out.with_suffix(".png"), args.out.with_suffix(".fisher.png"))
+    for path in (args.out, *plots, args.frontier, args.plot):
         if path is not None:
             check_output(path, args.overwrite)
     adapter = adapter_for(args.model, dtype=args.dtype, device=args.device)
@@ -209,6 +211,7 @@ def _tokens(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("--samples", type=int, default=256, help="held-out canvases (default 256)")
     bench.add_argument("--seed", type=int, default=1234)
     bench.add_argument("--out", type=Path, help="also write the JSON result here")
+    bench.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     bench.set_defaults(handler=run_tokens_bench)
     show = tokens.add_parser("show", help="draw which understanding tokens a reducer keeps")
     show.add_argument("image", help="48x48 PNG / .npy canvas, or canvas:SEED for a held-out one")
@@ -221,8 +224,11 @@ def _tokens(sub: argparse._SubParsersAction) -> None:
 
 
 def run_tokens_bench(args: argparse.Namespace) -> int:
+    from adatsq.core.io import check_output
     from adatsq.tokens.commands import run_bench
 
+    if args.out is not None:
+        check_output(args.out, args.overwrite)  # before the benchmark runs
     print(run_bench(args.model, args.methods, args.keep, args.samples, args.seed, args.out))
     return 0
 

@@ -9,6 +9,10 @@ class ConfigError(AdatsqError):
     """A recipe, plan or argument has an unknown key, a wrong type or a value outside the allowed set."""
 
 
+class OutputError(ConfigError):
+    """An output path cannot be written: taken by another kind of file, read-only, or the disk is full."""
+
+
 class CheckpointError(AdatsqError):
     """A checkpoint folder is missing, truncated, corrupted or inconsistent with its config."""
 

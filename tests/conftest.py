@@ -5,7 +5,10 @@ Runs use one thread: several developers share two cores.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -83,3 +86,32 @@ def tiny_pipeline_dir(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str
         return built[family]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def tree() -> Callable[[Path], dict[str, bytes | None]]:
+    """`tree(root)`: every path under `root`, hidden ones too -> its bytes (None for folders)."""
+
+    def read(root: Path) -> dict[str, bytes | None]:
+        return {
+            str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(root.rglob("*"))
+        }
+
+    return read
+
+
+@pytest.fixture
+def read_only_dir(tmp_path: Path) -> Iterator[Path]:
+    """An empty folder nothing can be created in: mode 555, or for root (whom modes do not stop) the
+    immutable flag; the test is skipped where neither works."""
+    folder = tmp_path / "read-only"
+    folder.mkdir(mode=0o555)
+    immutable = os.access(folder, os.W_OK) and shutil.which("chattr") is not None
+    if immutable and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode:
+        immutable = False
+    if os.access(folder, os.W_OK):
+        pytest.skip("cannot make a folder read-only here")
+    yield folder
+    if immutable:
+        subprocess.run(["chattr", "-i", str(folder)], check=True)
+    folder.chmod(0o755)

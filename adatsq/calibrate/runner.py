@@ -39,7 +39,8 @@ def collect_stats(
 
     Batch i samples from seed + i, so results do not depend on how many batches ran before a resume
     nor on how many processes share the work (see calibrate/distributed.py). With `resume`, partial
-    sums are saved there every `save_every` seconds and a matching file is continued from.
+    sums are saved there every `save_every` seconds and once all batches ran (a run that fails after
+    calibration resumes with none to redo); a matching file is continued from.
     """
     if not inputs:
         raise CalibrationError("the calibration set is empty; give at least one prompt/label (--calib FILE)")
@@ -51,7 +52,7 @@ def collect_stats(
     done = load_progress(resume, capture.stats, key) if resume is not None else 0
     mine = shard(batches(inputs, batch_size))
     handle = install_segment_hook(adapter, segments, capture.set_position)
-    last_save = time.monotonic()
+    last_save, saved = time.monotonic(), done
     try:
         with capture, torch.no_grad():
             bar = tqdm(
@@ -66,7 +67,9 @@ def collect_stats(
                 adapter.generate(chunk, seed=seed + i, num_steps=len(segments.timesteps))
                 if resume is not None and time.monotonic() - last_save > save_every:
                     save_progress(resume, capture.stats, count + 1, key)
-                    last_save = time.monotonic()
+                    last_save, saved = time.monotonic(), count + 1
+        if resume is not None and saved < len(mine):
+            save_progress(resume, capture.stats, len(mine), key)
     finally:
         handle.remove()
     stats = capture.finish(summed_over_ranks=True)

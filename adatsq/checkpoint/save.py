@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from adatsq.checkpoint.format import (
     variant_prefix,
 )
 from adatsq.checkpoint.shards import DEFAULT_MAX_SHARD, tensor_sha256, write_tensors
-from adatsq.core.io import commit_output, prepare_output, write_json
+from adatsq.core.io import check_output, output_folder, write_json
 from adatsq.core.sizes import parse_size
 from adatsq.core.version import __version__
 from adatsq.models.base import ModelAdapter
@@ -107,13 +106,22 @@ def _stored_recipe(recipe: Recipe) -> dict[str, Any]:
     return data
 
 
+def is_checkpoint(directory: Path) -> bool:
+    """A folder this program wrote (the only kind of folder --overwrite replaces)."""
+    return (directory / CONFIG).is_file()
+
+
+def check_destination(directory: Path, overwrite: bool = False) -> None:
+    """Refuse a checkpoint destination that cannot or may not be written (before any long work)."""
+    check_output(directory, overwrite, folder=True, owned=is_checkpoint)
+
+
 def save_checkpoint(
     qmodel: QuantizedModel, directory: Path, overwrite: bool = False, max_shard_size: str = DEFAULT_MAX_SHARD
 ) -> Path:
     """Write the checkpoint folder; tensors over `max_shard_size` in total are split into shards."""
     shard_bytes = parse_size(max_shard_size)
-    tmp = prepare_output(directory, overwrite)
-    try:
+    with output_folder(directory, overwrite, owned=is_checkpoint) as tmp:
         tensors = checkpoint_tensors(qmodel)
         written = write_tensors(tmp, tensors, shard_bytes)
         config = checkpoint_config(qmodel)
@@ -125,9 +133,5 @@ def save_checkpoint(
         report = dict(qmodel.report)
         report["checkpoint_bytes"] = written
         write_json(tmp / REPORT, report)
-        commit_output(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote %s", directory)
     return directory

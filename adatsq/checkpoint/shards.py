@@ -23,6 +23,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from adatsq.checkpoint.format import CONFIG, SAFETENSORS_ERRORS, WEIGHTS
+from adatsq.core.io import atomic_write, write_json
 from adatsq.errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
@@ -44,7 +45,9 @@ TORCH_DTYPES = {
 }  # fmt: skip
 _SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 DEFAULT_MAX_SHARD = "10GB"  # diffusers' save_pretrained default
-METADATA = {"format": "pt", "adatsq": "1"}
+# One key only: safetensors writes `__metadata__` from a Rust HashMap, in a random order each call, so a
+# second key would make the header bytes differ between runs of the same seed. Readers ignore it.
+METADATA = {"format": "pt"}
 
 
 def shard_name(index: int, count: int) -> str:
@@ -100,18 +103,22 @@ def write_tensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_b
     """Write `tensors` into `directory` (one file, or shards + index); returns the bytes written."""
     groups = _split(tensors, max_shard_bytes)
     if len(groups) == 1:
-        save_file(tensors, str(directory / WEIGHTS), metadata=METADATA)
+        _save(tensors, directory / WEIGHTS)
         return (directory / WEIGHTS).stat().st_size
     weight_map, hashes, total = {}, {}, 0
     for i, keys in enumerate(groups, 1):
         name = shard_name(i, len(groups))
-        save_file({k: tensors[k] for k in keys}, str(directory / name), metadata=METADATA)
+        _save({k: tensors[k] for k in keys}, directory / name)
         weight_map.update(dict.fromkeys(keys, name))
         hashes[name] = file_sha256(directory / name)
         total += (directory / name).stat().st_size
     index = {"metadata": {"total_size": total, "sha256": hashes}, "weight_map": weight_map}
-    (directory / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    write_json(directory / INDEX, index)
     return total
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=METADATA))
 
 
 class TensorFiles:

@@ -91,15 +91,17 @@ def quantize_adaptive(
     return qmodel
 
 
+def parse_sweep(values: str) -> list[float]:
+    try:
+        return [float(v) for v in values.split(",")]
+    except ValueError:
+        raise ConfigError(f"--sweep {values!r} must be comma-separated numbers, e.g. 3.5,4,4.5,5,6") from None
+
+
 def sweep_budgets(planner: Planner, kind: str, values: str | None) -> list[Budget]:
     """Budgets of `kind` from a comma list, else 6 evenly spaced from the cheapest plan to all-max bits."""
     if values:
-        try:
-            return [Budget(kind, float(v)) for v in values.split(",")]
-        except ValueError:
-            raise ConfigError(
-                f"--sweep {values!r} must be comma-separated numbers, e.g. 3.5,4,4.5,5,6"
-            ) from None
+        return [Budget(kind, value) for value in parse_sweep(values)]
     problem, candidates = planner.problem, planner.recipe.planner.candidates
     low = cheapest_plan_cost(
         problem.layers, kind, candidates, problem.num_segments, problem.act_bits, problem.pinned

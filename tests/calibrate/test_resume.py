@@ -62,3 +62,20 @@ def test_progress_for_other_settings_is_ignored(tmp_path):
     fresh = collect_stats(adapter, layers, segments, [3, 4], batch_size=1, seed=0, progress=False)
     name = next(iter(fresh))
     torch.testing.assert_close(other[name].xtx, fresh[name].xtx)
+
+
+def test_a_finished_calibration_is_not_redone(tmp_path):
+    """Progress is saved once every batch ran: a run that fails later resumes with nothing to redo."""
+    adapter, layers, segments = setup()
+    inputs, resume = list(range(8)), tmp_path / "progress.safetensors"
+    full = collect_stats(adapter, layers, segments, inputs, batch_size=2, seed=0, progress=False,
+                         resume=resume, save_every=1e9)  # fmt: skip
+    original, ran = adapter.generate, []
+    adapter.generate = lambda *a, **k: (ran.append(1), original(*a, **k))[1]
+    resumed = collect_stats(
+        adapter, layers, segments, inputs, batch_size=2, seed=0, progress=False, resume=resume
+    )
+    assert ran == []
+    for name in full:
+        assert torch.equal(resumed[name].tokens, full[name].tokens)
+        assert torch.equal(resumed[name].xtx, full[name].xtx)
