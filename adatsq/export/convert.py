@@ -12,7 +12,7 @@ from pathlib import Path
 from adatsq.core.io import check_output, commit_output, prepare_output, write_json
 from adatsq.core.version import __version__
 from adatsq.errors import ConfigError
-from adatsq.export import compressed_tensors  # noqa: F401  (it registers)
+from adatsq.export import compressed_tensors, gptqmodel, quanto, torchao  # noqa: F401  (they register)
 from adatsq.export.base import EXPORTERS, ExportOptions, ExportSource, Selection, Written, bits_summary
 from adatsq.export.source import read_source
 from adatsq.quant.scheme import WeightScheme
