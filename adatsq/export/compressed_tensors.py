@@ -182,10 +182,13 @@ class CompressedTensorsExporter(Exporter):
         ]
         if acts:
             keeps.append("activations: dynamic symmetric per-token int8 (strategy token, dynamic)")
+        loses = ["the timestep axis: one variant per layer (" + source.selection_text + ")"]
+        if any(layer.act_bits and layer.bits < 8 for layer in source.layers.values()):
+            loses.append("packing: int-quantized (A8) layers store each sub-8-bit code in a whole int8")
         return Written(
             description=f"compressed-tensors {qconfig['format']}, {n_groups_} config group(s), "
             f"{written} bytes",
             files=(MODEL_CONFIG, WEIGHTS if (folder / WEIGHTS).exists() else "model-*.safetensors"),
             keeps=tuple(keeps),
-            loses=("the timestep axis: one variant per layer (" + source.selection_text + ")",),
+            loses=tuple(loses),
         )
