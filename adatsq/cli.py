@@ -1,4 +1,4 @@
-"""`adatsq` command line: quantize | plan | eval | inspect | estimate | tokens (each a registered subcommand).
+"""`adatsq` command line: quantize | plan | eval | inspect | export | estimate | tokens | env (subcommands).
 
 User errors (AdatsqError) print one line on stderr and exit with code 2; nothing else is caught.
 """
@@ -197,6 +197,58 @@ def run_inspect(args: argparse.Namespace) -> int:
     from adatsq.checkpoint.inspect import inspect_path
 
     print(inspect_path(args.path, verify=not args.no_verify))
+    return 0
+
+
+@COMMANDS.register("export")
+def _export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export", help="write a checkpoint (or a plan) for compressed-tensors, gptqmodel, torchao or quanto"
+    )
+    p.add_argument(
+        "source", type=Path, help="checkpoint folder; or a plan.json for gptqmodel / torchao / quanto"
+    )
+    p.add_argument(
+        "--to", required=True, metavar="TARGET", help="compressed-tensors | gptqmodel | torchao | quanto"
+    )
+    p.add_argument("--out", required=True, type=Path, help="output folder")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument(
+        "--segment",
+        type=int,
+        metavar="K",
+        help="export the variant each layer runs at timestep segment K (0-based)",
+    )
+    which.add_argument("--max", action="store_true", help="export each layer's widest variant")
+    p.add_argument(
+        "--scale-dtype",
+        choices=["float16", "float32"],
+        default="float16",
+        help="compressed-tensors weight_scale dtype (float16: the stored scales; float32: exact fp32)",
+    )
+    p.add_argument(
+        "--recipe",
+        type=Path,
+        help="plan.json only: the recipe giving group size / symmetry (default 128, sym)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 of every checkpoint tensor")
+    p.set_defaults(handler=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from adatsq.export.base import ExportOptions, Selection
+    from adatsq.export.convert import export
+    from adatsq.recipe import load_recipe
+
+    selection = Selection(args.segment) if args.segment is not None else Selection() if args.max else None
+    weight = load_recipe(args.recipe).weight if args.recipe else None
+    options = ExportOptions(scale_dtype=args.scale_dtype)
+    summary = export(
+        args.source, args.to, args.out, selection, overwrite=args.overwrite, options=options,
+        verify=not args.no_verify, weight=weight,
+    )  # fmt: skip
+    print(summary)
     return 0
 
 

@@ -27,3 +27,7 @@ class PlanError(AdatsqError):
 
 class TokenReductionError(AdatsqError):
     """A token reducer was given inconsistent shapes, ratios or a model it cannot serve."""
+
+
+class ExportError(AdatsqError):
+    """A checkpoint or plan holds something an export target cannot represent faithfully."""

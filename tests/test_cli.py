@@ -203,3 +203,51 @@ def test_version_and_env_like_their_peers(capsys):
     assert lines["torch"] == torch.__version__ and lines["adatsq"] == adatsq.__version__
     assert lines["torch threads"] == str(torch.get_num_threads())
     assert lines["cuda"] == "not available" or torch.cuda.is_available()
+
+
+def test_export_writes_a_compressed_tensors_folder(checkpoint, tmp_path, capsys):
+    out = tmp_path / "ct"
+    assert main(["export", str(checkpoint), "--to", "compressed-tensors", "--out", str(out)]) == 0
+    (line,) = capsys.readouterr().out.strip().splitlines()
+    assert line.startswith(f"wrote {out}: compressed-tensors int-quantized, 1 config group(s)")
+    assert line.endswith("each layer's only variant (no layer switches bits)")
+    qconfig = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qconfig["config_groups"]["group_0"]["input_activations"]["strategy"] == "token"
+
+
+def test_export_of_an_unknown_target_in_a_fresh_process(checkpoint, tmp_path):
+    result = run_cli("export", str(checkpoint), "--to", "onnx", "--out", str(tmp_path / "o"))
+    assert_user_error(
+        result, "unknown export target 'onnx'; supported: compressed-tensors, gptqmodel, quanto"
+    )
+
+
+@pytest.fixture(scope="module")
+def w3_checkpoint(tmp_path_factory):
+    recipe = tmp_path_factory.mktemp("recipes") / "rtn3.yaml"
+    recipe.write_text(FAST_RECIPE.replace("gptq", "rtn").replace("bits: 4", "bits: 3"))
+    out = tmp_path_factory.mktemp("cli") / "w3"
+    assert main(["quantize", "reference", "--recipe", str(recipe), "--out", str(out)]) == 0
+    return out
+
+
+def test_export_bad_inputs_are_one_line(checkpoint, w3_checkpoint, recipe_file, tmp_path, capsys):
+    plan = tmp_path / "plan.json"
+    plan.write_text("{}")
+    cases = [
+        ([str(checkpoint), "--to", "quanto", "--segment", "1"], "--segment 1 is out of range"),
+        ([str(tmp_path / "missing"), "--to", "quanto"], "neither a checkpoint folder nor a plan"),
+        ([str(checkpoint), "--to", "quanto", "--out", str(checkpoint)], "already exists; pass --overwrite"),
+        ([str(w3_checkpoint), "--to", "quanto"], "exports 3-bit weights; quanto has qint2 (2 bits)"),
+        (
+            [str(checkpoint), "--to", "gptqmodel", "--recipe", str(recipe_file)],
+            "--recipe only applies to a plan",
+        ),
+        ([str(plan), "--to", "torchao"], "is missing keys"),
+    ]
+    for args, fragment in cases:
+        out = [] if "--out" in args else ["--out", str(tmp_path / "out")]
+        assert main(["export", *args, *out]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and fragment in err[0], (args, err)
+    assert not (tmp_path / "out").exists()

@@ -21,22 +21,27 @@ FORBIDDEN = {
         "quant",
         "engine",
         "checkpoint",
+        "export",
         "models",
         "tokens",
         "eval",
         "recipe",
         "cli",
     },
-    "quant": {"calibrate", "plan", "engine", "checkpoint", "models", "tokens", "eval", "recipe", "cli"},
-    "plan": {"calibrate", "engine", "checkpoint", "models", "tokens", "eval", "recipe", "cli"},
-    "models": {"calibrate", "plan", "engine", "checkpoint", "tokens", "eval", "recipe", "cli"},
-    "calibrate": {"engine", "checkpoint", "tokens", "eval", "recipe", "cli"},
-    "checkpoint": {"engine", "tokens", "eval", "cli"},
-    "engine": {"tokens", "eval", "cli"},
-    "tokens": {"plan", "engine", "eval", "cli"},
-    "eval": {"engine", "tokens", "cli"},
-    "recipe": {"engine", "checkpoint", "models", "tokens", "eval", "cli"},
-}
+    "quant": {
+        "calibrate", "plan", "engine", "checkpoint", "export", "models", "tokens", "eval", "recipe", "cli",
+    },
+    "plan": {"calibrate", "engine", "checkpoint", "export", "models", "tokens", "eval", "recipe", "cli"},
+    "models": {"calibrate", "plan", "engine", "checkpoint", "export", "tokens", "eval", "recipe", "cli"},
+    "calibrate": {"engine", "checkpoint", "export", "tokens", "eval", "recipe", "cli"},
+    "checkpoint": {"engine", "export", "tokens", "eval", "cli"},
+    # export reads checkpoints and plans and writes files: it never quantizes, calibrates or runs models
+    "export": {"engine", "calibrate", "models", "recipe", "tokens", "eval", "cli"},
+    "engine": {"export", "tokens", "eval", "cli"},
+    "tokens": {"plan", "engine", "export", "eval", "cli"},
+    "eval": {"engine", "export", "tokens", "cli"},
+    "recipe": {"engine", "checkpoint", "export", "models", "tokens", "eval", "cli"},
+}  # fmt: skip
 
 
 def module_name(path: Path) -> str:
