@@ -32,8 +32,14 @@ log = logging.getLogger(__name__)
 def pass_schedule(
     adapter: ModelAdapter, layers: dict[str, nn.Linear], segments: int, budget: int | None
 ) -> Schedule:
-    """The schedule for this run: checked against the budget before any work, one share per process."""
-    return schedule_for(adapter.denoiser(), list(layers), segments, budget, devices=world()[1])
+    """The schedule for this run: checked against the budget before any work, one share per process.
+
+    The budget is the device's, as `adatsq estimate` counts it: the denoiser's weights (they stay for the
+    replays) are reserved first, then accumulators and solves fill the rest.
+    """
+    denoiser = adapter.denoiser()
+    weights = sum(t.numel() * t.element_size() for t in [*denoiser.parameters(), *denoiser.buffers()])
+    return schedule_for(denoiser, list(layers), segments, budget, reserved_bytes=weights, devices=world()[1])
 
 
 def stop_layer(share: Share, recording: Recording) -> str:

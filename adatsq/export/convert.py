@@ -6,10 +6,9 @@ kept, and what the target keeps and loses, so the choice of segment is never imp
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
-from adatsq.core.io import check_output, commit_output, prepare_output, write_json
+from adatsq.core.io import check_output, output_folder, write_json
 from adatsq.core.version import __version__
 from adatsq.errors import ConfigError
 from adatsq.export import compressed_tensors, gptqmodel, quanto, torchao  # noqa: F401  (they register)
@@ -19,6 +18,11 @@ from adatsq.quant.scheme import WeightScheme
 
 RECORD = "adatsq_export.json"
 RECORD_VERSION = 1
+
+
+def is_export(folder: Path) -> bool:
+    """A folder this command wrote (--overwrite replaces only those)."""
+    return (folder / RECORD).is_file()
 
 
 def record(target: str, source: ExportSource, written: Written) -> dict:
@@ -59,7 +63,9 @@ def export(
     accepted only when no layer switches bits. `weight` gives a plan's group size and symmetry.
     """
     exporter = EXPORTERS.get(target)()
-    check_output(out, overwrite)  # before reading (and hashing) the source
+    check_output(
+        out, overwrite, folder=True, owned=lambda folder: (folder / RECORD).is_file()
+    )  # before reading
     source = read_source(Path(source_path), selection, verify, weight)
     if source.kind == "plan" and not exporter.reads_plans:
         readers = [name for name in EXPORTERS.names() if EXPORTERS.get(name).reads_plans]
@@ -69,14 +75,9 @@ def export(
         )
     options = options or ExportOptions()
     exporter.check(source, options)
-    tmp = prepare_output(out, overwrite)
-    try:
+    with output_folder(out, overwrite, owned=is_export) as tmp:
         written = exporter.write(source, options, tmp)
         write_json(tmp / RECORD, record(target, source, written))
-        commit_output(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return (
         f"wrote {out}: {written.description}; {len(source.layers)} layers ({bits_summary(source.layers)}), "
         f"{source.selection_text}"

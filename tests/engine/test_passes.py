@@ -7,7 +7,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 import adatsq
@@ -17,7 +16,7 @@ from adatsq.calibrate.runner import collect_stats
 from adatsq.calibrate.segments import SegmentMap
 from adatsq.checkpoint.save import checkpoint_tensors
 from adatsq.core.sizes import parse_size
-from adatsq.engine.schedule import schedule_for
+from adatsq.engine.passes import pass_schedule
 from adatsq.engine.surgery import select_layers
 from adatsq.errors import ConfigError
 from adatsq.models.resolve import adapter_for
@@ -71,13 +70,24 @@ def test_replayed_statistics_equal_the_live_ones_exactly(recipe):
         assert torch.equal(capture.stats[name].tokens, live[name].tokens), name
 
 
-def test_checkpoints_are_identical_under_any_budget(recipe):
+def splitting_budgets(recipe) -> list[str]:
+    """Two feasible budgets (bytes) splitting the reference calibration into different pass counts."""
     adapter = adapter_for("reference")
-    layers = list(select_layers(adapter, recipe))
-    whole = schedule_for(adapter.denoiser(), layers, 2, None).peak_device_bytes  # everything in one pass
-    budgets = [str(int(whole * f)) for f in (0.6, 0.85)]
-    counts = [len(schedule_for(adapter.denoiser(), layers, 2, parse_size(b)).passes) for b in budgets]
-    assert counts[0] > counts[1] > 1  # both budgets really split the calibration
+    layers = select_layers(adapter, recipe)
+    whole = pass_schedule(adapter, layers, 2, None).peak_device_bytes  # everything in one pass
+    by_count: dict[int, str] = {}
+    for fraction in (0.5, 0.6, 0.7, 0.8, 0.9):
+        budget = str(int(whole * fraction))
+        try:
+            by_count.setdefault(len(pass_schedule(adapter, layers, 2, parse_size(budget)).passes), budget)
+        except ConfigError:  # below the largest layer's own need
+            continue
+    return [by_count[n] for n in sorted(by_count, reverse=True) if n > 1][:2]
+
+
+def test_checkpoints_are_identical_under_any_budget(recipe):
+    budgets = splitting_budgets(recipe)
+    assert len(budgets) == 2  # two budgets that really split the calibration, differently
     live = tensor_digest(adatsq.quantize("reference", recipe, progress=False))
     for budget in budgets:
         bounded = replace(recipe, calibration=replace(recipe.calibration, max_memory=budget))
@@ -104,15 +114,13 @@ def _quantize_in_process(rank: int, init: str, recipe, out: str, world_size: int
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("budget", [None, "0.6"])
+@pytest.mark.parametrize("budget", [None, "split"])
 def test_two_processes_write_the_single_process_checkpoint_byte_for_byte(recipe, tmp_path, budget):
     """Owner ranks replay and solve their own shares: same sums, same order, same bytes."""
     import torch.multiprocessing as mp
 
     if budget is not None:
-        adapter = adapter_for("reference")
-        whole = schedule_for(adapter.denoiser(), list(select_layers(adapter, recipe)), 2, None)
-        budget = str(int(whole.peak_device_bytes * float(budget)))
+        budget = splitting_budgets(recipe)[0]
         recipe = replace(recipe, calibration=replace(recipe.calibration, max_memory=budget))
     adatsq.quantize("reference", recipe, progress=False).save(tmp_path / "one")
     init = f"file://{tmp_path / 'pg'}"
@@ -120,5 +128,5 @@ def test_two_processes_write_the_single_process_checkpoint_byte_for_byte(recipe,
     assert (tmp_path / "two" / "adatsq_config.json").read_bytes() == (
         tmp_path / "one" / "adatsq_config.json"
     ).read_bytes()
-    one, two = (load_file(tmp_path / d / "model.safetensors") for d in ("one", "two"))
-    assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
+    one, two = (tmp_path / d / "model.safetensors" for d in ("one", "two"))
+    assert one.read_bytes() == two.read_bytes()  # header included: byte for byte
