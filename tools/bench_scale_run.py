@@ -51,7 +51,7 @@ calibration: {samples: 2, steps: 4, batch_size: 1, seed: 0, segments: 2}
 gptq: {damping: 0.01, act_order: true, block_size: 128}
 """
 GEOMETRY = ["--height", "32", "--width", "32", "--frames", "5", "--text-tokens", "8"]  # the tiny sampling
-BUDGET_FRACTIONS = (0.75, 0.55)  # of the unbounded run's predicted device peak
+BUDGET_FRACTIONS = (0.5, 0.05)  # between the smallest feasible budget (0) and the unbounded peak (1)
 MiB = 2**20
 ESTIMATE_KEYS = ("accumulator_bytes", "peak_device_bytes", "peak_host_bytes", "recorded_bytes")
 
@@ -127,7 +127,8 @@ def quantize_runs(work: Path, blocks: int, width: dict[str, int], env: dict[str,
     recipe.write_text(RECIPE)
     base = baseline(folder, env)
     unbounded = estimate(folder, recipe, "1000GiB", env)
-    budgets = [str(int(unbounded["peak_device_bytes"] * f)) for f in BUDGET_FRACTIONS]
+    low, high = unbounded["smallest_budget_bytes"], unbounded["peak_device_bytes"]
+    budgets = [str(int(low + f * (high - low))) for f in BUDGET_FRACTIONS]
     float_bytes = sum(f.stat().st_size for f in (folder / "transformer").glob("*.safetensors"))
     runs = []
     for budget in [None, *budgets]:

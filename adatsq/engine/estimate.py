@@ -61,6 +61,7 @@ class Estimate:
     accumulator_bytes: int  # all layers × segments, float32, one XᵀX per distinct input
     float64_per_layer_bytes: int  # the same with one float64 XᵀX per layer per segment (today's runner)
     one_block_bytes: int  # float32 accumulators of the largest block
+    smallest_budget_bytes: int  # the least --max-memory that runs at all (more passes, same result)
     passes: int
     peak_device_bytes: int
     per_device_peak_bytes: tuple[int, ...]  # by rank, the max over passes
@@ -177,6 +178,7 @@ def estimate(
         accumulator_bytes=schedule.accumulator_bytes,
         float64_per_layer_bytes=sum(8 * la.in_features**2 * segments for la in layers),
         one_block_bytes=_largest_block(schedule),
+        smallest_budget_bytes=schedule.smallest_budget_bytes,
         passes=len(schedule.passes),
         peak_device_bytes=schedule.peak_device_bytes,
         per_device_peak_bytes=_per_rank(schedule),
@@ -271,7 +273,11 @@ def render(est: Estimate) -> str:
         ("accumulators (float32)", format_size(est.accumulator_bytes)),
         ("  float64 per layer (today)", format_size(est.float64_per_layer_bytes)),
         ("  largest block", format_size(est.one_block_bytes)),
-        ("budget per device", format_size(est.budget_bytes)),
+        (
+            "budget per device",
+            f"{format_size(est.budget_bytes)} (smallest feasible "
+            f"{format_size(est.smallest_budget_bytes, up=True)})",
+        ),
         ("passes", f"{est.passes}"),
         (
             "peak device",

@@ -103,6 +103,7 @@ class Schedule:
     devices: int
     budget_bytes: int | None  # per device; None: unbounded
     reserved_bytes: int  # per device, outside accumulators and solves (e.g. the denoiser's weights)
+    smallest_budget_bytes: int  # the largest accumulator with its own solve, plus the reserved bytes
 
     @property
     def accumulator_bytes(self) -> int:
@@ -278,7 +279,8 @@ def build_schedule(
         passes.append(
             Pass(index, shares, union, tuple(n for s in shares for n in s.layers), run_to=union[-1])
         )
-    return Schedule(tuple(specs), tuple(passes), segments, devices, budget_bytes, reserved_bytes)
+    smallest = reserved_bytes + max(a.device_bytes + solve[a.key] for a in specs)
+    return Schedule(tuple(specs), tuple(passes), segments, devices, budget_bytes, reserved_bytes, smallest)
 
 
 def schedule_for(
