@@ -1,4 +1,4 @@
-"""tools/bench_scale_run.py --quick: real quantize processes, measured RSS beside the estimate's prediction."""
+"""tools/bench_scale_run.py --quick: real quantize processes, measured RSS beside the prediction."""
 
 from __future__ import annotations
 
