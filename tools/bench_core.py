@@ -46,6 +46,7 @@ from bench.common import (
     write_markdown,
     write_report,
 )
+from bench.gptq_reference import reference_gptq
 from safetensors import safe_open
 from safetensors.torch import load_file
 
@@ -216,50 +217,6 @@ def random_problem(seed: int, out: int = 256, cols: int = 512, tokens: int = 409
     X = torch.randn(tokens, cols, generator=g, dtype=torch.float64) @ mix * channel
     H = X.T @ X / tokens
     return W.float(), H
-
-
-def reference_gptq(
-    W: torch.Tensor, H: torch.Tensor, scheme: WeightScheme, act_order: bool, stale_grid: bool = True
-) -> torch.Tensor:
-    """Dequantized weight of the GPTQ reference code (IST-DASLab gptq.py `fasterquant`), transcribed.
-
-    An independent check of adatsq.quant.gptq (float64 here). The reference reads a group's grid from
-    the block-stale W (stale_grid=True, as published); adatsq reads it from the updated columns
-    (stale_grid=False reproduces that choice) and rounds scales up to float16.
-    """
-    W, H = W.to(torch.float64).clone(), H.to(torch.float64).clone()
-    maxq, gs, cols = 2**scheme.bits - 1, scheme.group_size, W.shape[1]
-
-    def grid(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        xmin, xmax = x.min(1).values.clamp(max=0), x.max(1).values.clamp(min=0)
-        if scheme.symmetric:
-            xmax = torch.maximum(xmin.abs(), xmax)
-            xmin = -xmax
-        scale = (xmax - xmin) / maxq
-        zero = torch.full_like(scale, (maxq + 1) / 2) if scheme.symmetric else torch.round(-xmin / scale)
-        return scale, zero
-
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else None
-    if perm is not None:
-        W, H = W[:, perm], H[perm][:, perm]
-    H += 0.01 * torch.diag(H).mean() * torch.eye(cols, dtype=torch.float64)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    Q = torch.zeros_like(W)
-    scale, zero = grid(W)
-    for i1 in range(0, cols, 128):
-        i2 = min(i1 + 128, cols)
-        W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros_like(W[:, i1:i2]), Hinv[i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            if gs is not None and (i1 + i) % gs == 0:
-                scale, zero = grid(W[:, i1 + i : i1 + i + gs] if stale_grid else W1[:, i : i + gs])
-            w, d = W1[:, i], Hinv1[i, i]
-            q = (torch.clamp(torch.round(w / scale) + zero, 0, maxq) - zero) * scale
-            Q[:, i1 + i] = q
-            err1 = (w - q) / d
-            W1[:, i:] -= err1[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
-    return Q if perm is None else Q[:, torch.argsort(perm)]
 
 
 def gptq_vs_rtn(seed: int) -> dict[str, Any]:
@@ -461,9 +418,9 @@ def markdown(report: dict[str, Any]) -> str:
         f"{g['hessian']['max_eig']:.3g}), group {g['group_size']}, damping 0.01.",
         'Loss = tr((W−Q)H(W−Q)ᵀ), shown as a ratio to RTN\'s (< 1: GPTQ better). "ref" is the GPTQ',
         "authors' `fasterquant` loop transcribed",
-        "into this script (float64), an independent check of `adatsq.quant.gptq`; it reads each group's grid",
-        'from the block-stale W, while adatsq deliberately reads it from the updated columns ("ref, fresh',
-        'grid" is the transcription with that one change). Deterministic = two runs rebuilt from the same',
+        "(tools/bench/gptq_reference.py, float64), an independent check of `adatsq.quant.gptq`; both read",
+        'each group\'s grid from the lazily updated W, as published ("ref, fresh grid" reads it from the',
+        "intra-block-updated columns instead). Deterministic = two runs rebuilt from the same",
         "seed give bit-identical codes, scales, zeros and loss (with and without act-order).",
         "",
     ]
