@@ -54,6 +54,19 @@ def gather(value: Any) -> list[Any]:
     return values
 
 
+def merge_owned(*parts: dict[Any, Any]) -> tuple[dict[Any, Any], ...]:
+    """Dicts keyed by owned units (layers, batches), each rank holding its own keys: the union on every
+    rank."""
+    gathered = gather(parts)
+    if len(gathered) == 1:
+        return parts
+    merged: tuple[dict[Any, Any], ...] = tuple({} for _ in parts)
+    for rank_parts in gathered:
+        for whole, mine in zip(merged, rank_parts, strict=True):
+            whole.update(mine)
+    return merged
+
+
 def reduce_(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
     """All-reduce in place (sum or max) across processes; a no-op in a single process."""
     if world()[1] > 1:

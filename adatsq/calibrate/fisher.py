@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from adatsq.calibrate.distributed import reduce_, shard
+from adatsq.calibrate.distributed import merge_owned, shard, world
 from adatsq.calibrate.record import batches
 from adatsq.core.plots import new_figure, save_figure
 from adatsq.errors import CalibrationError
@@ -118,7 +118,8 @@ def fisher_weights(
     """Per-step weights [num_steps] summing to 1, and the estimator used ("gradient" or "perturbation")."""
     if not inputs:
         raise CalibrationError("the calibration set is empty; Fisher weights need at least one input")
-    total, method = torch.zeros(num_steps, dtype=torch.float64), "gradient"
+    per_batch: dict[int, torch.Tensor] = {}
+    method = "gradient"
     for i, chunk in tqdm(
         shard(batches(inputs, batch_size)), desc="fisher", unit="batch", disable=None if progress else True
     ):
@@ -128,8 +129,12 @@ def fisher_weights(
         if per_step is None:
             method = "perturbation"
             per_step = _perturbation_sensitivity(adapter, chunk, seed + i, num_steps, epsilon)
-        total += per_step.double()
-    reduce_(total)
+        per_batch[i] = per_step.double()
+    per_batch, methods = merge_owned(per_batch, {world()[0]: method})
+    method = "perturbation" if "perturbation" in methods.values() else method
+    total = torch.zeros(num_steps, dtype=torch.float64)
+    for i in sorted(per_batch):  # global batch order whatever the number of processes: the same sum
+        total += per_batch[i]
     if not bool(torch.isfinite(total).all()) or float(total.sum()) <= 0:
         raise CalibrationError("Fisher sensitivities are zero or non-finite; check the sampler and inputs")
     return (total / total.sum()).float(), method

@@ -1,10 +1,15 @@
-"""One calibration pass for AdaTSQ: per-segment statistics plus temporal Fisher weights, reused by the
-planner's error table, its trajectory meter and the final Fisher-weighted GPTQ solves."""
+"""AdaTSQ's calibration: per-segment statistics plus temporal Fisher weights, reused by the planner's
+candidates and error table and by the final Fisher-weighted GPTQ solves.
+
+Without a memory budget (one process) the statistics are gathered in one live run and held; under
+`calibration.max_memory` or several processes they are record / replay passes (`engine.passes`) that
+the planner iterates twice, so no more than one pass's statistics exist at any time.
+"""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,10 +19,10 @@ from torch import nn
 
 from adatsq.calibrate.capture import LayerStats
 from adatsq.calibrate.fisher import fisher_weights, segment_weights
-from adatsq.calibrate.runner import collect_stats
 from adatsq.calibrate.segments import SegmentMap
+from adatsq.engine.passes import layer_statistics
 from adatsq.engine.surgery import select_layers
-from adatsq.errors import ConfigError, PlanError
+from adatsq.errors import PlanError
 from adatsq.models.base import ModelAdapter
 from adatsq.models.resolve import adapter_for
 from adatsq.recipe import Recipe
@@ -30,7 +35,7 @@ class Calibration:
     adapter: ModelAdapter
     layers: dict[str, nn.Linear]
     segments: SegmentMap
-    stats: dict[str, LayerStats]
+    statistics: Iterable[dict[str, LayerStats]]  # groups of layers' statistics, re-iterable
     step_weights: torch.Tensor  # Fisher weight per sampler step (sums to 1)
     fisher_method: str
     seconds: float
@@ -56,26 +61,14 @@ def calibrate(
     """
     start = time.perf_counter()
     cal = recipe.calibration
-    if cal.max_memory is not None:
-        raise ConfigError(
-            f"calibration.max_memory={cal.max_memory!r}: memory-bounded passes run for fixed bit-widths "
-            "(methods rtn / gptq) in this version; AdaTSQ planning and --plan keep every layer's "
-            "statistics at once: drop max_memory for them"
-        )
     adapter = adapter_for(model)
     layers = select_layers(adapter, recipe)
     segments = SegmentMap.from_schedule(adapter.step_timesteps(cal.steps), cal.segments)
     inputs = list(inputs) if inputs is not None else adapter.default_inputs(cal.samples, cal.seed)
-    stats = collect_stats(
-        adapter,
-        layers,
-        segments,
-        inputs,
-        batch_size=cal.batch_size,
-        seed=cal.seed,
-        progress=progress,
-        resume=resume,
-    )
+    statistics = layer_statistics(
+        adapter, layers, segments, inputs, batch_size=cal.batch_size, seed=cal.seed,
+        budget=cal.max_memory_bytes, progress=progress, resume=resume,
+    )  # fmt: skip
     if known_weights is not None:
         step_weights, method = _spread(known_weights, segments), "plan"
     elif recipe.planner.fisher:
@@ -86,7 +79,7 @@ def calibrate(
     else:
         step_weights, method = torch.full((cal.steps,), 1.0 / cal.steps), "uniform"
     return Calibration(
-        adapter, layers, segments, stats, step_weights, method, time.perf_counter() - start, len(inputs)
+        adapter, layers, segments, statistics, step_weights, method, time.perf_counter() - start, len(inputs)
     )
 
 
@@ -101,9 +94,3 @@ def _spread(segment_weights: Sequence[float], segments: SegmentMap) -> torch.Ten
     for w, (start, end) in zip(segment_weights, segments.step_ranges, strict=True):
         out[start:end] = w / (end - start)
     return out
-
-
-def measured_tokens(calibration: Calibration) -> dict[str, float]:
-    """Tokens entering each layer per denoiser step per sample (CFG batch included), from calibration."""
-    steps = len(calibration.segments.timesteps)
-    return {name: int(st.tokens.sum()) / steps / calibration.inputs for name, st in calibration.stats.items()}

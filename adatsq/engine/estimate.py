@@ -12,10 +12,13 @@ under the memory budget. Every number is a formula of shapes, stated where it is
 * host peak: the recorded denoiser-call inputs (text embeddings once per prompt and CFG branch, latents
   and timestep per step) + the packed checkpoint, which grows on the host until it is written (the
   statistics are solved where they were accumulated and never copied to the host);
-* AdaTSQ search, in full sampler runs of `planner.measure_samples` inputs: the beam measures at most
-  P trajectories at segment 0 and B·P at each later segment s, each a partial run that stops after
-  segment s, i.e. (s + 1)/G of a run: P/G + B·P·(G(G + 1)/2 − 1)/G runs (B beam width, P proposals per
-  stage, G segments), plus one float reference run.
+* AdaTSQ search, in full denoiser runs of `planner.measure_samples` inputs: the beam measures at most
+  P trajectories at segment 0 and B·P at each later segment s; each restarts from its parent's recorded
+  denoiser outputs (engine.meter) and runs the denoiser for segment s only, 1/G of a run:
+  (P + B·P·(G − 1))/G runs (B beam width, P proposals per stage, G segments), plus one float reference
+  run (without restarts it would be P/G + B·P·(G(G + 1)/2 − 1)/G);
+* AdaTSQ host memory adds the packed candidates (every layer at every candidate bit-width), held from
+  the error table until the final solves.
 """
 
 from __future__ import annotations
@@ -66,7 +69,8 @@ class Estimate:
     peak_device_bytes: int
     per_device_peak_bytes: tuple[int, ...]  # by rank, the max over passes
     recorded_bytes: int  # host: recorded denoiser-call inputs
-    peak_host_bytes: int  # recorded inputs + checkpoint_max_bytes (statistics never leave the device)
+    candidates_bytes: int  # adatsq: packed candidates on the host (0 for fixed-bit methods)
+    peak_host_bytes: int  # recorded + candidates + checkpoint_max bytes (statistics never leave the device)
     checkpoint_bytes: int  # every layer one variant at weight.bits
     checkpoint_max_bytes: int  # adatsq: every layer min(G, |candidates|) variants of the largest candidates
     assumptions: dict[str, Any]
@@ -122,9 +126,22 @@ def _targeted(denoiser: nn.Module, recipe: Recipe) -> list[LayerShape]:
 
 
 def search_runs(beam_width: int, proposals: int, segments: int) -> float:
-    """Full-sampler-run units of AdaTSQ's measured search (module docstring), reference run excluded."""
-    g = segments
-    return proposals / g + beam_width * proposals * (g * (g + 1) / 2 - 1) / g
+    """Full-denoiser-run units of AdaTSQ's measured search (module docstring), reference run excluded."""
+    return (proposals + beam_width * proposals * (segments - 1)) / segments
+
+
+def _candidates(layers: list[LayerShape], recipe: Recipe) -> int:
+    """AdaTSQ's packed candidates: every layer at every candidate bit-width (0 for fixed-bit methods)."""
+    if not QUANT_METHODS.get(recipe.method).plans:
+        return 0
+    gs, bits = recipe.weight.group_size, set(recipe.planner.candidates) | {recipe.planner.pin_bits}
+    return sum(
+        variant_bytes(
+            LayerInfo(la.name, la.in_features * la.out_features, la.in_features, la.out_features, 1, gs), b
+        )
+        for la in layers
+        for b in bits
+    )
 
 
 def _checkpoint(layers: list[LayerShape], recipe: Recipe, params: int, dtype_bytes: int) -> tuple[int, int]:
@@ -164,6 +181,7 @@ def estimate(
     schedule = schedule_for(denoiser, names, segments, budget, reserved_bytes=reserved, devices=devices)
     recorded, resolved = _recorded_bytes(meta, recipe, DTYPE_BYTES[dtype], assumptions or CallAssumptions())
     checkpoint, checkpoint_max = _checkpoint(layers, recipe, params, DTYPE_BYTES[dtype])
+    candidates = _candidates(layers, recipe)
     return Estimate(
         model=str(model),
         transformer_class=class_name,
@@ -183,7 +201,8 @@ def estimate(
         peak_device_bytes=schedule.peak_device_bytes,
         per_device_peak_bytes=_per_rank(schedule),
         recorded_bytes=recorded,
-        peak_host_bytes=recorded + checkpoint_max,
+        candidates_bytes=candidates,
+        peak_host_bytes=recorded + candidates + checkpoint_max,
         checkpoint_bytes=checkpoint,
         checkpoint_max_bytes=checkpoint_max,
         assumptions=resolved,
@@ -247,7 +266,7 @@ def _search(recipe: Recipe) -> dict[str, Any] | None:
         "full_runs": round(runs + 1, 3),  # + the float reference trajectory
         "samples_per_run": p.measure_samples,
         "calibration_run_equivalents": round((runs + 1) * p.measure_samples / recipe.calibration.samples, 3),
-        "formula": "P/G + B*P*(G*(G+1)/2 - 1)/G partial runs + 1 reference run",
+        "formula": "(P + B*P*(G-1))/G denoiser runs (restarted trajectories) + 1 reference run",
     }
 
 
@@ -284,6 +303,7 @@ def render(est: Estimate) -> str:
             f"{format_size(est.peak_device_bytes)} (weights {format_size(est.weights_bytes)}, {est.weights})",
         ),
         ("recorded inputs (host)", format_size(est.recorded_bytes)),
+        *([("candidates (host)", format_size(est.candidates_bytes))] if est.candidates_bytes else []),
         ("peak host", format_size(est.peak_host_bytes)),
         (
             "checkpoint",

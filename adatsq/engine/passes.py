@@ -12,7 +12,8 @@ and the number of processes: the checkpoint does not depend on either.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from torch import nn
@@ -20,6 +21,7 @@ from torch import nn
 from adatsq.calibrate.capture import LayerStats, StatsCapture
 from adatsq.calibrate.distributed import world
 from adatsq.calibrate.record import Recording, record_calls, replay
+from adatsq.calibrate.runner import collect_stats
 from adatsq.calibrate.segments import SegmentMap
 from adatsq.core.sizes import format_size
 from adatsq.engine.schedule import Schedule, Share, schedule_for
@@ -76,6 +78,43 @@ def capture_share(
     return capture.finish(summed_over_ranks=False)
 
 
+class ReplayedPasses:
+    """This rank's shares of the schedule over one recording; every iteration replays them anew.
+
+    AdaTSQ iterates twice (candidates + error table, then the plan's final solves) at the cost of one
+    more replay instead of holding every statistic between the two.
+    """
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        layers: dict[str, nn.Linear],
+        segments: SegmentMap,
+        schedule: Schedule,
+        recording: Recording,
+        progress: bool,
+    ) -> None:
+        self.adapter, self.layers, self.segments = adapter, layers, segments
+        self.schedule, self.recording, self.progress = schedule, recording, progress
+        rank = world()[0]
+        self.shares = [s for p in schedule.passes for s in p.shares if s.rank == rank]
+
+    def __iter__(self) -> Iterator[dict[str, LayerStats]]:
+        rank = world()[0]
+        for index, share in enumerate(self.shares):
+            log.info(
+                "share %d/%d of rank %d: %d layers, %s",
+                index + 1,
+                len(self.shares),
+                rank,
+                len(share.layers),
+                format_size(share.peak_device_bytes),
+            )
+            stop = stop_layer(share, self.recording)
+            layers = {n: self.layers[n] for n in share.layers}
+            yield capture_share(self.adapter, self.recording, layers, self.segments, stop, self.progress)
+
+
 def calibration_passes(
     adapter: ModelAdapter,
     layers: dict[str, nn.Linear],
@@ -86,30 +125,44 @@ def calibration_passes(
     seed: int,
     budget: int | None,
     progress: bool,
-) -> Iterator[dict[str, LayerStats]]:
-    """Record once, then yield the statistics of this rank's shares, one at a time (freed when dropped)."""
+) -> ReplayedPasses:
+    """Check the schedule against the budget, record once, and return this rank's passes over it."""
     schedule = pass_schedule(adapter, layers, segments.count, budget)
     recording = record_calls(adapter, segments, inputs, batch_size=batch_size, seed=seed, progress=progress)
-    rank, size = world()
-    mine = [s for p in schedule.passes for s in p.shares if s.rank == rank]
     log.info(
         "calibration in %d pass(es)%s on %d process(es); recorded %d denoiser calls (%s on the host)",
         len(schedule.passes),
         "" if budget is None else f" under {format_size(budget)}",
-        size,
+        world()[1],
         len(recording.calls),
         format_size(recording.nbytes()),
     )
-    for index, share in enumerate(mine):
-        log.info(
-            "share %d/%d of rank %d: %d layers, %s",
-            index + 1,
-            len(mine),
-            rank,
-            len(share.layers),
-            format_size(share.peak_device_bytes),
-        )
-        stop = stop_layer(share, recording)
-        yield capture_share(
-            adapter, recording, {n: layers[n] for n in share.layers}, segments, stop, progress
-        )
+    return ReplayedPasses(adapter, layers, segments, schedule, recording, progress)
+
+
+def layer_statistics(
+    adapter: ModelAdapter,
+    layers: dict[str, nn.Linear],
+    segments: SegmentMap,
+    inputs: Sequence[Any],
+    *,
+    batch_size: int,
+    seed: int,
+    budget: int | None,
+    progress: bool,
+    resume: Path | None = None,
+) -> Iterable[dict[str, LayerStats]]:
+    """The statistics of `layers`, group by group, as often as they are iterated.
+
+    Unbounded in one process: one live calibration run, held (and resumable). Under a budget or with
+    several processes: record / replay passes, each group freed once the caller drops it.
+    """
+    if budget is None and world()[1] == 1:
+        held = collect_stats(
+            adapter, layers, segments, inputs, batch_size=batch_size, seed=seed, progress=progress,
+            resume=resume,
+        )  # fmt: skip
+        return [held]
+    return calibration_passes(
+        adapter, layers, segments, inputs, batch_size=batch_size, seed=seed, budget=budget, progress=progress
+    )

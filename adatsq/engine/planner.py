@@ -20,9 +20,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from adatsq.calibrate.capture import LayerStats
+from adatsq.calibrate.distributed import merge_owned
 from adatsq.checkpoint.format import LayerSpec
 from adatsq.checkpoint.save import QuantizedModel
-from adatsq.engine.calibration import Calibration, calibrate, measured_tokens
+from adatsq.engine.calibration import Calibration, calibrate
 from adatsq.engine.meter import TrajectoryMeter
 from adatsq.engine.solve import Variant, solve_variant, variant_statistics
 from adatsq.engine.uniform import quantize
@@ -54,60 +56,85 @@ def layer_infos(
     ]
 
 
+@dataclass
+class Candidates:
+    """Every layer solved at every candidate bit-width, with its error-table rows and measured tokens."""
+
+    variants: dict[str, dict[int, Variant]]  # packed, on the host
+    errors: dict[str, np.ndarray]  # [segments, bits]: w_s · tr((W − Q_b) H_s (W − Q_b)ᵀ)
+    tokens: dict[str, float]  # tokens entering the layer per sampler step per calibration input
+
+    def table(self, names: Sequence[str]) -> np.ndarray:
+        """E[l, s, b] in the order of `names`."""
+        return np.stack([self.errors[name] for name in names])
+
+
 def solve_candidates(
     calibration: Calibration, recipe: Recipe, bits: Sequence[int], progress: bool = True
-) -> dict[str, dict[int, Variant]]:
-    """Every layer at every candidate bit-width, solved on the Fisher-weighted statistics of all segments."""
-    weights = calibration.weights if recipe.planner.fisher else None
-    everywhere = torch.ones(calibration.segments.count, dtype=torch.bool)
+) -> Candidates:
+    """Candidates on the Fisher-weighted statistics of all segments, group by group of statistics.
+
+    Each group's statistics are dropped once its layers are solved and scored, so under a memory budget
+    no more than one pass's accumulators exist; with several processes each rank solves the layers it
+    owns and every rank ends with all of them.
+    """
+    fisher = recipe.planner.fisher
+    weights = calibration.weights if fisher else None
+    count = calibration.segments.count
+    segment_weights = calibration.weights if fisher else torch.full((count,), 1 / count)
+    everywhere = torch.ones(count, dtype=torch.bool)
+    steps = len(calibration.segments.timesteps)
     variants: dict[str, dict[int, Variant]] = {}
-    for name, linear in tqdm(
-        calibration.layers.items(), desc="candidates", unit="layer", disable=None if progress else True
-    ):
-        hessian, absmax = variant_statistics(calibration.stats[name], everywhere, weights)
-        spec = LayerSpec((bits[0],), recipe.weight.group_size, recipe.weight.symmetric)
-        W = linear.weight.detach().float()
-        variants[name] = {b: solve_variant(W, hessian, absmax, spec.scheme(b), recipe) for b in bits}
-    return variants
+    errors: dict[str, np.ndarray] = {}
+    tokens: dict[str, float] = {}
+    bar = tqdm(
+        total=len(calibration.layers), desc="candidates", unit="layer", disable=None if progress else True
+    )
+    for group in calibration.statistics:
+        for name, stats in group.items():
+            hessian, absmax = variant_statistics(stats, everywhere, weights)
+            spec = LayerSpec((bits[0],), recipe.weight.group_size, recipe.weight.symmetric)
+            W = calibration.layers[name].weight.detach().float()
+            variants[name] = {b: solve_variant(W, hessian, absmax, spec.scheme(b), recipe) for b in bits}
+            errors[name] = layer_errors(W, stats, variants[name], segment_weights)
+            tokens[name] = int(stats.tokens.sum()) / steps / calibration.inputs
+            bar.update()
+        del group
+    bar.close()
+    return Candidates(*merge_owned(variants, errors, tokens))
 
 
-def error_table(
-    calibration: Calibration, variants: dict[str, dict[int, Variant]], bits: Sequence[int], fisher: bool
+def layer_errors(
+    W: torch.Tensor, stats: LayerStats, by_bits: dict[int, Variant], segment_weights: torch.Tensor
 ) -> np.ndarray:
-    """E[l, s, b] = w_s · tr((W − Q_b) H_{l,s} (W − Q_b)ᵀ) with H_{l,s} the segment's mean XᵀX.
+    """[segments, bits] of w_s · tr((W − Q_b) H_s (W − Q_b)ᵀ) with H_s the segment's mean XᵀX.
 
     Q_b is compared in the variant's own input basis (smoothed / rotated), with H transformed alike.
     """
-    count = calibration.segments.count
-    seg_w = calibration.weights if fisher else torch.full((count,), 1 / count)
-    table = np.zeros((len(variants), count, len(bits)))
-    for row, (name, by_bits) in enumerate(variants.items()):
-        W = calibration.layers[name].weight.detach().float()
-        stats = calibration.stats[name]
-        for b, bit in enumerate(bits):
-            variant = by_bits[bit]
-            target = variant.transform.fold(W).double()
-            if variant.transform.lowrank_a is not None:
-                target = target - variant.transform.lowrank_b.double() @ variant.transform.lowrank_a.double()
-            D = target - variant.weight.dequantize().double()
-            for s in range(count):
-                H = transform_hessian(stats.segment_hessian(s), variant.transform)
-                table[row, s, b] = float(seg_w[s]) * float(((D @ H) * D).sum())
-    return table
+    rows = np.zeros((len(segment_weights), len(by_bits)))
+    for b, variant in enumerate(by_bits.values()):
+        target = variant.transform.fold(W).double()
+        if variant.transform.lowrank_a is not None:
+            target = target - variant.transform.lowrank_b.double() @ variant.transform.lowrank_a.double()
+        D = target - variant.weight.dequantize().double()
+        for s in range(len(segment_weights)):
+            H = transform_hessian(stats.segment_hessian(s), variant.transform)
+            rows[s, b] = float(segment_weights[s]) * float(((D @ H) * D).sum())
+    return rows
 
 
 def build_problem(
-    calibration: Calibration, recipe: Recipe, table: np.ndarray, bits: Sequence[int], fingerprint: str
+    calibration: Calibration, recipe: Recipe, candidates: Candidates, bits: Sequence[int]
 ) -> PlanProblem:
-    infos = layer_infos(calibration.layers, recipe, measured_tokens(calibration))
+    infos = layer_infos(calibration.layers, recipe, candidates.tokens)
     pinned = {info.name: recipe.planner.pin_bits for info in infos if recipe.planner.pins(info.name)}
     return PlanProblem(
         layers=infos,
-        error_table=table,
+        error_table=candidates.table(list(calibration.layers)),
         table_bits=tuple(bits),
         segments=calibration.segments.step_ranges,
         fisher_weights=calibration.weights.tolist(),
-        model={"family": calibration.adapter.family, "fingerprint": fingerprint},
+        model={"family": calibration.adapter.family, "fingerprint": model_fingerprint(calibration.layers)},
         act_bits=recipe.activation.bits or 16,
         pinned=pinned,
     )
@@ -129,7 +156,7 @@ def finish(calibration: Calibration, recipe: Recipe, plan: Plan, progress: bool)
         recipe,
         layer_bits=plan.layers,
         segment_weights=weights,
-        stats=calibration.stats,
+        statistics=calibration.statistics,
         progress=progress,
     )
     qmodel.report["calibration_seconds"] = calibration.seconds
@@ -167,16 +194,15 @@ class Planner:
         """Candidate variants, error table and meter on an existing calibration (benchmarks share one)."""
         start = time.perf_counter()
         bits = tuple(sorted(set(recipe.planner.candidates) | {recipe.planner.pin_bits}))
-        variants = solve_candidates(calibration, recipe, bits, progress)
-        table = error_table(calibration, variants, bits, recipe.planner.fisher)
-        problem = build_problem(calibration, recipe, table, bits, model_fingerprint(calibration.layers))
+        candidates = solve_candidates(calibration, recipe, bits, progress)
+        problem = build_problem(calibration, recipe, candidates, bits)
         meter = None
         if recipe.planner.measure:
             measure_inputs = calibration.adapter.default_inputs(
                 recipe.planner.measure_samples, recipe.calibration.seed + 1
             )
             meter = TrajectoryMeter(
-                calibration, variants, recipe, measure_inputs, seed=recipe.calibration.seed + 1
+                calibration, candidates.variants, recipe, measure_inputs, seed=recipe.calibration.seed + 1
             )
         return cls(calibration, recipe, problem, meter, time.perf_counter() - start)
 

@@ -10,6 +10,7 @@ from adatsq.calibrate.capture import LayerStats
 from adatsq.checkpoint.format import LayerSpec
 from adatsq.quant.gptq import gptq
 from adatsq.quant.linear import QuantLinear
+from adatsq.quant.pack import PackedWeight
 from adatsq.quant.rtn import rtn
 from adatsq.quant.scheme import ActScheme, QuantizedWeight, WeightScheme
 from adatsq.quant.transforms import InputTransform, build_transform, transform_hessian
@@ -18,11 +19,18 @@ from adatsq.recipe import Recipe
 
 @dataclass
 class Variant:
-    """One solved bit-width of one layer: codes, the input transform it was solved in, solver info."""
+    """One solved bit-width of one layer: codes, the input transform it was solved in, solver info.
 
-    weight: QuantizedWeight
+    The codes are kept packed: variants wait for assembly (or the planner's search) by the thousand.
+    """
+
+    weight: PackedWeight
     transform: InputTransform
     info: dict[str, float]
+
+    def __post_init__(self) -> None:
+        if isinstance(self.weight, QuantizedWeight):
+            self.weight = PackedWeight.of(self.weight)
 
     def module(self, bias: torch.Tensor | None, act: ActScheme) -> QuantLinear:
         return QuantLinear.from_quantized(self.weight, bias, act, transform=self.transform)

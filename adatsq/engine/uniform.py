@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,16 +18,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from adatsq.calibrate.capture import LayerStats
-from adatsq.calibrate.distributed import gather, world
-from adatsq.calibrate.runner import collect_stats
+from adatsq.calibrate.distributed import merge_owned
 from adatsq.calibrate.segments import SegmentMap, attach_segment_switching
 from adatsq.checkpoint.format import LayerSpec
 from adatsq.checkpoint.save import QuantizedModel
 from adatsq.core.modules import set_module
-from adatsq.engine.passes import calibration_passes
+from adatsq.engine.passes import layer_statistics
 from adatsq.engine.solve import Variant, segment_mask, solve_variant, variant_statistics
 from adatsq.engine.surgery import build_layer, effective_ignore, select_layers
-from adatsq.models.base import ModelAdapter
 from adatsq.models.resolve import adapter_for
 from adatsq.quant.methods import QUANT_METHODS
 from adatsq.recipe import Recipe
@@ -42,7 +40,7 @@ def quantize(
     *,
     layer_bits: dict[str, tuple[int, ...]] | None = None,
     segment_weights: torch.Tensor | None = None,
-    stats: dict[str, LayerStats] | None = None,
+    statistics: Iterable[dict[str, LayerStats]] | None = None,
     progress: bool = True,
     resume: Path | None = None,
 ) -> QuantizedModel:
@@ -50,7 +48,8 @@ def quantize(
 
     `layer_bits` (from a plan) gives a bit-width per timestep segment per layer; without it every selected
     layer uses `recipe.weight.bits` throughout. `segment_weights` (Fisher) weight the per-segment Hessians.
-    Precomputed `stats` skip calibration (the planner already ran it); `resume` keeps calibration progress.
+    Given `statistics` (the planner's calibration: groups of layers' statistics) skip calibrating again;
+    `resume` keeps calibration progress.
     """
     method = QUANT_METHODS.get(recipe.method)
     needs_stats = method.uses_hessian or recipe.outliers.smooth_alpha is not None
@@ -72,9 +71,17 @@ def quantize(
     layer_reports: dict[str, dict[str, dict[str, float]]] = {}
     bar = tqdm(total=len(layers), desc="quantizing", unit="layer", disable=None if progress else True)
     clock = time.perf_counter()
+    given = statistics is not None
     if not needs_stats:
-        stats = dict.fromkeys(layers)  # round-to-nearest without smoothing: no calibration at all
-    for group in _statistics(adapter, layers, segments, recipe, calibration, stats, progress, resume):
+        statistics = [dict.fromkeys(layers)]  # round-to-nearest without smoothing: no calibration at all
+    elif statistics is None:
+        cal = recipe.calibration
+        inputs = adapter.default_inputs(cal.samples, cal.seed) if calibration is None else list(calibration)
+        statistics = layer_statistics(
+            adapter, layers, segments, inputs, batch_size=cal.batch_size, seed=cal.seed,
+            budget=cal.max_memory_bytes, progress=progress, resume=resume,
+        )  # fmt: skip
+    for group in statistics:
         timings["calibration_seconds"] += time.perf_counter() - clock
         clock = time.perf_counter()
         for name, layer_stats in group.items():
@@ -85,7 +92,7 @@ def quantize(
         timings["quantize_seconds"] += time.perf_counter() - clock
         clock = time.perf_counter()
     bar.close()
-    variants, layer_reports = _from_every_rank(variants, layer_reports)
+    variants, layer_reports = merge_owned(variants, layer_reports)  # every owner rank's solves
     denoiser = adapter.denoiser()
     names = list(layers)
     for name in names:  # assembled only now (every pass saw the float model), releasing as it goes
@@ -93,7 +100,7 @@ def quantize(
         set_module(denoiser, name, build_layer(linear, specs[name], solved, recipe.activation))
     attach_segment_switching(adapter, segments)
     log.info("quantized %d layers (%s)", len(names), recipe.method)
-    if not needs_stats or stats is not None:
+    if not needs_stats or given:
         del timings["calibration_seconds"]
     report = {"method": recipe.method, **timings, "layers": {n: layer_reports[n] for n in names}}
     ignore = effective_ignore(adapter, recipe)
@@ -122,45 +129,3 @@ def _solve_layer(
             recipe,
         )
     return variants
-
-
-def _statistics(
-    adapter: ModelAdapter,
-    layers: dict[str, nn.Linear],
-    segments: SegmentMap,
-    recipe: Recipe,
-    calibration: Sequence[Any] | None,
-    stats: dict[str, LayerStats | None] | None,
-    progress: bool,
-    resume: Path | None,
-) -> Iterator[dict[str, LayerStats | None]]:
-    """Statistics group by group: given ones, one live pass, or budgeted record/replay passes."""
-    if stats is not None:
-        yield stats
-        return
-    cal = recipe.calibration
-    inputs = list(calibration) if calibration is not None else adapter.default_inputs(cal.samples, cal.seed)
-    if cal.max_memory_bytes is None and world()[1] == 1:
-        yield collect_stats(
-            adapter, layers, segments, inputs, batch_size=cal.batch_size, seed=cal.seed, progress=progress,
-            resume=resume,
-        )  # fmt: skip
-        return
-    yield from calibration_passes(
-        adapter, layers, segments, inputs, batch_size=cal.batch_size, seed=cal.seed,
-        budget=cal.max_memory_bytes, progress=progress,
-    )  # fmt: skip
-
-
-def _from_every_rank(
-    variants: dict[str, dict[int, Variant]], reports: dict[str, dict[str, dict[str, float]]]
-) -> tuple[dict[str, dict[int, Variant]], dict[str, dict[str, dict[str, float]]]]:
-    """The variants every owner rank solved, on every rank (the identity in a single process)."""
-    parts = gather((variants, reports))
-    if len(parts) == 1:
-        return variants, reports
-    merged: tuple[dict, dict] = ({}, {})
-    for part in parts:
-        for whole, mine in zip(merged, part, strict=True):
-            whole.update(mine)
-    return merged

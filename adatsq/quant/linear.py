@@ -24,7 +24,7 @@ from adatsq.errors import CheckpointError, PlanError
 from adatsq.quant.kernels.dispatch import REFERENCE, KernelPolicy, choose_kernel
 from adatsq.quant.kernels.forward import run
 from adatsq.quant.kernels.layouts import KernelState, buffers_key, build_state
-from adatsq.quant.pack import pack, packed_cols, unpack
+from adatsq.quant.pack import PackedWeight, packed_cols, unpack
 from adatsq.quant.scheme import (
     WEIGHT_BITS,
     ActScheme,
@@ -96,26 +96,27 @@ class QuantLinear(nn.Module):
     @classmethod
     def from_quantized(
         cls,
-        qw: QuantizedWeight,
+        qw: QuantizedWeight | PackedWeight,
         bias: Tensor | None,
         act: ActScheme,
         dtype: torch.dtype = torch.float32,
         transform: InputTransform | None = None,
     ) -> QuantLinear:
-        """Pack a QuantizedWeight; bias and transform tensors are stored in `dtype`."""
+        """Pack a QuantizedWeight (a packed one is used as is); bias and transform tensors in `dtype`."""
         t = transform or InputTransform()
+        packed = qw if isinstance(qw, PackedWeight) else PackedWeight.of(qw)
 
         def cast(x: Tensor | None) -> Tensor | None:
             return None if x is None else x.detach().to(dtype).clone()
 
         return cls(
-            pack(qw.codes, qw.bits),
-            qw.scales,
-            qw.zeros,
+            packed.qweight,
+            packed.scales,
+            packed.zeros,
             cast(bias),
-            qw.bits,
-            qw.group_size,
-            qw.codes.shape[1],
+            packed.bits,
+            packed.group_size,
+            packed.in_features,
             act,
             smooth=cast(t.smooth),
             rotation_signs=cast(t.rotation_signs),

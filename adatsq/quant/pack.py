@@ -9,12 +9,13 @@ whole codes; for 3 and 6 bits codes are handled in chunks of 24 bits (8 or 4 cod
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from adatsq.errors import ConfigError
-from adatsq.quant.scheme import WEIGHT_BITS
+from adatsq.quant.scheme import WEIGHT_BITS, QuantizedWeight, dequantize_codes
 
 
 def _chunk(bits: int) -> tuple[int, int]:
@@ -79,3 +80,38 @@ def unpack(packed: Tensor, bits: int, cols: int) -> Tensor:
         shifts = torch.arange(k, dtype=torch.int32, device=packed.device) * bits
         codes = ((value[..., None] >> shifts) & mask).to(torch.uint8)
     return codes.reshape(rows, n_chunks * k)[:, :cols]
+
+
+@dataclass(frozen=True)
+class PackedWeight:
+    """A QuantizedWeight with its codes packed: how solved variants wait (bits per weight, not a byte)."""
+
+    qweight: Tensor  # uint8 [out, packed_cols(in_features, bits)]
+    scales: Tensor
+    zeros: Tensor
+    bits: int
+    group_size: int | None
+    in_features: int
+
+    @classmethod
+    def of(cls, weight: QuantizedWeight) -> PackedWeight:
+        return cls(
+            pack(weight.codes, weight.bits),
+            weight.scales,
+            weight.zeros,
+            weight.bits,
+            weight.group_size,
+            weight.codes.shape[1],
+        )
+
+    def unpacked(self) -> QuantizedWeight:
+        codes = unpack(self.qweight, self.bits, self.in_features)
+        return QuantizedWeight(codes, self.scales, self.zeros, self.bits, self.group_size)
+
+    def dequantize(self) -> Tensor:
+        """The float32 [out, in] matrix the codes stand for."""
+        codes = unpack(self.qweight, self.bits, self.in_features)
+        return dequantize_codes(codes, self.scales, self.zeros, self.group_size)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))

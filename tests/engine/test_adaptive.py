@@ -96,3 +96,25 @@ def test_search_after_quantize_keeps_the_quantized_layers(planner):
     assert not any(
         type(m) is torch.nn.Linear for n, m in qmodel.adapter.denoiser().named_modules() if n in qmodel.layers
     )
+
+
+def test_search_costs_no_more_denoiser_runs_than_estimate_predicts(planner):
+    """Counted denoiser calls of a real beam search against estimate's restart formula."""
+    from adatsq.engine.estimate import search_runs
+
+    meter, config = planner.meter, planner.config()
+    denoiser = planner.calibration.adapter.denoiser()
+    counted = []
+    handle = denoiser.register_forward_pre_hook(lambda module, args: counted.append(1))
+    try:
+        for i, batch in enumerate(meter.batches):  # one full run of the measure inputs
+            planner.calibration.adapter.generate(batch, seed=meter.seed + i, num_steps=meter.num_steps)
+    finally:
+        handle.remove()
+    before = meter.denoiser_calls
+    result = planner.search(Budget("avg_bits", 4.5))
+    spent = meter.denoiser_calls - before
+    segments = planner.problem.num_segments
+    predicted = search_runs(config.beam_width, config.proposals_per_stage, segments) * len(counted)
+    assert result.measure_calls > segments  # a real search, several trajectories per stage
+    assert 0 < spent <= predicted, (spent, predicted)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from adatsq.cli import main
-from adatsq.engine.estimate import estimate, search_runs
+from adatsq.engine.estimate import estimate
 from adatsq.errors import ConfigError
 from adatsq.recipe import load_recipe
 
@@ -74,11 +74,6 @@ def test_devices_lower_the_per_device_need():
     one = estimate(CONFIGS / "wan2.1-t2v-1.3b", _recipe(4), max_memory="20GiB")
     two = estimate(CONFIGS / "wan2.1-t2v-1.3b", _recipe(4), max_memory="20GiB", devices=2)
     assert len(two.per_device_peak_bytes) == 2 and two.passes == -(-one.passes // 2)
-
-
-def test_search_cost_formula():
-    assert search_runs(4, 6, 4) == 6 / 4 + 4 * 6 * (10 - 1) / 4
-    assert search_runs(1, 1, 1) == 1.0
 
 
 def test_cli_json_keys(capsys):

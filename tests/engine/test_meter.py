@@ -1,5 +1,7 @@
 """engine/meter.py: TrajectoryMeter runs real quantized layers along the sampler, then restores the model."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -19,7 +21,7 @@ INPUTS, SEED = [1, 7], 11
 def setup(tiny_adapter, make_recipe):
     recipe = make_recipe("adatsq", segments=2, planner={"fisher": False, "candidates": [3, 8]})
     calibration = calibrate(tiny_adapter(), recipe, progress=False)
-    variants = solve_candidates(calibration, recipe, (3, 8), progress=False)
+    variants = solve_candidates(calibration, recipe, (3, 8), progress=False).variants
     return calibration, recipe, TrajectoryMeter(calibration, variants, recipe, INPUTS, SEED)
 
 
@@ -73,3 +75,39 @@ def test_variants_that_reproduce_the_float_weights_measure_zero_error(tiny_adapt
     plan = partial(calibration, (8, 8))
     plan.bits[first] = (8, 2)  # one layer on a coarser grid in the last segment only: the meter sees it
     assert meter(plan) > 1e-6
+
+
+def test_restarts_measure_exactly_what_a_full_run_measures(setup):
+    """A child plan restarted from its parent's outputs gives the same float, with fewer denoiser calls."""
+    calibration, recipe, warm = setup
+    variants = solve_candidates(calibration, recipe, (3, 8), progress=False).variants
+    first = next(iter(calibration.layers))
+    child = partial(calibration, (8, 8))
+    child.bits[first] = (8, 3)
+    warm(partial(calibration, (8,)))  # the parent: segment 0 at 8 bits everywhere
+    before = warm.denoiser_calls
+    restarted = warm(child)
+    cold = TrajectoryMeter(calibration, variants, recipe, INPUTS, SEED)
+    assert restarted == cold(child)  # bit for bit: the sampler saw the same outputs
+    (_, _), (start, end) = calibration.segments.step_ranges
+    assert warm.denoiser_calls - before == cold.denoiser_calls * (end - start) // end  # segment 1 only
+    calls = warm.denoiser_calls
+    assert warm(child) == restarted  # the very same plan again: every call replayed
+    assert warm.denoiser_calls == calls
+
+
+def test_measure_batches_follow_the_calibration_batch_size(tiny_adapter, make_recipe):
+    recipe = make_recipe("adatsq", segments=2, planner={"fisher": False, "candidates": [3, 8]})
+    recipe = replace(recipe, calibration=replace(recipe.calibration, batch_size=1))
+    calibration = calibrate(tiny_adapter(), recipe, progress=False)
+    variants = solve_candidates(calibration, recipe, (3, 8), progress=False).variants
+    sizes = []
+    denoiser = calibration.adapter.denoiser()
+    handle = denoiser.register_forward_pre_hook(lambda m, args: sizes.append(args[0].shape[0]))
+    try:
+        meter = TrajectoryMeter(calibration, variants, recipe, [1, 7, 3], SEED)
+        meter(partial(calibration, (3,)))
+    finally:
+        handle.remove()
+    assert len(meter.batches) == 3
+    assert max(sizes) <= 2  # one input per call (twice with classifier-free guidance), never all three

@@ -94,11 +94,23 @@ def test_checkpoints_are_identical_under_any_budget(recipe):
         assert tensor_digest(adatsq.quantize("reference", bounded, progress=False)) == live, budget
 
 
-def test_planning_refuses_a_budget_instead_of_ignoring_it(recipe):
+@pytest.fixture(scope="module")
+def adaptive(recipe):
+    """AdaTSQ with the same calibration; a small search."""
     r = adatsq.load_recipe("recipes/reference/adatsq-w4a8.yaml")
-    r = replace(r, calibration=replace(r.calibration, max_memory="1GiB"))
-    with pytest.raises(ConfigError, match="max_memory"):
-        adatsq.quantize("reference", r, progress=False)
+    planner = replace(r.planner, fisher_samples=3, measure_samples=2, beam_width=2, proposals_per_stage=3)
+    return replace(r, calibration=recipe.calibration, planner=planner)
+
+
+def test_adatsq_plans_and_quantizes_the_same_under_a_budget(adaptive):
+    """Candidates and error table from one replay of the passes, final solves from another: same bytes."""
+    live = adatsq.quantize("reference", adaptive, progress=False)
+    budget = splitting_budgets(adaptive)[0]
+    bounded = replace(adaptive, calibration=replace(adaptive.calibration, max_memory=budget))
+    split = adatsq.quantize("reference", bounded, progress=False)
+    assert split.plan.layers == live.plan.layers
+    assert len(set(live.plan.layers[n] for n in live.plan.layers)) > 1  # a real mixed plan
+    assert tensor_digest(split) == tensor_digest(live)
 
 
 def _quantize_in_process(rank: int, init: str, recipe, out: str, world_size: int) -> None:
@@ -114,11 +126,15 @@ def _quantize_in_process(rank: int, init: str, recipe, out: str, world_size: int
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("budget", [None, "split"])
-def test_two_processes_write_the_single_process_checkpoint_byte_for_byte(recipe, tmp_path, budget):
-    """Owner ranks replay and solve their own shares: same sums, same order, same bytes."""
+@pytest.mark.parametrize("method, budget", [("gptq", None), ("gptq", "split"), ("adatsq", None)])
+def test_two_processes_write_the_single_process_checkpoint_byte_for_byte(
+    recipe, adaptive, tmp_path, method, budget
+):
+    """Owner ranks replay and solve their own shares (AdaTSQ: candidates too, then every rank searches
+    the same gathered problem): same sums, same order, same bytes."""
     import torch.multiprocessing as mp
 
+    recipe = adaptive if method == "adatsq" else recipe
     if budget is not None:
         budget = splitting_budgets(recipe)[0]
         recipe = replace(recipe, calibration=replace(recipe.calibration, max_memory=budget))

@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch import nn
 
-import adatsq.engine.uniform
+import adatsq.engine.passes
 from adatsq.engine.surgery import select_layers
 from adatsq.engine.uniform import quantize
 from adatsq.errors import CalibrationError, ConfigError
@@ -65,7 +65,7 @@ def test_rtn_needs_no_calibration_and_stores_rtn_codes(tiny_adapter, make_recipe
     def no_calibration(*args, **kwargs):
         raise AssertionError("calibration ran")
 
-    monkeypatch.setattr(adatsq.engine.uniform, "collect_stats", no_calibration)
+    monkeypatch.setattr(adatsq.engine.passes, "collect_stats", no_calibration)
     with pytest.raises(AssertionError, match="calibration ran"):  # the patch is where gptq looks for it
         quantize(tiny_adapter(), make_recipe("gptq"), progress=False)
     adapter = tiny_adapter()
