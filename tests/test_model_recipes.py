@@ -26,6 +26,7 @@ from adatsq.recipe import Recipe, load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes" / "models"
+README = (ROOT / "README.md").read_text()
 
 # recipe -> (config folder, the model's published number of sampling steps)
 MODELS = {
@@ -146,6 +147,11 @@ def test_estimate_runs_each_recipe(name, capsys):
     assert out["layers"] == len([n for n in linear_names(_denoiser(config)) if recipe.selects(n)])
     assert out["segments"] == recipe.calibration.segments and out["assumptions"]["steps"] == steps
     assert out["search"] is not None  # the AdaTSQ search is costed
+    # the README's table states the same steps / segments and layer count
+    row = next(r for r in README.splitlines() if r.startswith(f"| `{name}` |"))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == f"`{config}`" and cells[2] == f"{steps} / {recipe.calibration.segments}"
+    assert int(cells[-1]) == out["layers"]
 
 
 # ---------------------------------------------------------------- a pattern that matches nothing
