@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Literal
 
@@ -111,7 +111,7 @@ class PlannerConfig:
         for name in ("beam_width", "proposals_per_stage", "fisher_samples", "measure_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"planner.{name} must be >= 1, got {getattr(self, name)}")
-        object.__setattr__(self, "pin", _strip_re(self.pin))
+        object.__setattr__(self, "pin", _normalise(self.pin))
         for pattern in self.pin:
             _check_regex(pattern)
 
@@ -119,8 +119,18 @@ class PlannerConfig:
         return any(re.search(p, name) for p in self.pin)
 
 
-def _strip_re(patterns: tuple[str, ...]) -> tuple[str, ...]:
-    return tuple(p[3:] if p.startswith("re:") else p for p in patterns)
+def _normalise(patterns: tuple[str, ...], targets: bool = False) -> tuple[str, ...]:
+    """Our regexes (re.search) as given; llm-compressor's `re:X` (its `re.match`: anchored at the start of
+    the name) becomes `^(?:X)`; a target `Linear` (its class-name target) means every Linear layer."""
+    out = []
+    for p in patterns:
+        if targets and p == "Linear":
+            out.append(".*")
+        elif p.startswith("re:"):
+            out.append(f"^(?:{p[3:]})")
+        else:
+            out.append(p)
+    return tuple(out)
 
 
 def _check_regex(pattern: str) -> None:
@@ -149,10 +159,10 @@ class Recipe:
 
     def __post_init__(self) -> None:
         QUANT_METHODS.get(self.method)  # an unknown method is a ConfigError naming the registered ones
-        # llm-compressor marks regexes with 're:'; every pattern here is a regex, so the prefix is dropped
-        object.__setattr__(self, "targets", _strip_re(self.targets))
+        # llm-compressor's 're:' regexes and 'Linear' target, in our terms (see `_normalise`)
+        object.__setattr__(self, "targets", _normalise(self.targets, targets=True))
         if self.ignore is not None:
-            object.__setattr__(self, "ignore", _strip_re(self.ignore))
+            object.__setattr__(self, "ignore", _normalise(self.ignore))
         for pattern in (*self.targets, *(self.ignore or ())):
             _check_regex(pattern)
 
@@ -165,10 +175,100 @@ class Recipe:
         return to_mapping(self)
 
 
+# ---------------------------------------------------------------- llm-compressor's vocabulary
+
+
+def _int_preset(bits: int, act: int | None, group: int | None = 128, symmetric: bool = True) -> dict:
+    return {
+        "weight": {"bits": bits, "group_size": group, "symmetric": symmetric},
+        "activation": {"bits": act},
+    }
+
+
+# compressed-tensors 0.20 presets (llm-compressor's `scheme:`) with the very grid they name there: integer
+# weights, symmetric, groups of 128 along the input (W8A8: per output channel), static; activations
+# integer, per token, dynamic, symmetric (adatsq's only activation scheme). Weight bits <= activation bits,
+# as compressed-tensors requires; only widths adatsq packs (2, 3, 4, 6, 8).
+SCHEME_PRESETS: dict[str, dict] = {
+    **{
+        f"W{w}A{a}": _int_preset(w, None if a == 16 else a)
+        for w in WEIGHT_BITS
+        for a in (4, 8, 16)
+        if w <= a and (w, a) != (8, 8)
+    },
+    "W4A16_ASYM": _int_preset(4, None, symmetric=False),
+    "W8A8": _int_preset(8, 8, group=None),
+    "INT8": _int_preset(8, 8, group=None),  # compressed-tensors' alias of W8A8
+}
+
+# llm-compressor keys with no key of that name here: the one-line answer names our equivalent
+_FLAT = "a flat recipe: method, weight, activation, targets, ignore at the top (see recipes/)"
+LLM_COMPRESSOR_KEYS = {
+    "config_groups": "one scheme per recipe: weight + activation (or scheme), layers by targets / ignore",
+    "dampening_frac": "gptq.damping (same meaning: fraction of mean diag(H))",
+    "sequential_targets": "none needed: passes over groups of blocks are scheduled by calibration.max_memory",
+    "offload_hessians": "calibration.max_memory (Hessians are accumulated in passes that fit the budget)",
+    "actorder": "gptq.act_order (true/false)",
+    "block_size": "gptq.block_size",
+    "num_calibration_samples": "calibration.samples",
+    "smoothing_strength": "outliers.smooth_alpha",
+    "kv_cache_scheme": "none: adatsq quantizes Linear weights and their input activations only",
+    "quant_stage": _FLAT,
+    "quant_modifiers": _FLAT,
+    "GPTQModifier": "`method: gptq`, " + _FLAT,
+    "QuantizationModifier": "`method: rtn` (round to nearest), " + _FLAT,
+    "SmoothQuantModifier": "outliers.smooth_alpha",
+}
+
+
+def _llm_compressor_hints(data: dict, where: str) -> None:
+    """An llm-compressor key where we have no key of that name is an error that names our equivalent."""
+    sections = [(where, data, Recipe)] + [
+        (f"{where}.{k}", data[k], cls)
+        for k, cls in (
+            ("gptq", GPTQConfig),
+            ("calibration", CalibrationConfig),
+            ("outliers", TransformScheme),
+        )
+        if isinstance(data.get(k), dict)
+    ]
+    for place, section, cls in sections:
+        ours = {f.name for f in fields(cls)}
+        for key in section:
+            if key in LLM_COMPRESSOR_KEYS and key not in ours:
+                raise ConfigError(
+                    f"{place}: {key!r} is llm-compressor's key, not adatsq's; use {LLM_COMPRESSOR_KEYS[key]}"
+                )
+
+
+def _expand_scheme(data: dict, where: str) -> dict:
+    name = data["scheme"]
+    if not isinstance(name, str) or name.upper() not in SCHEME_PRESETS:
+        raise ConfigError(
+            f"{where}.scheme: {name!r} is not a preset adatsq has a grid for; allowed: "
+            f"{', '.join(SCHEME_PRESETS)} (float formats such as FP8 / NVFP4 / MXFP4 and 5- or 7-bit weights "
+            "are not supported); or write weight: / activation: instead"
+        )
+    clash = [k for k in ("weight", "activation") if k in data]
+    if clash:
+        raise ConfigError(
+            f"{where}: scheme {name!r} sets weight and activation ({SCHEME_PRESETS[name.upper()]}); "
+            f"drop {' and '.join(clash)} or drop scheme"
+        )
+    rest = {k: v for k, v in data.items() if k != "scheme"}
+    return {**rest, **SCHEME_PRESETS[name.upper()]}
+
+
 def recipe_from_dict(data: object, where: str = "recipe") -> Recipe:
-    """`activation: null` means activations stay float (as `activation: {bits: null}`)."""
-    if isinstance(data, dict) and "activation" in data and data["activation"] is None:
-        data = {**data, "activation": {}}
+    """A recipe mapping → Recipe. Beside our keys, llm-compressor's vocabulary where it means the same:
+    `scheme: W4A16` (its preset grid, `SCHEME_PRESETS`), `re:` patterns, the `Linear` target; its other
+    keys are errors naming our equivalent. `activation: null` means activations stay float."""
+    if isinstance(data, dict):
+        _llm_compressor_hints(data, where)
+        if "scheme" in data:
+            data = _expand_scheme(data, where)
+        if "activation" in data and data["activation"] is None:
+            data = {**data, "activation": {}}
     return from_mapping(Recipe, data, where)
 
 

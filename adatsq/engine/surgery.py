@@ -21,7 +21,9 @@ def effective_ignore(adapter: ModelAdapter, recipe: Recipe) -> tuple[str, ...]:
     return tuple(adapter.default_ignore()) if recipe.ignore is None else recipe.ignore
 
 
-def check_patterns(kind: str, patterns: tuple[str, ...], names: list[str]) -> None:
+def check_patterns(
+    kind: str, patterns: tuple[str, ...], names: list[str], among: str = "Linear layer of the denoiser"
+) -> None:
     """Nothing fails open: every pattern a user wrote must match at least one layer name."""
     for pattern in patterns:
         if not any(re.search(pattern, name) for name in names):
@@ -29,7 +31,7 @@ def check_patterns(kind: str, patterns: tuple[str, ...], names: list[str]) -> No
                 re.sub(r"[\\^$.*+?()\[\]{}|]", "", pattern), names, n=3, cutoff=0
             )
             raise ConfigError(
-                f"{kind} pattern '{pattern}' matches no Linear layer of the denoiser (regexes, searched in "
+                f"{kind} pattern '{pattern}' matches no {among} (regexes, searched in "
                 f"module names; closest: {', '.join(close)}); fix it or run `adatsq inspect MODEL`"
             )
 
@@ -41,13 +43,14 @@ def select_layers(adapter: ModelAdapter, recipe: Recipe) -> dict[str, nn.Linear]
     check_patterns("targets", recipe.targets, list(linears))
     if recipe.ignore is not None:  # the family's defaults cover several families: only the user's are checked
         check_patterns("ignore", recipe.ignore, list(linears))
-    check_patterns("planner.pin", recipe.planner.pin, list(linears))
     layers = {n: m for n, m in linears.items() if recipe.selects(n, ignore)}
     if not layers:
         raise CalibrationError(
             f"no Linear layer matches targets {list(recipe.targets)} minus ignore {list(ignore)}; "
             "run `adatsq inspect MODEL` to list layer names"
         )
+    # a pin on layers that are not quantized (untargeted or ignored) would do nothing
+    check_patterns("planner.pin", recipe.planner.pin, list(layers), "quantized layer (targets minus ignore)")
     return layers
 
 

@@ -86,7 +86,10 @@ def meta_denoiser(folder: str | Path) -> MetaDenoiser:
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{path} does not build a {name}: {err}; fix the config") from None
     weights = any(p.suffix in WEIGHT_SUFFIXES for p in path.parent.iterdir())
-    return MetaDenoiser(module.eval(), config, name, pipeline_class, config_only=not weights)
+    # diffusers builds a legacy `Transformer2DModel` config as the class its norm_type names (PixArt-Σ's
+    # published config: PixArtTransformer2DModel), as from_pretrained does: report the class that was built
+    built = type(module).__name__
+    return MetaDenoiser(module.eval(), config, built, pipeline_class, config_only=not weights)
 
 
 def parameter_count(module: nn.Module) -> int:
