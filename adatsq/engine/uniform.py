@@ -127,5 +127,6 @@ def _solve_layer(
             absmax,
             spec.scheme(bits),
             recipe,
+            consume_hessian=True,  # computed for this variant alone
         )
     return variants
