@@ -26,6 +26,14 @@ def progress_file(out: Path) -> Path:
     return out.parent / f".{out.name}.calibration.safetensors"
 
 
+def forget_progress(resume: Path) -> None:
+    """The output is written: remove the held partial sums and the solved shares kept for a resume."""
+    from adatsq.engine.shares import clear_shares
+
+    resume.unlink(missing_ok=True)
+    clear_shares(resume)
+
+
 def add_placement(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="load the model in this dtype")
     p.add_argument("--device", help="run calibration and solves here, e.g. cuda (default: cpu)")
@@ -98,7 +106,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     if not is_writer():  # every rank holds the same result; rank 0 writes it
         return 0
     qmodel.save(args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
-    resume.unlink(missing_ok=True)
+    forget_progress(resume)
     report = json.loads((args.out / "report.json").read_text())
     print(f"wrote {args.out}: {len(qmodel.layers)} layers quantized, {report['checkpoint_bytes']} bytes")
     return 0
@@ -145,7 +153,7 @@ def run_plan(args: argparse.Namespace) -> int:
     summary = plan_command(
         adapter, recipe, args.budget, args.out, calibration, args.frontier, args.sweep, args.plot, resume
     )
-    resume.unlink(missing_ok=True)
+    forget_progress(resume)
     print(summary)
     return 0
 

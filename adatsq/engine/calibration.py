@@ -40,6 +40,7 @@ class Calibration:
     fisher_method: str
     seconds: float
     inputs: int  # calibration inputs sampled
+    resume: Path | None = None  # where an interrupted run keeps its progress (held sums or solved shares)
 
     @property
     def weights(self) -> torch.Tensor:
@@ -79,7 +80,15 @@ def calibrate(
     else:
         step_weights, method = torch.full((cal.steps,), 1.0 / cal.steps), "uniform"
     return Calibration(
-        adapter, layers, segments, statistics, step_weights, method, time.perf_counter() - start, len(inputs)
+        adapter,
+        layers,
+        segments,
+        statistics,
+        step_weights,
+        method,
+        time.perf_counter() - start,
+        len(inputs),
+        resume,
     )
 
 

@@ -11,8 +11,9 @@ and the number of processes: the checkpoint does not depend on either.
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,8 @@ class ReplayedPasses:
     """This rank's shares of the schedule over one recording; every iteration replays them anew.
 
     AdaTSQ iterates twice (candidates + error table, then the plan's final solves) at the cost of one
-    more replay instead of holding every statistic between the two.
+    more replay instead of holding every statistic between the two. The sampler is recorded on the
+    first capture, so a resumed run whose shares are all solved never samples again.
     """
 
     def __init__(
@@ -91,28 +93,39 @@ class ReplayedPasses:
         layers: dict[str, nn.Linear],
         segments: SegmentMap,
         schedule: Schedule,
-        recording: Recording,
+        record: Callable[[], Recording],
         progress: bool,
+        key: str,
     ) -> None:
         self.adapter, self.layers, self.segments = adapter, layers, segments
-        self.schedule, self.recording, self.progress = schedule, recording, progress
+        self.schedule, self.progress, self.key = schedule, progress, key
+        self._record, self._recording = record, None
         rank = world()[0]
         self.shares = [s for p in schedule.passes for s in p.shares if s.rank == rank]
 
+    @property
+    def recording(self) -> Recording:
+        if self._recording is None:
+            self._recording = self._record()
+        return self._recording
+
+    def capture(self, index: int) -> dict[str, LayerStats]:
+        """Statistics of share `index` from one replay (the caller frees them by dropping the dict)."""
+        share = self.shares[index]
+        log.info(
+            "share %d/%d of rank %d: %d layers, %s",
+            index + 1,
+            len(self.shares),
+            world()[0],
+            len(share.layers),
+            format_size(share.peak_device_bytes),
+        )
+        stop = stop_layer(share, self.recording)
+        layers = {n: self.layers[n] for n in share.layers}
+        return capture_share(self.adapter, self.recording, layers, self.segments, stop, self.progress)
+
     def __iter__(self) -> Iterator[dict[str, LayerStats]]:
-        rank = world()[0]
-        for index, share in enumerate(self.shares):
-            log.info(
-                "share %d/%d of rank %d: %d layers, %s",
-                index + 1,
-                len(self.shares),
-                rank,
-                len(share.layers),
-                format_size(share.peak_device_bytes),
-            )
-            stop = stop_layer(share, self.recording)
-            layers = {n: self.layers[n] for n in share.layers}
-            yield capture_share(self.adapter, self.recording, layers, self.segments, stop, self.progress)
+        return (self.capture(index) for index in range(len(self.shares)))
 
 
 def calibration_passes(
@@ -126,18 +139,50 @@ def calibration_passes(
     budget: int | None,
     progress: bool,
 ) -> ReplayedPasses:
-    """Check the schedule against the budget, record once, and return this rank's passes over it."""
+    """Check the schedule against the budget now; record once, when the first share is captured."""
     schedule = pass_schedule(adapter, layers, segments.count, budget)
-    recording = record_calls(adapter, segments, inputs, batch_size=batch_size, seed=seed, progress=progress)
-    log.info(
-        "calibration in %d pass(es)%s on %d process(es); recorded %d denoiser calls (%s on the host)",
-        len(schedule.passes),
-        "" if budget is None else f" under {format_size(budget)}",
-        world()[1],
-        len(recording.calls),
-        format_size(recording.nbytes()),
+
+    def record() -> Recording:
+        recording = record_calls(
+            adapter, segments, inputs, batch_size=batch_size, seed=seed, progress=progress
+        )
+        log.info(
+            "calibration in %d pass(es)%s on %d process(es); recorded %d denoiser calls (%s on the host)",
+            len(schedule.passes),
+            "" if budget is None else f" under {format_size(budget)}",
+            world()[1],
+            len(recording.calls),
+            format_size(recording.nbytes()),
+        )
+        return recording
+
+    return ReplayedPasses(adapter, layers, segments, schedule, record, progress, key=_passes_key(
+        layers, segments, inputs, batch_size, seed, budget
+    ))  # fmt: skip
+
+
+def _passes_key(
+    layers: dict[str, nn.Linear],
+    segments: SegmentMap,
+    inputs: Sequence[Any],
+    batch_size: int,
+    seed: int,
+    budget: int | None,
+) -> str:
+    """A digest of what the passes' statistics depend on (weights by a float64 sum per layer)."""
+    text = repr(
+        (
+            [(n, tuple(m.weight.shape), float(m.weight.detach().double().sum())) for n, m in layers.items()],
+            segments.step_ranges,
+            segments.timesteps,
+            [repr(x) for x in inputs],
+            batch_size,
+            seed,
+            budget,
+            world(),
+        )
     )
-    return ReplayedPasses(adapter, layers, segments, schedule, recording, progress)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
 def layer_statistics(

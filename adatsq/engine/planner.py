@@ -26,6 +26,7 @@ from adatsq.checkpoint.format import LayerSpec
 from adatsq.checkpoint.save import QuantizedModel
 from adatsq.engine.calibration import Calibration, calibrate
 from adatsq.engine.meter import TrajectoryMeter
+from adatsq.engine.shares import LayerResult, ShareResult, share_store, solved_shares
 from adatsq.engine.solve import Variant, solve_variant, variant_statistics
 from adatsq.engine.uniform import quantize
 from adatsq.plan.beam import METHODS
@@ -87,19 +88,29 @@ def solve_candidates(
     variants: dict[str, dict[int, Variant]] = {}
     errors: dict[str, np.ndarray] = {}
     tokens: dict[str, float] = {}
+    spec = LayerSpec((bits[0],), recipe.weight.group_size, recipe.weight.symmetric)
+
+    def solve(group: dict[str, LayerStats]) -> ShareResult:
+        solved = {}
+        for name, stats in group.items():
+            hessian, absmax = variant_statistics(stats, everywhere, weights)
+            W = calibration.layers[name].weight.detach().float()
+            by_bits = {b: solve_variant(W, hessian, absmax, spec.scheme(b), recipe) for b in bits}
+            per_step = int(stats.tokens.sum()) / steps / calibration.inputs
+            solved[name] = LayerResult(by_bits, layer_errors(W, stats, by_bits, segment_weights), per_step)
+        return solved
+
+    fisher_list = None if weights is None else weights.tolist()
+    store = share_store(
+        calibration.resume, calibration.statistics, "candidates", recipe, tuple(bits), fisher_list
+    )
     bar = tqdm(
         total=len(calibration.layers), desc="candidates", unit="layer", disable=None if progress else True
     )
-    for group in calibration.statistics:
-        for name, stats in group.items():
-            hessian, absmax = variant_statistics(stats, everywhere, weights)
-            spec = LayerSpec((bits[0],), recipe.weight.group_size, recipe.weight.symmetric)
-            W = calibration.layers[name].weight.detach().float()
-            variants[name] = {b: solve_variant(W, hessian, absmax, spec.scheme(b), recipe) for b in bits}
-            errors[name] = layer_errors(W, stats, variants[name], segment_weights)
-            tokens[name] = int(stats.tokens.sum()) / steps / calibration.inputs
+    for result in solved_shares(calibration.statistics, solve, store):
+        for name, layer in result.items():
+            variants[name], errors[name], tokens[name] = layer.variants, layer.errors, layer.tokens
             bar.update()
-        del group
     bar.close()
     return Candidates(*merge_owned(variants, errors, tokens))
 
@@ -157,6 +168,7 @@ def finish(calibration: Calibration, recipe: Recipe, plan: Plan, progress: bool)
         layer_bits=plan.layers,
         segment_weights=weights,
         statistics=calibration.statistics,
+        resume=calibration.resume,
         progress=progress,
     )
     qmodel.report["calibration_seconds"] = calibration.seconds

@@ -24,6 +24,7 @@ from adatsq.checkpoint.format import LayerSpec
 from adatsq.checkpoint.save import QuantizedModel
 from adatsq.core.modules import set_module
 from adatsq.engine.passes import layer_statistics
+from adatsq.engine.shares import LayerResult, ShareResult, share_store, solved_shares
 from adatsq.engine.solve import Variant, segment_mask, solve_variant, variant_statistics
 from adatsq.engine.surgery import build_layer, effective_ignore, select_layers
 from adatsq.models.resolve import adapter_for
@@ -81,16 +82,24 @@ def quantize(
             adapter, layers, segments, inputs, batch_size=cal.batch_size, seed=cal.seed,
             budget=cal.max_memory_bytes, progress=progress, resume=resume,
         )  # fmt: skip
-    for group in statistics:
-        timings["calibration_seconds"] += time.perf_counter() - clock
-        clock = time.perf_counter()
-        for name, layer_stats in group.items():
-            variants[name] = _solve_layer(layers[name], specs[name], layer_stats, segment_weights, recipe)
-            layer_reports[name] = {f"w{bits}": v.info for bits, v in variants[name].items()}
+
+    def solve(group: dict[str, LayerStats | None]) -> ShareResult:
+        start = time.perf_counter()
+        solved = {
+            name: LayerResult(_solve_layer(layers[name], specs[name], st, segment_weights, recipe))
+            for name, st in group.items()
+        }
+        timings["quantize_seconds"] += time.perf_counter() - start
+        return solved
+
+    weights = None if segment_weights is None else segment_weights.tolist()
+    store = share_store(resume, statistics, "solve", recipe, [specs[n].bits for n in layers], weights)
+    for result in solved_shares(statistics, solve, store):
+        for name, layer in result.items():
+            variants[name] = layer.variants
+            layer_reports[name] = {f"w{bits}": v.info for bits, v in layer.variants.items()}
             bar.update()
-        del group, layer_stats  # this pass's statistics are freed before the next one accumulates
-        timings["quantize_seconds"] += time.perf_counter() - clock
-        clock = time.perf_counter()
+    timings["calibration_seconds"] = time.perf_counter() - clock - timings["quantize_seconds"]
     bar.close()
     variants, layer_reports = merge_owned(variants, layer_reports)  # every owner rank's solves
     denoiser = adapter.denoiser()

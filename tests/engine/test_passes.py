@@ -146,3 +146,45 @@ def test_two_processes_write_the_single_process_checkpoint_byte_for_byte(
     ).read_bytes()
     one, two = (tmp_path / d / "model.safetensors" for d in ("one", "two"))
     assert one.read_bytes() == two.read_bytes()  # header included: byte for byte
+
+
+class Killed(Exception):
+    """Stands for the process dying in the middle of a share."""
+
+
+@pytest.mark.parametrize("method", ["gptq", "adatsq"])
+def test_a_killed_budgeted_run_resumes_after_its_last_solved_share(recipe, adaptive, tmp_path, method):
+    from adatsq.engine.passes import ReplayedPasses
+    from adatsq.engine.shares import clear_shares
+
+    base = adaptive if method == "adatsq" else recipe
+    bounded = replace(base, calibration=replace(base.calibration, max_memory=splitting_budgets(base)[0]))
+    whole = tensor_digest(adatsq.quantize("reference", bounded, progress=False))
+    resume = tmp_path / ".out.calibration.safetensors"
+    real, captured = ReplayedPasses.capture, []
+
+    def dies_in_share_1(self, index):
+        if index == 1:
+            raise Killed
+        captured.append(index)
+        return real(self, index)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ReplayedPasses, "capture", dies_in_share_1)
+        with pytest.raises(Killed):
+            adatsq.quantize("reference", bounded, progress=False, resume=resume)
+    assert captured == [0] and len(list(tmp_path.glob("*.share-*"))) == 1  # share 0 solved and kept
+
+    def counted(self, index):
+        captured.append(index)
+        return real(self, index)
+
+    captured.clear()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ReplayedPasses, "capture", counted)
+        resumed = adatsq.quantize("reference", bounded, progress=False, resume=resume)
+    shares = len(list(tmp_path.glob("*.share-*")))
+    assert captured[0] == 1  # share 0 was read back, not replayed
+    assert tensor_digest(resumed) == whole
+    clear_shares(resume)
+    assert not list(tmp_path.glob("*.share-*")) and shares >= 2
