@@ -290,7 +290,7 @@ def render(est: Estimate) -> str:
         ("targeted layers", f"{est.layers}"),
         ("segments / devices", f"{est.segments} / {est.devices}"),
         ("accumulators (float32)", format_size(est.accumulator_bytes)),
-        ("  float64 per layer (today)", format_size(est.float64_per_layer_bytes)),
+        ("  as float64 per layer", format_size(est.float64_per_layer_bytes)),
         ("  largest block", format_size(est.one_block_bytes)),
         (
             "budget per device",

@@ -2,7 +2,8 @@
 
 Three things keep a measurement cheap without changing its value:
 - variants wait packed on the host; a measurement builds only the quantized layers its partial plan
-  uses (TimestepQuantLinear of the rows' distinct bit-widths) and drops them afterwards;
+  uses (TimestepQuantLinear of the rows' distinct bit-widths) on the layers' device and drops them
+  afterwards;
 - the measure inputs run in batches of `calibration.batch_size` (batch i seeded seed + i, as in
   calibration), so the meter's activations are those of a calibration batch, not of all inputs at once;
 - restarts: every measured run keeps the denoiser's outputs. A partial plan whose first j segments
@@ -67,6 +68,7 @@ class TrajectoryMeter:
             name: None if linear.bias is None else linear.bias.detach().clone()
             for name, linear in calibration.layers.items()
         }
+        self.devices = {name: linear.weight.device for name, linear in calibration.layers.items()}
         self.cache_bytes = cache_bytes
         self.cache: OrderedDict[bytes, list[Outputs]] = OrderedDict()  # prefix key → outputs per batch
         self.reference = [self._run(i, None, 0, None)[0] for i in range(len(self.batches))]
@@ -161,7 +163,8 @@ class TrajectoryMeter:
         for name, row in partial.bits.items():
             full_row = tuple(row) + (row[-1],) * tail
             variants = {b: self.variants[name][b] for b in sorted(set(full_row))}
-            quantized = [v.module(self.biases[name], self.act) for v in variants.values()]
+            device = self.devices[name]
+            quantized = [v.to(device).module(self.biases[name], self.act) for v in variants.values()]
             modules[name] = TimestepQuantLinear(quantized, full_row)
             set_module(denoiser, name, modules[name])
         return modules

@@ -30,10 +30,9 @@ from adatsq.core.io import atomic_write
 from adatsq.engine.passes import ReplayedPasses
 from adatsq.engine.solve import Variant
 from adatsq.quant.pack import PackedWeight
-from adatsq.quant.transforms import InputTransform
+from adatsq.quant.transforms import TRANSFORM_FIELDS, InputTransform
 
 log = logging.getLogger(__name__)
-TRANSFORM_FIELDS = ("smooth", "rotation_signs", "lowrank_a", "lowrank_b")
 
 
 @dataclass

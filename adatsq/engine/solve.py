@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -13,7 +13,7 @@ from adatsq.quant.linear import QuantLinear
 from adatsq.quant.pack import PackedWeight
 from adatsq.quant.rtn import rtn
 from adatsq.quant.scheme import ActScheme, QuantizedWeight, WeightScheme
-from adatsq.quant.transforms import InputTransform, build_transform, transform_hessian
+from adatsq.quant.transforms import TRANSFORM_FIELDS, InputTransform, build_transform, transform_hessian
 from adatsq.recipe import Recipe
 
 
@@ -31,6 +31,18 @@ class Variant:
     def __post_init__(self) -> None:
         if isinstance(self.weight, QuantizedWeight):
             self.weight = PackedWeight.of(self.weight)
+
+    def to(self, device: torch.device | str) -> Variant:
+        """The same variant with every tensor on `device` (variants wait on the host, layers run on the
+        denoiser's device)."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device)
+
+        w, t = self.weight, self.transform
+        weight = replace(w, qweight=move(w.qweight), scales=move(w.scales), zeros=move(w.zeros))
+        transform = InputTransform(*(move(getattr(t, f)) for f in TRANSFORM_FIELDS))
+        return Variant(weight, transform, self.info)
 
     def module(self, bias: torch.Tensor | None, act: ActScheme) -> QuantLinear:
         return QuantLinear.from_quantized(self.weight, bias, act, transform=self.transform)
@@ -52,7 +64,7 @@ def solve_variant(
     """
     target, transform = build_transform(weight, recipe.outliers, act_absmax)
     if hessian is None:
-        return Variant(rtn(target, scheme), transform, {})
+        return Variant(rtn(target, scheme), transform, {}).to("cpu")
     result = gptq(
         target,
         transform_hessian(hessian, transform),
@@ -63,7 +75,7 @@ def solve_variant(
         overwrite_h=consume_hessian,
     )
     info = {"loss": result.loss, "damp": result.damp, "damp_escalations": result.damp_escalations}
-    return Variant(result.weight, transform, info)
+    return Variant(result.weight, transform, info).to("cpu")  # packed on the host until assembled
 
 
 def segment_mask(spec: LayerSpec, bits: int) -> torch.Tensor:

@@ -59,5 +59,6 @@ def build_layer(
 ) -> nn.Module:
     """QuantLinear for a single bit-width, TimestepQuantLinear when the row switches bits."""
     bias = None if linear.bias is None else linear.bias.detach()
-    modules = [variant.module(bias, act) for variant in variants.values()]
+    device = linear.weight.device
+    modules = [variant.to(device).module(bias, act) for variant in variants.values()]
     return modules[0] if len(modules) == 1 else TimestepQuantLinear(modules, spec.bits)

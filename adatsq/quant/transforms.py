@@ -159,6 +159,9 @@ class TransformScheme:
             raise ConfigError(f"lowrank_rank={self.lowrank_rank!r} must be an int >= 0 (0 = no branch)")
 
 
+TRANSFORM_FIELDS = ("smooth", "rotation_signs", "lowrank_a", "lowrank_b")  # InputTransform's, in order
+
+
 @dataclass(frozen=True)
 class InputTransform:
     """The tensors one layer stores for its transforms (QuantLinear keeps them as buffers).
