@@ -18,6 +18,7 @@ with; transformers has a plug-in API (`register_quantization_config` / `register
 from __future__ import annotations
 
 import json
+import re
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -51,8 +52,10 @@ from adatsq.errors import CheckpointError, ConfigError
 from adatsq.models.diffusers.adapter import DiffusersPipelineAdapter
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear, prepare_kernels
 
-SUPPORTED_DIFFUSERS = SpecifierSet(">=0.42,<0.43")  # the quantizer hooks it uses, as tested (0.42.1)
-SUPPORTED_TRANSFORMERS = SpecifierSet(">=5.24,<5.25")  # tested with 5.24.0
+# The versions whose loaders call the hooks used here the way they were tested (0.42.1, 5.24.0). Older
+# diffusers (0.35) do not tell a quantizer where the checkpoint files are (maybe_update_loaded_keys).
+SUPPORTED_DIFFUSERS = ">=0.42,<0.43"
+SUPPORTED_TRANSFORMERS = ">=5.24,<5.25"
 
 
 class AdatsqMethod(str, Enum):
@@ -117,11 +120,11 @@ class _Loader:
         return layers
 
 
-def _check_version(library: str, version: str, supported: SpecifierSet) -> None:
-    if Version(version) not in supported:
+def _check_version(library: str, version: str, supported: str) -> None:
+    if Version(version) not in SpecifierSet(supported):
         raise ConfigError(
-            f"adatsq loads with {library} {supported} (this is {library} {version}); install a supported "
-            f"one (pip install '{library}{supported}') or use adatsq.load(folder)"
+            f"adatsq.register_with_{library}() supports {library} {supported}, this is {library} {version}: "
+            f"pip install '{library}{supported}', or load the folder with adatsq.load"
         )
 
 
@@ -226,10 +229,10 @@ class AdatsqTransformersQuantizer(HfQuantizer):
     def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         self.loader.before(model, kwargs.get("checkpoint_files"))
         # the variants' keys are not the model's: they are read after loading, not reported as unused
-        model._keys_to_ignore_on_load_unexpected = [
-            *(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or []),
-            *(rf"^{name}\.w\d+\." for name in self.loader.config["layers"]),
-        ]
+        model._keys_to_ignore_on_load_unexpected = {  # a set: transformers unions it with its own
+            *(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or ()),
+            *(rf"^{re.escape(name)}\.w\d+\." for name in self.loader.config["layers"]),
+        }
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:

@@ -29,6 +29,7 @@ from adatsq.checkpoint.shards import DEFAULT_MAX_SHARD, tensor_sha256, write_ten
 from adatsq.core.io import check_output, output_folder, write_json
 from adatsq.core.sizes import parse_size
 from adatsq.core.version import __version__
+from adatsq.errors import ConfigError
 from adatsq.models.base import ModelAdapter
 from adatsq.plan.schema import save_plan
 from adatsq.quant.scheme import ActScheme
@@ -156,4 +157,37 @@ def save_checkpoint(
         report["checkpoint_bytes"] = written
         write_json(tmp / REPORT, report)
     log.info("wrote %s", directory)
+    return directory
+
+
+def save_component(
+    qmodel: QuantizedModel,
+    prefix: str,
+    directory: Path,
+    overwrite: bool = False,
+    max_shard_size: str = DEFAULT_MAX_SHARD,
+) -> Path:
+    """Write the submodule `prefix` of the denoiser (a transformers or diffusers model holding quantized
+    layers, e.g. the reference UMM's language model "model.lm") as a component folder of its own:
+    its config.json with quantization_config + safetensors, keys and layer names relative to it."""
+    module = qmodel.adapter.denoiser().get_submodule(prefix)
+    if not callable(getattr(module, "save_pretrained", None)):
+        raise ConfigError(
+            f"{prefix!r} is a {type(module).__name__}, not a transformers / diffusers model; "
+            "pass the name of one (e.g. 'model.lm' of the reference UMM)"
+        )
+    start = f"{prefix}."
+    layers = {name[len(start) :]: spec for name, spec in qmodel.layers.items() if name.startswith(start)}
+    if not layers:
+        raise ConfigError(f"{prefix!r} holds no quantized layer; some that are: {sorted(qmodel.layers)[:3]}")
+    tensors = {k[len(start) :]: v for k, v in checkpoint_tensors(qmodel).items() if k.startswith(start)}
+    config = checkpoint_config(qmodel)
+    rows = config["layers"]
+    config["layers"] = {name[len(start) :]: rows[name] for name in rows if name.startswith(start)}
+    config["checksums"] = {key: tensor_sha256(tensors[key]) for key in sorted(tensors)}
+    with output_folder(directory, overwrite, owned=is_checkpoint) as tmp:
+        write_tensors(tmp, tensors, parse_size(max_shard_size), weights_stem(module))
+        if hasattr(module, "config") and callable(getattr(module.config, "save_pretrained", None)):
+            module.config.save_pretrained(tmp)  # transformers: config.json
+        write_component_config(tmp, module, config)
     return directory
