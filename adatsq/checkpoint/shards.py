@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from adatsq.checkpoint.format import SAFETENSORS_ERRORS, WEIGHTS
+from adatsq.checkpoint.format import SAFETENSORS_ERRORS, WEIGHTS, locate
 from adatsq.core.io import atomic_write, write_json
 from adatsq.errors import CheckpointError
 
@@ -257,3 +257,8 @@ class TensorFiles:
     def nbytes(self) -> int:
         """Bytes on disk of every tensor file."""
         return sum(path.stat().st_size for path in self.files())
+
+
+def tensor_files(directory: Path) -> list[Path]:
+    """Every tensor file of a checkpoint folder of either format (one file, or its shards)."""
+    return list(TensorFiles(locate(Path(directory)).tensors, verify=False).files())
