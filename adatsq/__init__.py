@@ -66,4 +66,29 @@ def load(
     return with_token_reduction(adapter, token_reduction, keep)
 
 
-__all__ = ["AdatsqError", "Recipe", "__version__", "load", "load_recipe", "quantize"]
+def register_with_diffusers() -> None:
+    """Let `DiffusionPipeline.from_pretrained` / `<Model>.from_pretrained` load adatsq checkpoints (the
+    quantized denoiser, timestep switching attached). Idempotent; refused on an untested diffusers."""
+    from adatsq.checkpoint.hf import register_with_diffusers as register
+
+    register()
+
+
+def register_with_transformers() -> None:
+    """Let transformers' `AutoModel.from_pretrained` load adatsq components. Idempotent; refused on an
+    untested transformers."""
+    from adatsq.checkpoint.hf import register_with_transformers as register
+
+    register()
+
+
+__all__ = [
+    "AdatsqError",
+    "Recipe",
+    "__version__",
+    "load",
+    "load_recipe",
+    "quantize",
+    "register_with_diffusers",
+    "register_with_transformers",
+]

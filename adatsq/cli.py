@@ -1,4 +1,4 @@
-"""`adatsq` command line: quantize | plan | eval | inspect | export | estimate | tokens | env (subcommands).
+"""`adatsq` command line: quantize | plan | eval | inspect | upgrade | export | estimate | tokens | env.
 
 User errors (AdatsqError) print one line on stderr and exit with code 2; nothing else is caught.
 """
@@ -205,6 +205,21 @@ def run_inspect(args: argparse.Namespace) -> int:
     from adatsq.checkpoint.inspect import inspect_path
 
     print(inspect_path(args.path, verify=not args.no_verify))
+    return 0
+
+
+@COMMANDS.register("upgrade")
+def _upgrade(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("upgrade", help="rewrite an older checkpoint folder in the current format, in place")
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 of every checkpoint tensor")
+    p.set_defaults(handler=run_upgrade)
+
+
+def run_upgrade(args: argparse.Namespace) -> int:
+    from adatsq.checkpoint.upgrade import upgrade_checkpoint
+
+    print(upgrade_checkpoint(args.checkpoint, verify=not args.no_verify))
     return 0
 
 

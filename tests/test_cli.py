@@ -108,7 +108,8 @@ def test_existing_output_without_overwrite(checkpoint, recipe_file):
 
 
 def test_corrupted_checkpoint(tmp_path):
-    (tmp_path / "adatsq_config.json").write_text("{not json")
+    (tmp_path / "transformer").mkdir()
+    (tmp_path / "transformer" / "config.json").write_text("{not json")
     assert_user_error(run_cli("eval", str(tmp_path)), "corrupted")
     assert_user_error(run_cli("inspect", str(tmp_path / "missing")), "neither a checkpoint folder")
 

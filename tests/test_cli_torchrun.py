@@ -40,9 +40,9 @@ def test_torchrun_two_processes_write_what_one_process_writes(tmp_path):
     two = adatsq(*common, "--out", str(tmp_path / "two"), "--devices", "2", launcher=torchrun)
     assert two.returncode == 0, two.stderr
     assert two.stdout.count("wrote") == 1  # rank 0 alone writes and reports
-    config = "adatsq_config.json"
+    config = "transformer/config.json"  # format 2: the reference DiT's component
     assert (tmp_path / "one" / config).read_bytes() == (tmp_path / "two" / config).read_bytes()
-    a, b = (tmp_path / d / "model.safetensors" for d in ("one", "two"))
+    a, b = (tmp_path / d / "transformer" / "diffusion_pytorch_model.safetensors" for d in ("one", "two"))
     assert a.read_bytes() == b.read_bytes()  # header included: byte for byte
 
 

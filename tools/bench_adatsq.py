@@ -62,8 +62,8 @@ from bench.common import (
 from adatsq.calibrate.fisher import fisher_weights, plot_fisher
 from adatsq.calibrate.runner import collect_stats
 from adatsq.calibrate.segments import SegmentMap, attach_segment_switching
-from adatsq.checkpoint.format import WEIGHTS
 from adatsq.checkpoint.load import load_checkpoint
+from adatsq.checkpoint.shards import tensor_files
 from adatsq.core.modules import set_module
 from adatsq.engine.calibration import Calibration, calibrate
 from adatsq.engine.planner import Planner
@@ -273,7 +273,7 @@ class CheckpointEvaluator(Evaluator):
         return {
             **self.sample(adapter, name),
             "checkpoint_avg_bits": average_bits(config),
-            "checkpoint_bytes": (directory / WEIGHTS).stat().st_size,
+            "checkpoint_bytes": sum(p.stat().st_size for p in tensor_files(directory)),
             "switching_layers": sum(isinstance(m, TimestepQuantLinear) for m in adapter.denoiser().modules()),
         }
 
@@ -767,7 +767,8 @@ def _results(report: dict[str, Any]) -> list[str]:
         f"({report['calibration']['fisher_seconds']:.1f} s, not paid by the no-Fisher ablation). Table "
         "seconds = solving every layer at every candidate bit-width + the error table + the meter's float "
         "trajectory (one table per activation setting and weighting, shared by the methods that use it). "
-        "Checkpoint bytes = model.safetensors (mixed plans store every distinct bit-width of a layer).",
+        "Checkpoint bytes = the denoiser's safetensors (mixed plans store every distinct bit-width of a "
+        "layer).",
         "",
         "## Targets",
         "",

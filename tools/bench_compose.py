@@ -29,6 +29,7 @@ from bench.common import (
 
 import adatsq
 from adatsq.checkpoint.load import load_checkpoint
+from adatsq.checkpoint.shards import tensor_files
 from adatsq.models.reference.classifier import load_classifier
 from adatsq.models.umm.adapter import UMMGenerationAdapter
 from adatsq.models.umm.data import QUADRANTS, QUESTION_TYPES, gen_prompt
@@ -77,7 +78,7 @@ def main() -> None:
             rows[name] = {
                 **evaluate(loaded, args.samples, args.generations, classifier),
                 "quantize_seconds": seconds,
-                "checkpoint_bytes": (Path(tmp) / name / "model.safetensors").stat().st_size,
+                "checkpoint_bytes": sum(p.stat().st_size for p in tensor_files(Path(tmp) / name)),
                 "avg_bits": qmodel.plan.metrics["avg_bits"] if qmodel.plan else 4.0,
             }
     result = {

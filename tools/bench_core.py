@@ -52,7 +52,7 @@ from safetensors.torch import load_file
 
 from adatsq.calibrate.runner import collect_stats
 from adatsq.calibrate.segments import SegmentMap
-from adatsq.checkpoint.format import WEIGHTS
+from adatsq.checkpoint.shards import tensor_files
 from adatsq.engine.surgery import select_layers
 from adatsq.engine.uniform import quantize as engine_quantize
 from adatsq.eval.run import average_bits, evaluate_checkpoint
@@ -95,7 +95,7 @@ class CheckpointEvaluator(Evaluator):
         return {
             **metrics,
             "avg_bits": average_bits(config),
-            "checkpoint_bytes": (directory / WEIGHTS).stat().st_size,
+            "checkpoint_bytes": sum(p.stat().st_size for p in tensor_files(directory)),
             "fp_seconds": self.fp_seconds,
             "quant_seconds": seconds,
             "denoiser_state_bytes": state_bytes(quant.denoiser()),
@@ -147,7 +147,7 @@ def checkpoint_breakdown(path: Path, quantized: set[str]) -> dict[str, int]:
 
 def same_tensors(a: Path, b: Path) -> bool:
     """Whether two checkpoints hold bit-identical tensors under the same names."""
-    ta, tb = load_file(str(a / WEIGHTS)), load_file(str(b / WEIGHTS))
+    ta, tb = load_file(str(tensor_files(a)[0])), load_file(str(tensor_files(b)[0]))
     return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
@@ -535,7 +535,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         size["within_bound"] = evaluation["checkpoint_bytes"] <= size["bound_bytes"]
         size["ratio_to_bound"] = evaluation["checkpoint_bytes"] / size["bound_bytes"]
         size["ratio_to_fp32"] = evaluation["checkpoint_bytes"] / size["fp32_bytes"]
-        size["breakdown"] = checkpoint_breakdown(out / WEIGHTS, set(quant.pop("layers")))
+        size["breakdown"] = checkpoint_breakdown(tensor_files(out)[0], set(quant.pop("layers")))
         results[name] = {"recipe": recipe.to_dict(), "quantize": quant, "eval": evaluation, "size": size}
         print(
             f"[bench_core] {name}: quantize {quant['wall_seconds']:.1f} s, "

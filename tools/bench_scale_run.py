@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from tools.bench.common import machine_info, versions, write_report  # noqa: E402
 
+DENOISER_WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"  # in a (format 2) pipeline checkpoint
 WIDE = {"num_attention_heads": 12, "attention_head_dim": 128, "ffn_dim": 8960, "freq_dim": 256}
 NARROW = {"num_attention_heads": 2, "attention_head_dim": 32, "ffn_dim": 256, "freq_dim": 32}
 RECIPE = """\
@@ -149,7 +150,7 @@ def quantize_runs(work: Path, blocks: int, width: dict[str, int], env: dict[str,
                 "estimate": {
                     k: est[k] for k in ("accumulator_bytes", "peak_device_bytes", "peak_host_bytes")
                 },
-                "sha256": sha256(out / "model.safetensors"),
+                "sha256": sha256(out / DENOISER_WEIGHTS),
             }
         )
     return {
@@ -175,7 +176,7 @@ def torchrun_run(depth: dict[str, Any], work: Path, env: dict[str, str]) -> dict
         "budget_bytes": int(depth["budgets"][0]),
         "seconds": result["seconds"],
         "rss_bytes_largest_process": result["rss_bytes"],
-        "sha256": sha256(out / "model.safetensors"),
+        "sha256": sha256(out / DENOISER_WEIGHTS),
     }
 
 
@@ -214,7 +215,7 @@ def markdown(report: dict[str, Any]) -> str:
         "GPTQ W4A16 g64, act-order, 2 segments, default ignore list, 2 prompts × 4 steps.",
         "",
         "| blocks | float denoiser | budget | passes | peak RSS | predicted | RSS / predicted | RSS − float "
-        "| wall | model.safetensors sha256 |",
+        "| wall | denoiser safetensors sha256 |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for depth in report["depths"]:
@@ -233,7 +234,7 @@ def markdown(report: dict[str, Any]) -> str:
         + ", ".join(f"{d['blocks']} block(s) {mib(d['baseline_rss_bytes'])}" for d in report["depths"])
         + ".",
         "",
-        f"**Byte identity**: every budget of a depth gives the same model.safetensors: "
+        f"**Byte identity**: every budget of a depth gives the same denoiser safetensors: "
         f"{report['identical_across_budgets']}. `torchrun --nproc-per-node 2` (gloo, budget "
         f"{mib(t['budget_bytes'])}, owner ranks): sha256 `{t['sha256'][:12]}`, identical to one process: "
         f"{report['identical_across_processes']}; largest process {mib(t['rss_bytes_largest_process'])}, "

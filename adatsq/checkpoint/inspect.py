@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adatsq.checkpoint.format import CONFIG, variant_prefix
+from adatsq.checkpoint.format import is_checkpoint, variant_prefix
 from adatsq.checkpoint.validate import open_checkpoint
 from adatsq.core.tables import table
 from adatsq.errors import CheckpointError
@@ -78,7 +78,7 @@ def inspect_path(path: Path, verify: bool = True) -> str:
     """A checkpoint folder, a plan / frontier JSON, or a float model ('reference' or a diffusers folder)."""
     if (
         path.is_dir()
-        and not (path / CONFIG).exists()
+        and not is_checkpoint(path)
         and ((path / "model_index.json").exists() or (path / "config.json").exists())
     ):
         return inspect_model(path)

@@ -24,7 +24,7 @@ from adatsq.quant.linear import QuantLinear, TimestepQuantLinear, prepare_kernel
 from adatsq.quant.scheme import ActScheme
 
 
-def _quantized_layer(
+def quantized_layer(
     name: str, layer: dict[str, Any], keys: dict[int, list[str]], files: TensorFiles, act: ActScheme
 ) -> nn.Module:
     variants = {}
@@ -48,6 +48,23 @@ def _quantized_layer(
     return first if len(variants) == 1 else TimestepQuantLinear(variants.values(), layer["bits"])
 
 
+def fill_quantized_layers(
+    denoiser: nn.Module,
+    config: dict[str, Any],
+    variant_keys: dict[str, dict[int, list[str]]],
+    files: TensorFiles,
+) -> None:
+    """Replace every layer the config lists by its quantized variants, read one layer at a time."""
+    act = ActScheme(bits=config["activation"]["bits"])
+    for name, layer in config["layers"].items():
+        module = quantized_layer(name, layer, variant_keys[name], files, act)
+        set_module(denoiser, name, module)  # the float layer (or its placeholder) is released here
+
+
+def segment_map(config: dict[str, Any]) -> SegmentMap:
+    return SegmentMap(tuple(tuple(r) for r in config["segment_steps"]), tuple(config["timesteps"]))
+
+
 def load_checkpoint(directory: str | Path, verify: bool = True) -> tuple[ModelAdapter, dict[str, Any]]:
     """Rebuild the quantized model of a checkpoint folder; returns its adapter and config.
 
@@ -58,10 +75,7 @@ def load_checkpoint(directory: str | Path, verify: bool = True) -> tuple[ModelAd
     opened = open_checkpoint(directory, verify)
     config, files, adapter = opened.config, opened.files, opened.adapter
     denoiser = adapter.denoiser()
-    act = ActScheme(bits=config["activation"]["bits"])
-    for name, layer in config["layers"].items():
-        module = _quantized_layer(name, layer, opened.variant_keys[name], files, act)
-        set_module(denoiser, name, module)  # the float layer is released here
+    fill_quantized_layers(denoiser, config, opened.variant_keys, files)
     missing, unexpected = denoiser.load_state_dict({k: files.get(k) for k in opened.rest_keys}, strict=False)
     quantized_keys = tuple(f"{name}." for name in config["layers"])
     missing = [k for k in missing if not k.startswith(quantized_keys)]
@@ -70,8 +84,7 @@ def load_checkpoint(directory: str | Path, verify: bool = True) -> tuple[ModelAd
             f"the tensors in {directory} do not match its config: missing {missing[:3]}, "
             f"unexpected {unexpected[:3]}"
         )
-    segments = SegmentMap(tuple(tuple(r) for r in config["segment_steps"]), tuple(config["timesteps"]))
-    attach_segment_switching(adapter, segments)
+    attach_segment_switching(adapter, segment_map(config))
     denoiser.eval()
     return adapter, config
 

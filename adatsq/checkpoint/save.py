@@ -7,23 +7,29 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import diffusers
 import torch
+from torch import nn
 
 from adatsq.calibrate.segments import SegmentMap
 from adatsq.checkpoint.format import (
-    BASE,
-    CONFIG,
     FORMAT_VERSION,
+    MODEL_CONFIG,
     PLAN,
+    QUANT_METHOD,
+    QUANTIZATION_CONFIG,
     REPORT,
     LayerSpec,
+    is_checkpoint,
     layer_variants,
+    read_json_object,
     variant_prefix,
 )
 from adatsq.checkpoint.shards import DEFAULT_MAX_SHARD, tensor_sha256, write_tensors
 from adatsq.core.io import check_output, output_folder, write_json
 from adatsq.core.sizes import parse_size
 from adatsq.core.version import __version__
+from adatsq.errors import ConfigError
 from adatsq.models.base import ModelAdapter
 from adatsq.plan.schema import save_plan
 from adatsq.quant.scheme import ActScheme
@@ -106,32 +112,82 @@ def _stored_recipe(recipe: Recipe) -> dict[str, Any]:
     return data
 
 
-def is_checkpoint(directory: Path) -> bool:
-    """A folder this program wrote (the only kind of folder --overwrite replaces)."""
-    return (directory / CONFIG).is_file()
-
-
 def check_destination(directory: Path, overwrite: bool = False) -> None:
     """Refuse a checkpoint destination that cannot or may not be written (before any long work)."""
     check_output(directory, overwrite, folder=True, owned=is_checkpoint)
 
 
+def write_component_config(folder: Path, denoiser: Any, config: dict[str, Any]) -> None:
+    """The denoiser's config.json with the adatsq config as its quantization_config.
+
+    The model's own config is the one its base wrote there (diffusers' save_config), or written now from
+    the model (`save_config`), or empty for a model without one (the reference UMM's flow denoiser).
+    """
+    path = folder / MODEL_CONFIG
+    if not path.is_file() and callable(getattr(denoiser, "save_config", None)):
+        denoiser.save_config(folder)
+    model_config = read_json_object(path) if path.is_file() else {}
+    model_config[QUANTIZATION_CONFIG] = {"quant_method": QUANT_METHOD, **config}
+    write_json(path, model_config)
+
+
+def weights_stem(denoiser: nn.Module) -> str:
+    """How the component's tensor files are named: as its library's from_pretrained looks for them."""
+    return "diffusion_pytorch_model" if isinstance(denoiser, diffusers.ModelMixin) else "model"
+
+
 def save_checkpoint(
     qmodel: QuantizedModel, directory: Path, overwrite: bool = False, max_shard_size: str = DEFAULT_MAX_SHARD
 ) -> Path:
-    """Write the checkpoint folder; tensors over `max_shard_size` in total are split into shards."""
+    """Write the checkpoint folder (format 2, see format.py); tensors over `max_shard_size` in total are
+    split into shards."""
     shard_bytes = parse_size(max_shard_size)
     with output_folder(directory, overwrite, owned=is_checkpoint) as tmp:
+        qmodel.adapter.save_base(tmp)  # a normal folder of the family, without the denoiser's weights
+        component = tmp / qmodel.adapter.denoiser_folder
+        component.mkdir(parents=True, exist_ok=True)
         tensors = checkpoint_tensors(qmodel)
-        written = write_tensors(tmp, tensors, shard_bytes)
+        written = write_tensors(component, tensors, shard_bytes, weights_stem(qmodel.adapter.denoiser()))
         config = checkpoint_config(qmodel)
         config["checksums"] = {key: tensor_sha256(tensors[key]) for key in sorted(tensors)}
-        write_json(tmp / CONFIG, config)
-        qmodel.adapter.save_base(tmp / BASE)
+        write_component_config(component, qmodel.adapter.denoiser(), config)
         if qmodel.plan is not None:
             save_plan(qmodel.plan, tmp / PLAN)
         report = dict(qmodel.report)
         report["checkpoint_bytes"] = written
         write_json(tmp / REPORT, report)
     log.info("wrote %s", directory)
+    return directory
+
+
+def save_component(
+    qmodel: QuantizedModel,
+    prefix: str,
+    directory: Path,
+    overwrite: bool = False,
+    max_shard_size: str = DEFAULT_MAX_SHARD,
+) -> Path:
+    """Write the submodule `prefix` of the denoiser (a transformers or diffusers model holding quantized
+    layers, e.g. the reference UMM's language model "model.lm") as a component folder of its own:
+    its config.json with quantization_config + safetensors, keys and layer names relative to it."""
+    module = qmodel.adapter.denoiser().get_submodule(prefix)
+    if not callable(getattr(module, "save_pretrained", None)):
+        raise ConfigError(
+            f"{prefix!r} is a {type(module).__name__}, not a transformers / diffusers model; "
+            "pass the name of one (e.g. 'model.lm' of the reference UMM)"
+        )
+    start = f"{prefix}."
+    layers = {name[len(start) :]: spec for name, spec in qmodel.layers.items() if name.startswith(start)}
+    if not layers:
+        raise ConfigError(f"{prefix!r} holds no quantized layer; some that are: {sorted(qmodel.layers)[:3]}")
+    tensors = {k[len(start) :]: v for k, v in checkpoint_tensors(qmodel).items() if k.startswith(start)}
+    config = checkpoint_config(qmodel)
+    rows = config["layers"]
+    config["layers"] = {name[len(start) :]: rows[name] for name in rows if name.startswith(start)}
+    config["checksums"] = {key: tensor_sha256(tensors[key]) for key in sorted(tensors)}
+    with output_folder(directory, overwrite, owned=is_checkpoint) as tmp:
+        write_tensors(tmp, tensors, parse_size(max_shard_size), weights_stem(module))
+        if hasattr(module, "config") and callable(getattr(module.config, "save_pretrained", None)):
+            module.config.save_pretrained(tmp)  # transformers: config.json
+        write_component_config(tmp, module, config)
     return directory

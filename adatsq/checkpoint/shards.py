@@ -22,11 +22,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from adatsq.checkpoint.format import CONFIG, SAFETENSORS_ERRORS, WEIGHTS
+from adatsq.checkpoint.format import SAFETENSORS_ERRORS, WEIGHTS, locate
 from adatsq.core.io import atomic_write, write_json
 from adatsq.errors import CheckpointError
 
 INDEX = "model.safetensors.index.json"
+# file stems: transformers' (and adatsq's format 1) "model", diffusers models' "diffusion_pytorch_model"
+STEMS = ("model", "diffusion_pytorch_model")
 DTYPE_BYTES = {
     "BOOL": 1,
     "U8": 1,
@@ -43,15 +45,23 @@ TORCH_DTYPES = {
     "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "F16": torch.float16, "BF16": torch.bfloat16,
     "I16": torch.int16, "F32": torch.float32, "I32": torch.int32, "F64": torch.float64, "I64": torch.int64,
 }  # fmt: skip
-_SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+_SHARD = re.compile(r"(?:model|diffusion_pytorch_model)-\d{5}-of-\d{5}\.safetensors")
 DEFAULT_MAX_SHARD = "10GB"  # diffusers' save_pretrained default
 # One key only: safetensors writes `__metadata__` from a Rust HashMap, in a random order each call, so a
 # second key would make the header bytes differ between runs of the same seed. Readers ignore it.
 METADATA = {"format": "pt"}
 
 
-def shard_name(index: int, count: int) -> str:
-    return f"model-{index:05d}-of-{count:05d}.safetensors"
+def shard_name(index: int, count: int, stem: str = "model") -> str:
+    return f"{stem}-{index:05d}-of-{count:05d}.safetensors"
+
+
+def weights_name(stem: str = "model") -> str:
+    return f"{stem}.safetensors"
+
+
+def index_name(stem: str = "model") -> str:
+    return f"{stem}.safetensors.index.json"
 
 
 def _split(tensors: dict[str, torch.Tensor], max_bytes: int) -> list[list[str]]:
@@ -99,21 +109,24 @@ def _differs(data: memoryview, expected: str | None) -> bool:
     return expected is not None and hashlib.sha256(data).hexdigest() != expected
 
 
-def write_tensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int) -> int:
-    """Write `tensors` into `directory` (one file, or shards + index); returns the bytes written."""
+def write_tensors(
+    directory: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int, stem: str = "model"
+) -> int:
+    """Write `tensors` into `directory` (one `{stem}.safetensors`, or shards + index); returns the bytes
+    written."""
     groups = _split(tensors, max_shard_bytes)
     if len(groups) == 1:
-        _save(tensors, directory / WEIGHTS)
-        return (directory / WEIGHTS).stat().st_size
+        _save(tensors, directory / weights_name(stem))
+        return (directory / weights_name(stem)).stat().st_size
     weight_map, hashes, total = {}, {}, 0
     for i, keys in enumerate(groups, 1):
-        name = shard_name(i, len(groups))
+        name = shard_name(i, len(groups), stem)
         _save({k: tensors[k] for k in keys}, directory / name)
         weight_map.update(dict.fromkeys(keys, name))
         hashes[name] = file_sha256(directory / name)
         total += (directory / name).stat().st_size
     index = {"metadata": {"total_size": total, "sha256": hashes}, "weight_map": weight_map}
-    write_json(directory / INDEX, index)
+    write_json(directory / index_name(stem), index)
     return total
 
 
@@ -127,20 +140,24 @@ class TensorFiles:
     def __init__(self, directory: Path, verify: bool = True) -> None:
         self.directory = directory
         self._handles: dict[str, Any] = {}
+        stem = next((s for s in STEMS if (directory / index_name(s)).is_file()), None)
+        self.index = index_name(stem or "model")
         # every shard file already matched its sha256 in the index: its tensors' bytes are checked too
-        self.files_verified = verify and (directory / INDEX).is_file()
-        if (directory / INDEX).is_file():
+        self.files_verified = verify and stem is not None
+        single = next((weights_name(s) for s in STEMS if (directory / weights_name(s)).is_file()), None)
+        if stem is not None:
             self.weight_map = self._read_index(verify)
-        elif (directory / WEIGHTS).is_file():
-            with self._open(WEIGHTS) as f:
-                self.weight_map = dict.fromkeys(f.keys(), WEIGHTS)
+        elif single is not None:
+            with self._open(single) as f:
+                self.weight_map = dict.fromkeys(f.keys(), single)
         else:
             raise CheckpointError(
-                f"{directory / WEIGHTS} is missing; the checkpoint is incomplete: re-run quantize"
+                f"{directory / WEIGHTS} is missing (a diffusers component's: {weights_name(STEMS[1])}); "
+                "the checkpoint is incomplete: re-run quantize"
             )
 
     def _read_index(self, verify: bool) -> dict[str, str]:
-        path = self.directory / INDEX
+        path = self.directory / self.index
         try:
             index = json.loads(path.read_text(encoding="utf-8"))
             weight_map, hashes = index["weight_map"], index["metadata"]["sha256"]
@@ -166,8 +183,8 @@ class TensorFiles:
                 )
             if verify and file_sha256(shard) != hashes.get(name):
                 raise CheckpointError(
-                    f"shard {shard} does not belong to this checkpoint (its sha256 differs from {INDEX}): it "
-                    "was left by another run or damaged; re-run quantize"
+                    f"shard {shard} does not belong to this checkpoint (its sha256 differs from "
+                    f"{self.index}): it was left by another run or damaged; re-run quantize"
                 )
         return weight_map
 
@@ -200,7 +217,7 @@ class TensorFiles:
                 view = self._handles[name].get_slice(key)
             except SAFETENSORS_ERRORS:
                 raise CheckpointError(
-                    f"{self.directory / name} does not hold tensor {key!r} that {INDEX} maps to it; "
+                    f"{self.directory / name} does not hold tensor {key!r} that {self.index} maps to it; "
                     "the checkpoint is incomplete or mixed: re-run quantize"
                 ) from None
             specs[key] = (view.get_dtype(), tuple(view.get_shape()))
@@ -229,7 +246,7 @@ class TensorFiles:
                 bad = [k for k, (a, b) in spans.items() if _differs(view[a:b], expected.get(k))]
             if bad:
                 raise CheckpointError(
-                    f"tensor {bad[0]!r} in {path} is damaged: its sha256 differs from the one in {CONFIG}; "
+                    f"tensor {bad[0]!r} in {path} is damaged: its sha256 differs from the one in its config; "
                     "re-download the checkpoint or re-run quantize (verify=False skips the check)"
                 )
 
@@ -240,3 +257,8 @@ class TensorFiles:
     def nbytes(self) -> int:
         """Bytes on disk of every tensor file."""
         return sum(path.stat().st_size for path in self.files())
+
+
+def tensor_files(directory: Path) -> list[Path]:
+    """Every tensor file of a checkpoint folder of either format (one file, or its shards)."""
+    return list(TensorFiles(locate(Path(directory)).tensors, verify=False).files())

@@ -2,7 +2,7 @@
 
 `open_checkpoint` checks, in order: the config's schema (types, ranges, the schedule's consistency),
 every tensor's dtype and shape against the config (safetensors headers only, no data read), the base
-model it rebuilds from base/ (layer shapes, the float tensors' keys / dtypes / shapes) and, with
+model it rebuilds from the folder (layer shapes, the float tensors' keys / dtypes / shapes) and, with
 `verify`, the sha256 of every tensor's bytes recorded in the config. Each failure is one line naming
 the file, the field or tensor, the bad value, what is allowed and the fix.
 """
@@ -15,7 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adatsq.checkpoint.format import BASE, CONFIG, read_config
+from torch import nn
+
+from adatsq.checkpoint.format import Layout, read_checkpoint_config
 from adatsq.checkpoint.shards import TORCH_DTYPES, TensorFiles
 from adatsq.errors import CheckpointError
 from adatsq.models.base import ModelAdapter
@@ -38,6 +40,7 @@ class OpenedCheckpoint:
     """A validated checkpoint: its config, its tensor files and the rebuilt base model (denoiser unloaded)."""
 
     config: dict[str, Any]
+    layout: Layout
     files: TensorFiles
     adapter: ModelAdapter
     variant_keys: dict[str, dict[int, list[str]]]  # layer -> bits -> that variant's tensor keys
@@ -142,7 +145,7 @@ def _check_layer(path: Path, name: str, layer: Any, segments: int) -> None:
 
 
 def check_config(path: Path, config: dict[str, Any]) -> None:
-    """The schema of adatsq_config.json (its keys were checked by read_config)."""
+    """The schema of the adatsq config (its keys were checked by read_checkpoint_config)."""
     _check_fields(path, config)
     _check_schedule(path, config)
     if not isinstance(config["layers"], dict):
@@ -226,7 +229,11 @@ def _check_variant(
 
 
 def check_quantized_tensors(
-    config: dict[str, Any], variants: dict[str, dict[int, list[str]]], files: TensorFiles, specs: Specs
+    config: dict[str, Any],
+    variants: dict[str, dict[int, list[str]]],
+    files: TensorFiles,
+    specs: Specs,
+    config_path: Path,
 ) -> None:
     """Every variant the config lists is stored, nothing else is, each with the dtypes and shapes it needs."""
     for name, layer in config["layers"].items():
@@ -234,7 +241,7 @@ def check_quantized_tensors(
         for bits in sorted(needed):
             if f"{name}.w{bits}.qweight" not in variants[name].get(bits, []):
                 raise CheckpointError(
-                    f"{files.directory / CONFIG}: layer {name!r} has a {bits}-bit variant but tensor "
+                    f"{config_path}: layer {name!r} has a {bits}-bit variant but tensor "
                     f"{name}.w{bits}.qweight is missing; allowed: the config's bits {layer['bits']}; {FIX}"
                 )
         for bits, keys in sorted(variants[name].items()):
@@ -245,20 +252,22 @@ def check_quantized_tensors(
 
 
 def check_model_tensors(
-    config: dict[str, Any], adapter: ModelAdapter, rest: list[str], files: TensorFiles, specs: Specs
+    config: dict[str, Any],
+    denoiser: nn.Module,
+    rest: list[str],
+    files: TensorFiles,
+    specs: Specs,
+    config_path: Path,
 ) -> None:
     """The base model has each quantized layer in the config's shape and exactly the stored float tensors."""
-    denoiser = adapter.denoiser()
     for name, layer in config["layers"].items():
         try:
             weight = denoiser.get_submodule(name).weight
         except AttributeError:
-            raise _bad(
-                files.directory / CONFIG, f"layers[{name!r}]", name, "Linear layers of the base model"
-            ) from None
+            raise _bad(config_path, f"layers[{name!r}]", name, "Linear layers of the base model") from None
         shape = (layer["out_features"], layer["in_features"])
         if tuple(weight.shape) != shape:
-            raise _bad(files.directory / CONFIG, f"layers[{name!r}] (out_features, in_features)", shape,
+            raise _bad(config_path, f"layers[{name!r}] (out_features, in_features)", shape,
                        f"{tuple(weight.shape)}, the layer's shape in the base model")  # fmt: skip
     quantized = tuple(f"{name}." for name in config["layers"])
     state = {k: v for k, v in denoiser.state_dict().items() if not k.startswith(quantized)}
@@ -287,12 +296,13 @@ def check_model_tensors(
             )
 
 
-def check_checksums(config: dict[str, Any], files: TensorFiles, specs: Specs, verify: bool) -> None:
+def check_checksums(
+    config: dict[str, Any], files: TensorFiles, specs: Specs, verify: bool, path: Path
+) -> None:
     """The config's checksums cover exactly the stored tensors; with `verify`, every tensor's bytes match."""
     if "checksums" not in config:
         return  # written before checksums were recorded
     checksums = config["checksums"]
-    path = files.directory / CONFIG
     extra, uncovered = sorted(set(checksums) - set(specs)), sorted(set(specs) - set(checksums))
     if extra:
         raise _bad(
@@ -302,33 +312,33 @@ def check_checksums(config: dict[str, Any], files: TensorFiles, specs: Specs, ve
             "checksums of stored tensors only (the tensor is missing)",
         )
     if uncovered:
-        raise _tensor_error(files, uncovered[0], f"has no checksum in {CONFIG}", "tensors the config records")
+        problem = f"has no checksum in {path.name}"
+        raise _tensor_error(files, uncovered[0], problem, "tensors the config records")
     if verify and not files.files_verified:  # a verified shard set was hashed whole already
         files.verify_checksums(checksums)
 
 
-def _load_base(config: dict[str, Any], directory: Path) -> ModelAdapter:
+def _load_base(config: dict[str, Any], base: Path) -> ModelAdapter:
     cls = adapter_class(config["model"]["family"])
     try:
-        return cls.load_base(directory / BASE)
+        return cls.load_base(base)
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         detail = " ".join(f"{type(err).__name__}: {err}".split())
         raise CheckpointError(
-            f"{directory / BASE} does not rebuild the {config['model']['family']!r} model "
-            f"({_short(detail)}); {FIX}"
+            f"{base} does not rebuild the {config['model']['family']!r} model ({_short(detail)}); {FIX}"
         ) from None
 
 
 def open_checkpoint(directory: str | Path, verify: bool = True) -> OpenedCheckpoint:
     """Validate a folder (config, tensor headers, base model, checksums) before any tensor is used."""
-    directory = Path(directory)
-    config = read_config(directory)
-    check_config(directory / CONFIG, config)
-    files = TensorFiles(directory, verify)
+    config, layout = read_checkpoint_config(Path(directory))
+    path = layout.config_path
+    check_config(path, config)
+    files = TensorFiles(layout.tensors, verify)
     specs = files.specs()
     variants, rest = split_keys(config, list(specs))
-    check_quantized_tensors(config, variants, files, specs)
-    adapter = _load_base(config, directory)
-    check_model_tensors(config, adapter, rest, files, specs)
-    check_checksums(config, files, specs, verify)
-    return OpenedCheckpoint(config, files, adapter, variants, rest)
+    check_quantized_tensors(config, variants, files, specs, path)
+    adapter = _load_base(config, layout.base)
+    check_model_tensors(config, adapter.denoiser(), rest, files, specs, path)
+    check_checksums(config, files, specs, verify, path)
+    return OpenedCheckpoint(config, layout, files, adapter, variants, rest)

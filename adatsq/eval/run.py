@@ -15,6 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from adatsq.calibrate.record import batches
+from adatsq.checkpoint.format import locate
 from adatsq.checkpoint.load import cast_for_inference, load_checkpoint
 from adatsq.checkpoint.shards import TensorFiles
 from adatsq.errors import CheckpointError
@@ -115,7 +116,7 @@ def evaluate_checkpoint(
     out: dict[str, Any] = {
         **metrics,
         "avg_bits": average_bits(config),
-        "checkpoint_bytes": TensorFiles(directory, verify=False).nbytes(),
+        "checkpoint_bytes": TensorFiles(locate(directory).tensors, verify=False).nbytes(),
         "fp_seconds": fp_seconds,
         "quant_seconds": quant_seconds,
     }

@@ -30,6 +30,9 @@ class ModelAdapter(ABC):
 
     family: str  # registry name, stored in checkpoints so `adatsq.load` finds the adapter again
     source: str | None = None  # how the user named the float model ("reference", a folder): eval reloads it
+    # the checkpoint folder's component folder holding the denoiser (config.json + safetensors); "" is the
+    # checkpoint folder itself (a bare model)
+    denoiser_folder: str = "denoiser"
 
     @classmethod
     def open(cls, model: Any, dtype: torch.dtype | None, device: str | None) -> ModelAdapter | None:

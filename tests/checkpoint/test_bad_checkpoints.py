@@ -21,15 +21,17 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import adatsq
-from adatsq.checkpoint.format import CONFIG, WEIGHTS
 from adatsq.checkpoint.inspect import inspect_checkpoint
 from adatsq.checkpoint.load import load_checkpoint
-from adatsq.checkpoint.shards import INDEX
 from adatsq.errors import CheckpointError
 
 LAYER = "transformer_blocks.0.attn1.to_q"  # a quantized layer: 128 -> 128, group 32, 4 bits
 FLOAT = "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1.weight"  # kept in float: [128, 256]
-BASE_JSON = "base/reference_base.json"
+# format 2: the reference DiT is the transformer/ component (config.json with quantization_config)
+BASE_JSON = "reference_base.json"
+CONFIG = "transformer/config.json"
+WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
+INDEX = "transformer/diffusion_pytorch_model.safetensors.index.json"
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +49,7 @@ def valid(quantized_reference, tmp_path_factory):
 def config(edit: Callable[[dict], None]) -> Callable[[Path], None]:
     def mutate(d: Path) -> None:
         data = json.loads((d / CONFIG).read_text())
-        edit(data)
+        edit(data["quantization_config"])
         (d / CONFIG).write_text(json.dumps(data))
 
     return mutate
@@ -138,7 +140,7 @@ def index(edit: Callable[[dict, Path], None]) -> Callable[[Path], None]:
 
 
 def shard(i: int, d: Path) -> Path:
-    return sorted(d.glob("model-*.safetensors"))[i]
+    return sorted(d.glob("transformer/diffusion_pytorch_model-*.safetensors"))[i]
 
 
 def _foreign_shard(d: Path) -> None:
@@ -247,7 +249,14 @@ CASES = [
     ("config-invalid-json", raw_bytes(lambda b: b[:-10], CONFIG), "invalid JSON", False),
     ("config-not-utf8", raw_bytes(lambda b: b"\xff\xfe" + b, CONFIG), "not UTF-8", False),
     ("config-json-array", raw_bytes(lambda b: b"[1, 2]", CONFIG), "must hold a JSON object", False),
-    ("config-format-version-2", config(lambda c: c.update(format_version=2)), "format_version 2", False),
+    ("config-format-version-1", config(lambda c: c.update(format_version=1)), "format_version 1 ", False),
+    ("config-format-version-3", config(lambda c: c.update(format_version=3)), "3 .*upgrade adatsq", False),
+    (
+        "config-quant-method-other",
+        config(lambda c: c.update(quant_method="gptq")),
+        "is not an adatsq checkpoint",
+        False,
+    ),
     ("config-unknown-key", config(lambda c: c.update(colour="red")), "unknown keys \\['colour'\\]", False),
     (
         "config-missing-num-steps",
@@ -440,5 +449,5 @@ def test_checkpoints_without_checksums_still_load(valid, tmp_path):
     old = broken_copy(valid, tmp_path, config(lambda c: c.pop("checksums")), False)
     _, config_ = load_checkpoint(old)
     assert "checksums" not in config_ and inspect_checkpoint(old)
-    saved = json.loads((valid[0] / CONFIG).read_text())["checksums"]
+    saved = json.loads((valid[0] / CONFIG).read_text())["quantization_config"]["checksums"]
     assert sorted(saved) == sorted(load_file(str(valid[0] / WEIGHTS)))

@@ -9,7 +9,6 @@ import pytest
 from safetensors.torch import load_file
 
 from adatsq.calibrate.segments import split_steps
-from adatsq.checkpoint.format import CONFIG, WEIGHTS
 from adatsq.checkpoint.inspect import inspect_path, layer_kernel
 from adatsq.errors import CheckpointError
 from adatsq.models.reference.model import load_reference_transformer
@@ -23,9 +22,13 @@ def rows_of(text):
     return [re.split(r"\s{2,}", line.strip()) for line in lines[rule + 1 : -1]], lines[-1]
 
 
+# format 2: the reference DiT is the checkpoint's transformer/ component
+CONFIG, WEIGHTS = "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"
+
+
 def test_checkpoint_table_bytes_add_up_to_the_file(quantized_reference):
     _, directory = quantized_reference("gptq", 4)
-    config = json.loads((directory / CONFIG).read_text())
+    config = json.loads((directory / CONFIG).read_text())["quantization_config"]
     rows, summary = rows_of(inspect_path(directory))
     assert [r[0] for r in rows] == list(config["layers"])
     data = (directory / WEIGHTS).read_bytes()

@@ -7,7 +7,6 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import adatsq
-from adatsq.checkpoint.format import CONFIG, WEIGHTS
 from adatsq.checkpoint.load import load_checkpoint
 from adatsq.errors import CheckpointError, ConfigError
 from adatsq.quant.linear import QuantLinear
@@ -16,6 +15,10 @@ from adatsq.quant.linear import QuantLinear
 @pytest.fixture
 def saved(quantized_reference):
     return quantized_reference("gptq", 4)
+
+
+# format 2: the reference DiT is the checkpoint's transformer/ component
+CONFIG, WEIGHTS = "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"
 
 
 def test_round_trip_samples_identically(saved):
@@ -48,7 +51,7 @@ def test_load_in_bfloat16_prepares_the_kernels(saved):
 
 def test_files_and_report(saved):
     _, directory = saved
-    config = json.loads((directory / CONFIG).read_text())
+    config = json.loads((directory / CONFIG).read_text())["quantization_config"]
     report = json.loads((directory / "report.json").read_text())
     assert config["method"] == "gptq" and config["model"] == {"family": "reference", "source": "reference"}
     assert report["checkpoint_bytes"] == (directory / WEIGHTS).stat().st_size
@@ -68,14 +71,12 @@ def test_truncated_weights_are_a_clear_error(saved, tmp_path):
     _, directory = saved
     broken = tmp_path / "broken"
     broken.mkdir()
-    for item in directory.iterdir():
-        target = broken / item.name
+    for item in directory.rglob("*"):
+        target = broken / item.relative_to(directory)
         if item.is_file():
             target.write_bytes(item.read_bytes())
         else:
             target.mkdir()
-            for sub in item.iterdir():
-                (target / sub.name).write_bytes(sub.read_bytes())
     data = (broken / WEIGHTS).read_bytes()
     (broken / WEIGHTS).write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="truncated or corrupted"):
@@ -86,13 +87,11 @@ def test_config_that_does_not_match_tensors(saved, tmp_path):
     _, directory = saved
     tensors = load_file(str(directory / WEIGHTS))
     config = json.loads((directory / CONFIG).read_text())
-    name = next(iter(config["layers"]))
+    name = next(iter(config["quantization_config"]["layers"]))
     mismatch = tmp_path / "mismatch"
-    mismatch.mkdir()
-    (mismatch / "base").mkdir()
-    for sub in (directory / "base").iterdir():
-        (mismatch / "base" / sub.name).write_bytes(sub.read_bytes())
-    config["layers"][name]["bits"] = [8]
+    (mismatch / "transformer").mkdir(parents=True)
+    (mismatch / "reference_base.json").write_bytes((directory / "reference_base.json").read_bytes())
+    config["quantization_config"]["layers"][name]["bits"] = [8]
     (mismatch / CONFIG).write_text(json.dumps(config))
     save_file(tensors, str(mismatch / WEIGHTS))
     with pytest.raises(CheckpointError, match=f"{name}.*8-bit variant"):
@@ -102,7 +101,7 @@ def test_config_that_does_not_match_tensors(saved, tmp_path):
 def test_missing_folder_and_missing_config(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
         adatsq.load(tmp_path / "nothing")
-    with pytest.raises(CheckpointError, match="is missing"):
+    with pytest.raises(CheckpointError, match=r"is not an adatsq checkpoint: neither adatsq_config\.json"):
         adatsq.load(tmp_path)
 
 

@@ -14,7 +14,6 @@ from safetensors.torch import load_file, save_file
 
 import adatsq
 from adatsq.checkpoint import shards
-from adatsq.checkpoint.format import WEIGHTS
 from adatsq.errors import OutputError
 
 WRITE = """
@@ -34,6 +33,9 @@ for run in range(4):
         write_tensors(out, tensors, max_bytes)
         print(" ".join(f"{p.name}:{sha(p)}" for p in sorted(out.glob("*"))))
 """
+
+
+WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"  # format 2: the reference DiT's component
 
 
 def test_tensor_files_are_byte_identical_across_runs(tmp_path):

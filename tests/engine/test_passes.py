@@ -141,10 +141,9 @@ def test_two_processes_write_the_single_process_checkpoint_byte_for_byte(
     adatsq.quantize("reference", recipe, progress=False).save(tmp_path / "one")
     init = f"file://{tmp_path / 'pg'}"
     mp.spawn(_quantize_in_process, args=(init, recipe, str(tmp_path / "two"), 2), nprocs=2, join=True)
-    assert (tmp_path / "two" / "adatsq_config.json").read_bytes() == (
-        tmp_path / "one" / "adatsq_config.json"
-    ).read_bytes()
-    one, two = (tmp_path / d / "model.safetensors" for d in ("one", "two"))
+    config = "transformer/config.json"  # format 2: the reference DiT's component
+    assert (tmp_path / "two" / config).read_bytes() == (tmp_path / "one" / config).read_bytes()
+    one, two = (tmp_path / d / "transformer" / "diffusion_pytorch_model.safetensors" for d in ("one", "two"))
     assert one.read_bytes() == two.read_bytes()  # header included: byte for byte
 
 

@@ -47,9 +47,9 @@ def test_zero_points_pack_along_the_output_dimension(bits):
 
 def adatsq_weights(checkpoint, exported, dtype):
     """layer -> adatsq's dequantized weight of the exported variant (QuantizedWeight for float32)."""
-    config = json.loads((checkpoint / "adatsq_config.json").read_text())
+    config = json.loads((checkpoint / "transformer" / "config.json").read_text())["quantization_config"]
     record = json.loads((exported / "adatsq_export.json").read_text())
-    files = TensorFiles(checkpoint)
+    files = TensorFiles(checkpoint / "transformer")
     weights = {}
     for name, layer in config["layers"].items():
         bits = record["layers"][name]["bits"]
@@ -92,7 +92,7 @@ def test_export_dequantizes_bit_for_bit(make_checkpoint, tmp_path, case, scale_d
             assert theirs[f"{name}.weight"].dtype == dtype
             assert torch.equal(theirs[f"{name}.weight"], weight), name
         stored, kept = (
-            load_file(checkpoint / "model.safetensors"),
+            load_file(checkpoint / "transformer" / "diffusion_pytorch_model.safetensors"),
             json.loads((out / "adatsq_export.json").read_text()),
         )
         for key, value in theirs.items():  # biases and float tensors are copied as stored

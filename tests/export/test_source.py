@@ -47,7 +47,7 @@ def test_missing_sources(tmp_path):
     with pytest.raises(PlanError, match="does not exist"):
         read_source(tmp_path / "plan.json", None)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(CheckpointError, match=r"adatsq_config\.json is missing"):
+    with pytest.raises(CheckpointError, match=r"is not an adatsq checkpoint: neither adatsq_config\.json"):
         read_source(tmp_path / "empty", None)
 
 

@@ -88,8 +88,10 @@ def _empty_transformer(folder: Path, dtype: torch.dtype | None) -> nn.Module:
     pages cost no memory); buffers are computed as usual. Modules diffusers keeps in float32 stay so.
     """
     cls = _transformer_class(folder)
+    config = read_json(folder / "config.json")
+    config.pop("quantization_config", None)  # an adatsq checkpoint's: its loader fills the layers
     with init_empty_weights(include_buffers=False):
-        model = cls.from_config(read_json(folder / "config.json"))
+        model = cls.from_config(config)
     keep_fp32 = getattr(cls, "_keep_in_fp32_modules", None) or []
     for module_name, module in model.named_modules():
         for name, param in list(module.named_parameters(recurse=False)):
@@ -251,6 +253,11 @@ class DiffusersPipelineAdapter(ModelAdapter):
         return cls._load(Path(directory), None, None, None, with_weights=False)
 
     # ---------------------------------------------------------------- the adapter protocol
+
+    @property
+    def denoiser_folder(self) -> str:  # type: ignore[override]
+        """The pipeline's transformer/ component, or the folder itself for a bare transformer."""
+        return "transformer" if self.pipe is not None else ""
 
     def denoiser(self) -> nn.Module:
         return self.transformer

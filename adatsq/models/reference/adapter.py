@@ -37,6 +37,7 @@ class ReferenceAdapter(ModelAdapter):
     """Class labels in, 16×16 digit images out; sampled by the project's own loop (gradients allowed)."""
 
     family = "reference"
+    denoiser_folder = "transformer"  # a DiTTransformer2DModel: loadable with its from_pretrained
 
     def __init__(
         self, pipeline: DigitsPipeline | None = None, sampling: ReferenceSampling | None = None

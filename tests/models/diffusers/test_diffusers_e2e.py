@@ -26,9 +26,12 @@ def test_cli_quantize_load_and_sample(family, tiny_pipeline_dir, tmp_path, capsy
     assert metrics["psnr_db"] > 20 and metrics["avg_bits"] == 4.0 and metrics["accuracy"] is None
     pipe = adatsq.load(out)
     quantized = [m for m in pipe.transformer.modules() if isinstance(m, QuantLinear)]
-    assert len(quantized) == len(json.loads((out / "adatsq_config.json").read_text())["layers"])
-    # base/ never holds the transformer's float weights: the checkpoint does
-    assert not list((out / "base" / "transformer").glob("*.safetensors"))
+    config = json.loads((out / "transformer" / "config.json").read_text())["quantization_config"]
+    assert len(quantized) == len(config["layers"])
+    # the transformer's one tensor file holds its quantized and float tensors alike
+    assert [p.name for p in (out / "transformer").glob("*.safetensors")] == [
+        "diffusion_pytorch_model.safetensors"
+    ]
 
 
 def test_adatsq_plans_and_switches_on_flux(tiny_pipeline_dir, tmp_path):
