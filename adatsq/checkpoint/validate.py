@@ -17,7 +17,7 @@ from typing import Any
 
 from adatsq.checkpoint.format import BASE, CONFIG, read_config
 from adatsq.checkpoint.shards import TORCH_DTYPES, TensorFiles
-from adatsq.errors import CheckpointError
+from adatsq.errors import CheckpointError, ConfigError
 from adatsq.models.base import ModelAdapter
 from adatsq.models.resolve import adapter_class
 from adatsq.quant.pack import packed_cols
@@ -311,7 +311,7 @@ def _load_base(config: dict[str, Any], directory: Path) -> ModelAdapter:
     cls = adapter_class(config["model"]["family"])
     try:
         return cls.load_base(directory / BASE)
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as err:
         detail = " ".join(f"{type(err).__name__}: {err}".split())
         raise CheckpointError(
             f"{directory / BASE} does not rebuild the {config['model']['family']!r} model "
