@@ -1,16 +1,20 @@
 """`adatsq` command line: quantize | plan | eval | inspect | upgrade | export | estimate | tokens | env.
 
-User errors (AdatsqError) print one line on stderr and exit with code 2; nothing else is caught.
+User errors (AdatsqError) and bad arguments print one line on stderr and exit with code 2 (`--verbose`
+adds the traceback, with the library error it wraps); nothing else is caught.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from adatsq.core.registry import Registry
 from adatsq.errors import AdatsqError
@@ -19,6 +23,44 @@ log = logging.getLogger("adatsq")
 
 # Subcommand builders: each adds its parser (named as registered) and sets `handler`.
 COMMANDS: Registry[Callable[[argparse._SubParsersAction], None]] = Registry("command")
+
+
+SEED_LIMIT = 2**63  # torch seeds are signed 64-bit
+GEOMETRY_LIMIT = 2**16  # pixels / frames / tokens per call beyond this are typos, not sampling settings
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with bad arguments reported like every other user error: one line, exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"adatsq: error: {self.prog}: {message}; see `{self.prog} --help`\n")
+
+
+def bounded_int(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: an int in [low, high)."""
+
+    def parse(text: str) -> int:
+        digits = text.strip().lstrip("+-")
+        if digits.isascii() and digits.isdigit() and len(digits) > 24:  # int() refuses > 4300 digits
+            raise argparse.ArgumentTypeError(
+                f"{text[:20]}... ({len(digits)} digits) is outside {low}..{high - 1}"
+            )
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{_short(text)} is not an integer") from None
+        if not low <= value < high:
+            raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high - 1}")
+        return value
+
+    return parse
+
+
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 60 else repr(text[:57]) + "..."
+
+
+seed_type = bounded_int(0, SEED_LIMIT)
 
 
 def progress_file(out: Path) -> Path:
@@ -46,7 +88,7 @@ def _quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recipe", required=True, help="YAML recipe, e.g. recipes/reference/gptq-w4a8.yaml")
     p.add_argument("--out", required=True, type=Path, help="output checkpoint folder")
     p.add_argument("--calib", type=Path, help="calibration inputs, one prompt / class label per line")
-    p.add_argument("--seed", type=int, help="calibration seed (overrides the recipe's)")
+    p.add_argument("--seed", type=seed_type, help="calibration seed (overrides the recipe's)")
     p.add_argument(
         "--plan", type=Path, help="plan.json from `adatsq plan` (bits per layer × timestep segment)"
     )
@@ -61,11 +103,55 @@ def _quantize(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--devices",
-        type=int,
+        type=bounded_int(1, 2**16),
         help="expected number of processes (torchrun --nproc-per-node N); refused if it differs",
     )
     add_placement(p)
     p.set_defaults(handler=run_quantize)
+
+
+def check_shard_size(text: str) -> int:
+    from adatsq.core.sizes import parse_size
+    from adatsq.errors import ConfigError
+
+    size = parse_size(text)
+    if size < 1:
+        raise ConfigError(f"--max-shard-size {text!r} must be a positive size, e.g. 10GB or 500MB")
+    return size
+
+
+@contextlib.contextmanager
+def dropped_on_error(progress: Path) -> Iterator[None]:
+    """Remove the calibration progress file a run created when it stops on a user error (bad plan,
+    infeasible budget): a rerun with other inputs starts afresh. An interrupted run (Ctrl-C, kill) keeps
+    it, to resume."""
+    existed = progress.exists()
+    try:
+        yield
+    except AdatsqError:
+        if not existed:
+            progress.unlink(missing_ok=True)
+        raise
+
+
+def check_plan_schedule(path: Path, recipe: Any) -> None:
+    """The plan's file and schedule, before the model is loaded: its segments must be the recipe's
+    calibration segments (the checkpoint switches bits at the calibration's boundaries)."""
+    from adatsq.calibrate.segments import split_steps
+    from adatsq.errors import PlanError
+    from adatsq.plan.schema import load_plan
+
+    plan = load_plan(path)
+    cal = recipe.calibration
+    if (cal.steps, cal.segments) != (plan.num_steps, len(plan.segments)):
+        return  # the engine names this mismatch itself
+    expected = split_steps(cal.steps, cal.segments)
+    if [tuple(s) for s in plan.segments] != expected:
+        raise PlanError(
+            f"{path}: segments {[list(s) for s in plan.segments]} are not the recipe's calibration segments "
+            f"{[list(s) for s in expected]} ({cal.steps} steps in {cal.segments}); re-run `adatsq plan` "
+            "with this recipe"
+        )
 
 
 def join_processes(device: str | None, expected: int | None) -> str | None:
@@ -97,12 +183,16 @@ def run_quantize(args: argparse.Namespace) -> int:
         recipe = replace(recipe, calibration=replace(recipe.calibration, seed=args.seed))
     if args.max_memory is not None:
         recipe = replace(recipe, calibration=replace(recipe.calibration, max_memory=args.max_memory))
+    check_shard_size(args.max_shard_size)
+    if args.plan is not None:
+        check_plan_schedule(args.plan, recipe)
     check_destination(args.out, args.overwrite)  # fail before any long work
     device = join_processes(args.device, args.devices)
     adapter = adapter_for(args.model, dtype=args.dtype, device=device)
     calibration = read_calibration(args.calib, adapter) if args.calib else None
     resume = progress_file(args.out)
-    qmodel = quantize(adapter, recipe, calibration, plan=args.plan, resume=resume)
+    with dropped_on_error(resume):
+        qmodel = quantize(adapter, recipe, calibration, plan=args.plan, resume=resume)
     if not is_writer():  # every rank holds the same result; rank 0 writes it
         return 0
     qmodel.save(args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
@@ -130,6 +220,21 @@ def _plan(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_plan)
 
 
+def check_budget(text: str) -> None:
+    """--budget KIND=VALUE, checked like the recipe's planner.budget before the model is loaded."""
+    from adatsq.errors import ConfigError
+    from adatsq.plan.schema import BUDGET_KINDS, Budget
+    from adatsq.recipe import parse_budget
+
+    kind, value = parse_budget(text)
+    if "=" not in text or kind not in BUDGET_KINDS:
+        raise ConfigError(
+            f"--budget {_short(text)}: kind {kind!r} is unknown; write KIND=VALUE with KIND in "
+            f"{', '.join(BUDGET_KINDS)}, e.g. avg_bits=4.0"
+        )
+    Budget(kind, value)  # a positive, finite value
+
+
 def run_plan(args: argparse.Namespace) -> int:
     from adatsq.calibrate.inputs import read_calibration
     from adatsq.core.io import check_output
@@ -139,9 +244,13 @@ def run_plan(args: argparse.Namespace) -> int:
     from adatsq.recipe import load_recipe
 
     recipe = load_recipe(args.recipe)
-    if (args.sweep or args.plot) and not args.frontier:
+    if (args.sweep is not None or args.plot) and not args.frontier:
         raise ConfigError("--sweep and --plot describe the frontier: add --frontier frontier.json")
-    if args.sweep:
+    if args.budget is not None:
+        check_budget(args.budget)
+    if args.sweep is not None:
+        if not args.sweep.strip():
+            raise ConfigError("--sweep '' is empty; give comma-separated budget values, e.g. 3.5,4,4.5,5,6")
         parse_sweep(args.sweep)  # the whole list, before anything is written
     plots = (args.out.with_suffix(".png"), args.out.with_suffix(".fisher.png"))
     for path in (args.out, *plots, args.frontier, args.plot):
@@ -150,9 +259,10 @@ def run_plan(args: argparse.Namespace) -> int:
     adapter = adapter_for(args.model, dtype=args.dtype, device=args.device)
     calibration = read_calibration(args.calib, adapter) if args.calib else None
     resume = progress_file(args.out)
-    summary = plan_command(
-        adapter, recipe, args.budget, args.out, calibration, args.frontier, args.sweep, args.plot, resume
-    )
+    with dropped_on_error(resume):
+        summary = plan_command(
+            adapter, recipe, args.budget, args.out, calibration, args.frontier, args.sweep, args.plot, resume
+        )
     forget_progress(resume)
     print(summary)
     return 0
@@ -162,8 +272,10 @@ def run_plan(args: argparse.Namespace) -> int:
 def _eval(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="compare a quantized checkpoint with its float model")
     p.add_argument("checkpoint", type=Path)
-    p.add_argument("--samples", type=int, default=100, help="samples from each model (default 100)")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument(
+        "--samples", type=bounded_int(1, 10**7), default=100, help="samples from each model (default 100)"
+    )
+    p.add_argument("--seed", type=seed_type, default=1234)
     p.add_argument(
         "--dtype",
         choices=["float32", "bfloat16", "float16"],
@@ -175,11 +287,8 @@ def _eval(sub: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from adatsq.errors import ConfigError
     from adatsq.eval.run import evaluate_checkpoint
 
-    if args.samples < 1:
-        raise ConfigError(f"--samples must be >= 1, got {args.samples}")
     metrics = evaluate_checkpoint(
         args.checkpoint, samples=args.samples, seed=args.seed, dtype=args.dtype, verify=not args.no_verify
     )
@@ -283,8 +392,10 @@ def _tokens(sub: argparse._SubParsersAction) -> None:
     bench.add_argument("model", nargs="?", default="umm", help="'umm' or a checkpoint quantized from it")
     bench.add_argument("--methods", default="g2tr,vnorm,fastv,pdrop,visionzip,tome,random,grid")
     bench.add_argument("--keep", default="0.25,0.5,0.75", help="comma-separated keep ratios in (0, 1]")
-    bench.add_argument("--samples", type=int, default=256, help="held-out canvases (default 256)")
-    bench.add_argument("--seed", type=int, default=1234)
+    bench.add_argument(
+        "--samples", type=bounded_int(1, 10**6), default=256, help="held-out canvases (default 256)"
+    )
+    bench.add_argument("--seed", type=seed_type, default=1234)
     bench.add_argument("--out", type=Path, help="also write the JSON result here")
     bench.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     bench.set_defaults(handler=run_tokens_bench)
@@ -330,19 +441,24 @@ def _estimate(sub: argparse._SubParsersAction) -> None:
         "--max-memory", default="80GiB", help="memory budget per device, e.g. 40GiB (default 80GiB)"
     )
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="bfloat16")
-    p.add_argument("--devices", type=int, default=1, help="owner ranks the blocks are split across")
-    p.add_argument("--segments", type=int, help="timestep segments (overrides the recipe's)")
+    p.add_argument(
+        "--devices", type=bounded_int(1, 2**16), default=1, help="owner ranks the blocks are split across"
+    )
+    p.add_argument(
+        "--segments", type=bounded_int(1, 10**7), help="timestep segments (overrides the recipe's)"
+    )
     p.add_argument(
         "--weights",
         choices=["device", "stream"],
         default="device",
         help="keep the whole denoiser on each device (default) or stream its blocks one at a time",
     )
-    p.add_argument("--height", type=int, help="pixels (default: the family's published default)")
-    p.add_argument("--width", type=int)
-    p.add_argument("--frames", type=int, help="video frames (Wan; default 81)")
-    p.add_argument("--text-tokens", type=int, help="text tokens per prompt (default: max_sequence_length)")
-    p.add_argument("--cfg-calls", type=int, help="denoiser calls per step (2 with CFG)")
+    size = bounded_int(1, GEOMETRY_LIMIT + 1)
+    p.add_argument("--height", type=size, help="pixels (default: the family's published default)")
+    p.add_argument("--width", type=size)
+    p.add_argument("--frames", type=size, help="video frames (Wan; default 81)")
+    p.add_argument("--text-tokens", type=size, help="text tokens per prompt (default: max_sequence_length)")
+    p.add_argument("--cfg-calls", type=bounded_int(1, 9), help="denoiser calls per step (2 with CFG)")
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
     p.set_defaults(handler=run_estimate)
 
@@ -372,13 +488,24 @@ def run_env(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     from adatsq.core.version import __version__
 
-    parser = argparse.ArgumentParser(prog="adatsq", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="adatsq", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"adatsq {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress messages")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="log progress messages; on an error, show its traceback"
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS.names():
         COMMANDS.get(name)(sub)
     return parser
+
+
+def one_line(message: str, limit: int = 1000) -> str:
+    """A message on one line (a wrapped library error may hold newlines), at most about `limit` characters:
+    the start (what is wrong) and the end (the fix) of a longer one."""
+    text = " ".join(message.split())
+    if len(text) <= limit:
+        return text
+    return f"{text[: limit // 2]} ...[{len(text) - limit} characters]... {text[-limit // 2 :]}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -387,7 +514,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.handler(args)
     except AdatsqError as err:
-        print(f"adatsq: error: {err}", file=sys.stderr)
+        if args.verbose:  # the whole chain: what the library error wraps (diffusers, safetensors, ...)
+            traceback.print_exception(err, file=sys.stderr)
+        print(f"adatsq: error: {one_line(str(err))}", file=sys.stderr)
         return 2
     finally:
         from adatsq.calibrate.distributed import finish

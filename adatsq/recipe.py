@@ -284,7 +284,35 @@ def load_recipe(path: str | Path) -> Recipe:
             f"recipe {str(path)!r} is not UTF-8 text (bad byte at offset {err.start}); save it as UTF-8"
         ) from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader: no Python objects
     except yaml.YAMLError as err:
-        raise ConfigError(f"recipe {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML{where}: {problem}; fix the file") from err
+    except RecursionError:
+        raise ConfigError(
+            f"recipe {str(path)!r} nests lists or mappings too deeply to read; a recipe is a few levels deep"
+        ) from None
+    if data is None:
+        raise ConfigError(
+            f"recipe {str(path)!r} is empty; write at least `method:` and `weight:`, e.g. "
+            "recipes/reference/gptq-w4a8.yaml"
+        )
     return recipe_from_dict(data, where=f"recipe {path.name}")
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error (not: the last one wins)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, (str, int, float, bool)) and key in seen:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"key {key!r} is given twice "
+                    f"(lines {seen[key] + 1} and {key_node.start_mark.line + 1})", key_node.start_mark,
+                )  # fmt: skip
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)

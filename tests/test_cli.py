@@ -252,3 +252,25 @@ def test_export_bad_inputs_are_one_line(checkpoint, w3_checkpoint, recipe_file, 
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and fragment in err[0], (args, err)
     assert not (tmp_path / "out").exists()
+
+
+def test_verbose_shows_the_chained_library_error(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("method: rtn\nweight: {bits: 4\n")
+    args = ["quantize", "reference", "--recipe", str(bad), "--out", str(tmp_path / "o")]
+    assert main(args) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("adatsq: error: recipe") and "line 3, column 1" in line
+    assert main(["--verbose", *args]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "yaml.parser.ParserError" in err  # the original, chained
+    assert err.strip().splitlines()[-1] == line  # the one line still comes last
+    assert not (tmp_path / "o").exists()
+
+
+def test_argparse_errors_are_one_line(capsys):
+    with pytest.raises(SystemExit) as exit_:  # argparse exits, as for --version
+        main(["quantize", "reference", "--seed", "abc"])
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("adatsq: error: adatsq quantize: ") and "--help" in line

@@ -19,7 +19,7 @@ from torch import nn
 
 from adatsq.checkpoint.format import Layout, read_checkpoint_config
 from adatsq.checkpoint.shards import TORCH_DTYPES, TensorFiles
-from adatsq.errors import CheckpointError
+from adatsq.errors import CheckpointError, ConfigError
 from adatsq.models.base import ModelAdapter
 from adatsq.models.resolve import adapter_class
 from adatsq.quant.pack import packed_cols
@@ -322,7 +322,7 @@ def _load_base(config: dict[str, Any], base: Path) -> ModelAdapter:
     cls = adapter_class(config["model"]["family"])
     try:
         return cls.load_base(base)
-    except (KeyError, TypeError, ValueError, AttributeError) as err:
+    except (KeyError, TypeError, ValueError, AttributeError, ConfigError) as err:
         detail = " ".join(f"{type(err).__name__}: {err}".split())
         raise CheckpointError(
             f"{base} does not rebuild the {config['model']['family']!r} model ({_short(detail)}); {FIX}"

@@ -19,22 +19,34 @@ _UNITS = {
     "gib": 2**30,
     "tib": 2**40,
 }
+MAX_SIZE = 2**63  # bytes: what a signed 64-bit count holds
 _SIZE = re.compile(r"^\s*(?P<value>\d+(\.\d*)?|\.\d+)\s*(?P<unit>[a-zA-Z]*)\s*$")
 
 
 def parse_size(text: str | int) -> int:
     """'768MiB' | '40GiB' | '1.5GB' | '123456' -> bytes (binary units are 1024-based, decimal 1000-based)."""
-    if isinstance(text, int) and not isinstance(text, bool) and text >= 0:
-        return text
+    if isinstance(text, int) and not isinstance(text, bool):
+        if 0 <= text < MAX_SIZE:
+            return text
+        raise ConfigError(f"memory size {text:.3g} bytes must be in 0..2**63-1; write e.g. 40GiB")
     match = _SIZE.match(str(text))
     unit = match["unit"].lower() if match else ""
     if not match or unit not in _UNITS:
         raise ConfigError(
-            f"memory size {text!r} is not a size; write bytes with an optional unit "
+            f"memory size {_short(str(text))} is not a size; write bytes with an optional unit "
             f"({', '.join(u for u in ('KiB', 'MiB', 'GiB', 'TiB', 'KB', 'MB', 'GB', 'TB'))}), "
             "e.g. 768MiB, 40GiB, 1.5GB or 123456"
         )
-    return int(float(match["value"]) * _UNITS[unit])
+    value = float(match["value"]) * _UNITS[unit]
+    if not value < MAX_SIZE:  # also inf (a few hundred digits overflow a float)
+        raise ConfigError(
+            f"memory size {_short(str(text))} is beyond {MAX_SIZE} bytes (8 EiB); write e.g. 40GiB"
+        )
+    return int(value)
+
+
+def _short(text: str) -> str:
+    return repr(text) if len(text) <= 40 else f"{text[:30]!r}... ({len(text)} characters)"
 
 
 def exact_size(n: int) -> str:

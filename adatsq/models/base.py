@@ -142,9 +142,11 @@ def read_base_json(directory: Path, name: str) -> dict[str, Any]:
 def parse_class_labels(lines: list[str], classes: int, model_name: str) -> list[int]:
     """Calibration lines of a class-conditional model: one integer label in [0, classes) per line."""
     for i, line in enumerate(lines, 1):
-        if not (line.isdigit() and int(line) < classes):
+        # ASCII digits only: str.isdigit also accepts '²' (which int() refuses) and other scripts' digits
+        if not (line.isascii() and line.isdigit() and len(line) <= 6 and int(line) < classes):
+            shown = repr(line) if len(line) <= 40 else f"{line[:20]!r}... ({len(line)} characters)"
             raise ConfigError(
-                f"calibration line {i}: {line!r} is not a class label; {model_name} takes "
-                f"ints 0..{classes - 1}, one per line"
+                f"calibration line {i}: {shown} is not a class label; {model_name} takes "
+                f"ints 0..{classes - 1} (ASCII digits), one per line"
             )
     return [int(line) for line in lines]

@@ -17,6 +17,7 @@ from accelerate import init_empty_weights
 from torch import nn
 
 from adatsq.errors import ConfigError
+from adatsq.models.diffusers.config import read_settings
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf")
 
@@ -34,8 +35,8 @@ class MetaDenoiser:
 
 def _read(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ConfigError(f"cannot read {path}: {err}; restore the file from the model's Hub page") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a JSON object, not {type(data).__name__}")
@@ -60,13 +61,30 @@ def transformer_config_path(folder: str | Path) -> tuple[Path, str | None]:
                 f"{path} is missing; a config-only pipeline folder needs model_index.json and "
                 "transformer/config.json (copy it from the model's Hub page)"
             )
-        return path, str(index.get("_class_name"))
+        name = index.get("_class_name")
+        # by name: importing a pipeline class imports its text encoders' libraries (seconds, and warnings)
+        if not (isinstance(name, str) and name.endswith("Pipeline") and name in dir(diffusers)):
+            raise ConfigError(
+                f"{folder}/model_index.json names pipeline class {name!r}, which is not a diffusers "
+                f"{diffusers.__version__} pipeline; fix _class_name (e.g. FluxPipeline) or upgrade diffusers"
+            )
+        read_settings(folder)  # adatsq_pipeline.json, if any, is read by quantize: refuse a bad one now
+        return path, name
     if (folder / "config.json").is_file():
         return folder / "config.json", None
     raise ConfigError(
         f"{folder} is not a diffusers folder (no model_index.json or config.json); pass a pipeline folder "
         "or its transformer/ subfolder, e.g. configs/flux.1-dev"
     )
+
+
+def _check_sizes(path: Path, config: dict[str, Any]) -> None:
+    """Counts and widths (num_*, *_dim, *_size, *_channels, *_layers) are ints >= 0: diffusers builds a
+    model with `num_layers: -1` without complaint (no blocks), and every estimate of it is wrong."""
+    for key, value in config.items():
+        sized = key.startswith("num_") or key.endswith(("_dim", "_size", "_channels", "_layers"))
+        if sized and isinstance(value, (int, float)) and not isinstance(value, bool) and value < 0:
+            raise ConfigError(f"{path}: {key} is {value}; a count or width must be >= 0; fix the config")
 
 
 def meta_denoiser(folder: str | Path) -> MetaDenoiser:
@@ -80,6 +98,7 @@ def meta_denoiser(folder: str | Path) -> MetaDenoiser:
             f"{path} names class {name!r}, which is not a diffusers {diffusers.__version__} transformer; "
             "pass a DiT pipeline's config (upgrade diffusers for newer classes)"
         )
+    _check_sizes(path, config)
     try:
         with init_empty_weights(include_buffers=True):  # SD3's sin-cos table alone takes 10 s
             module = cls.from_config(config)

@@ -45,6 +45,11 @@ def parse_device(name: str | None) -> str | None:
         raise ConfigError(f"device {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {name!r} was asked for but this machine has no CUDA GPU; use --device cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(
+            f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s), "
+            f"cuda:0..cuda:{torch.cuda.device_count() - 1}"
+        )
     if device.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {name!r} is not supported; use cpu, cuda or cuda:N")
     return name

@@ -32,6 +32,8 @@ ACT_BITS = (4, 8)
 SCALE_MIN = 2.0**-24  # smallest (subnormal) float16; a scale is never 0, so w / scale stays finite
 _SCALE_MAX = 65504.0  # largest float16
 
+MAX_GROUP_SIZE = 2**20  # columns: a group wider than this is per-channel quantization spelled oddly
+
 
 @dataclass(frozen=True)
 class WeightScheme:
@@ -53,6 +55,11 @@ class WeightScheme:
             raise ConfigError(
                 f"group_size={gs!r} is invalid; use None (per output channel) or a positive int "
                 f"such as 32, 64 or 128"
+            )
+        if gs is not None and gs > MAX_GROUP_SIZE:
+            raise ConfigError(
+                f"group_size={gs} is wider than any layer's input (limit {MAX_GROUP_SIZE}); use None "
+                "(per output channel) for one group per row"
             )
         if not isinstance(self.symmetric, bool):
             raise ConfigError(f"symmetric={self.symmetric!r} must be True or False")

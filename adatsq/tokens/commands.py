@@ -45,18 +45,56 @@ def read_image(spec: str) -> torch.Tensor:
     """A [48, 48] canvas in [-1, 1] from 'canvas:SEED' (held-out synthetic), a PNG or a .npy file."""
     if spec.startswith("canvas:"):
         seed = spec.partition(":")[2]
-        if not seed.isdigit():
-            raise ConfigError(f"{spec!r}: write canvas:SEED with an integer seed, e.g. canvas:3")
+        if not (seed.isascii() and seed.isdigit() and len(seed) <= 19):
+            raise ConfigError(
+                f"{spec[:40]!r}: write canvas:SEED with a non-negative integer seed (at most 19 digits), "
+                "e.g. canvas:3"
+            )
         return torch.from_numpy(sample_canvas(np.random.default_rng(int(seed)), "test").image)
     path = Path(spec)
     if not path.is_file():
         raise ConfigError(f"image {spec!r} not found; pass a {CANVAS}x{CANVAS} PNG / .npy or canvas:SEED")
     if path.suffix == ".npy":
-        return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
-    from PIL import Image
+        return torch.from_numpy(_npy_canvas(path))
+    from PIL import Image, UnidentifiedImageError
 
-    gray = np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0
-    return torch.from_numpy(gray * 2 - 1)
+    try:
+        with Image.open(path) as image:
+            gray = np.asarray(image.convert("L"), dtype=np.float32) / 255.0
+    except (UnidentifiedImageError, OSError, ValueError) as err:
+        raise ConfigError(
+            f"image {spec!r} is not a readable image ({type(err).__name__}: {str(err)[:120]}); pass a "
+            f"{CANVAS}x{CANVAS} PNG, a .npy array or canvas:SEED"
+        ) from err
+    return torch.from_numpy(_checked(path, gray * 2 - 1))
+
+
+def _npy_canvas(path: Path) -> np.ndarray:
+    """A [48, 48] real array in [-1, 1] from a .npy file (never unpickled)."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as err:  # object arrays, bad headers, truncated files
+        raise ConfigError(
+            f"{path} is not a numeric .npy array ({str(err)[:120]}); save a float [{CANVAS}, {CANVAS}] "
+            "array in [-1, 1] with np.save"
+        ) from err
+    if not isinstance(array, np.ndarray) or array.dtype.kind not in "biuf":
+        raise ConfigError(
+            f"{path} holds a {getattr(array, 'dtype', type(array).__name__)} array; allowed: real numbers "
+            f"(float / int / bool), [{CANVAS}, {CANVAS}] in [-1, 1]"
+        )
+    return _checked(path, array.astype(np.float32))
+
+
+def _checked(path: Path, image: np.ndarray) -> np.ndarray:
+    if image.shape != (CANVAS, CANVAS):
+        raise ConfigError(
+            f"{path} is {'x'.join(map(str, image.shape)) or 'a scalar'}; allowed: a {CANVAS}x{CANVAS} "
+            "gray canvas (resize it, or pass canvas:SEED)"
+        )
+    if not np.isfinite(image).all():
+        raise ConfigError(f"{path} holds NaN or infinite values; a canvas is finite, in [-1, 1]")
+    return image
 
 
 def run_bench(model: str, methods: str, keeps: str, samples: int, seed: int, out: Path | None) -> str:

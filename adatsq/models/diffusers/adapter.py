@@ -37,6 +37,7 @@ from adatsq.models.diffusers.config import (
 )
 from adatsq.models.diffusers.steps import StepWatcher
 from adatsq.models.layers import default_ignore, linear_names, sensitive_layers
+from adatsq.models.meta import WEIGHT_SUFFIXES
 
 __all__ = [
     "DiffusersPipelineAdapter",
@@ -55,10 +56,54 @@ _NO_TRANSFORMER = (
 
 
 def _from_pretrained(cls: Any, folder: Path, kwargs: dict[str, Any]) -> Any:
-    """`from_pretrained` with `torch_dtype`: newer diffusers prefer `dtype` (and warn), older know only it."""
-    with warnings.catch_warnings():
+    """`from_pretrained` with `torch_dtype`: newer diffusers prefer `dtype` (and warn), older know only it.
+
+    What diffusers / transformers / safetensors raise on a folder they cannot load (missing or damaged
+    files, configs that do not build) becomes one ConfigError naming the folder, the original chained
+    (`adatsq --verbose` shows it); their own log lines about it are kept quiet unless adatsq logs INFO.
+    """
+    from safetensors import SafetensorError
+
+    with warnings.catch_warnings(), _quiet_libraries():
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        return cls.from_pretrained(folder, **kwargs)
+        try:
+            return cls.from_pretrained(folder, **kwargs)
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, SafetensorError) as err:
+            detail = " ".join(f"{type(err).__name__}: {err}".split())
+            detail = detail if len(detail) <= 300 else detail[:297] + "..."
+            raise ConfigError(
+                f"diffusers cannot load the {cls.__name__} in {folder} ({detail}); check the folder is "
+                "complete (pipe.save_pretrained(folder) writes one) or pass another"
+            ) from err
+
+
+@contextlib.contextmanager
+def _quiet_libraries() -> Iterator[None]:
+    """diffusers' and transformers' warnings at ERROR only, unless adatsq itself logs INFO (--verbose)."""
+    if logging.getLogger("adatsq").isEnabledFor(logging.INFO):
+        yield
+        return
+    import transformers
+
+    libraries = (diffusers.utils.logging, transformers.utils.logging)
+    levels = [library.get_verbosity() for library in libraries]
+    for library in libraries:
+        library.set_verbosity_error()
+    try:
+        yield
+    finally:
+        for library, level in zip(libraries, levels, strict=True):
+            library.set_verbosity(level)
+
+
+def _check_weights(folder: Path, index: dict[str, Any]) -> None:
+    """A config-only folder (configs/, or a copy of only the JSON files) has no weights to calibrate."""
+    transformer = folder / "transformer"
+    if transformer.is_dir() and not any(p.suffix in WEIGHT_SUFFIXES for p in transformer.rglob("*")):
+        raise ConfigError(
+            f"{folder} is a config-only folder (transformer/ holds no weights): `adatsq estimate` reads it, "
+            "but quantize and plan need the pipeline with its weights (download it or pipe.save_pretrained)"
+        )
 
 
 def _diffusers_class(name: Any, path: Path) -> type:
@@ -206,7 +251,10 @@ class DiffusersPipelineAdapter(ModelAdapter):
 
         if (folder / "model_index.json").is_file():
             index = read_json(folder / "model_index.json")
-            pipe_cls = _diffusers_class(index.get("_class_name"), folder / "model_index.json")
+            if with_weights:
+                _check_weights(folder, index)
+            with _quiet_libraries():  # importing the class imports its components' libraries
+                pipe_cls = _diffusers_class(index.get("_class_name"), folder / "model_index.json")
             if "transformer" not in index:
                 raise ConfigError(f"{pipe_cls.__name__} in {folder} has no transformer{_NO_TRANSFORMER}")
             if not with_weights:

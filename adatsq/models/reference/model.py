@@ -84,7 +84,34 @@ def build_transformer(config: dict[str, Any] | None = None) -> DiTTransformer2DM
         if key in _FIXED and value != _FIXED[key]:
             raise ConfigError(f"reference DiT key {key!r} must stay {_FIXED[key]!r} (got {value!r})")
         merged[key] = value
+    _check_size(merged)
     return DiTTransformer2DModel(**merged)
+
+
+MAX_PARAMS = 10**8  # the reference DiT has 1.2M; a config far beyond it is damage, not a model to build
+_SIZES = ("num_attention_heads", "attention_head_dim", "num_layers", "sample_size", "patch_size")
+
+
+def _check_size(config: dict[str, Any]) -> None:
+    """Positive int sizes and a model that fits (before anything is allocated: a corrupt config must not
+    exhaust memory)."""
+    for key in _SIZES:
+        value = config[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"reference DiT key {key!r} must be a positive int, got {value!r}")
+    width = config["num_attention_heads"] * config["attention_head_dim"]
+    params = 12 * config["num_layers"] * width * width  # attention + MLP + adaLN per block, roughly
+    if params > MAX_PARAMS:
+        raise ConfigError(
+            f"reference DiT config {_short(config)} would build about {params:.3g} parameters "
+            f"(the reference model has 1.2M; limit {MAX_PARAMS:.0e}); fix num_layers / num_attention_heads "
+            "/ attention_head_dim"
+        )
+
+
+def _short(config: dict[str, Any]) -> str:
+    text = repr({k: config[k] for k in _SIZES})
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def build_scheduler() -> FlowMatchEulerDiscreteScheduler:
