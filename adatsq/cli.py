@@ -135,23 +135,11 @@ def dropped_on_error(progress: Path) -> Iterator[None]:
 
 
 def check_plan_schedule(path: Path, recipe: Any) -> None:
-    """The plan's file and schedule, before the model is loaded: its segments must be the recipe's
-    calibration segments (the checkpoint switches bits at the calibration's boundaries)."""
-    from adatsq.calibrate.segments import split_steps
-    from adatsq.errors import PlanError
+    """The plan's file and schedule against the recipe, before the model is loaded."""
+    from adatsq.engine.adaptive import plan_calibration
     from adatsq.plan.schema import load_plan
 
-    plan = load_plan(path)
-    cal = recipe.calibration
-    if (cal.steps, cal.segments) != (plan.num_steps, len(plan.segments)):
-        return  # the engine names this mismatch itself
-    expected = split_steps(cal.steps, cal.segments)
-    if [tuple(s) for s in plan.segments] != expected:
-        raise PlanError(
-            f"{path}: segments {[list(s) for s in plan.segments]} are not the recipe's calibration segments "
-            f"{[list(s) for s in expected]} ({cal.steps} steps in {cal.segments}); re-run `adatsq plan` "
-            "with this recipe"
-        )
+    plan_calibration(recipe, load_plan(path))
 
 
 def join_processes(device: str | None, expected: int | None) -> str | None:

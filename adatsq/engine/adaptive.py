@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from adatsq.calibrate.fisher import plot_fisher
+from adatsq.calibrate.segments import split_steps
 from adatsq.checkpoint.save import QuantizedModel
 from adatsq.engine.calibration import calibrate
 from adatsq.engine.planner import Planner, finish, layer_infos, model_fingerprint
@@ -43,12 +44,20 @@ def precheck_budget(model: Any, recipe: Recipe, budget: Budget) -> None:
 
 
 def plan_calibration(recipe: Recipe, plan: Plan) -> Recipe:
-    """The recipe with the plan's sampler schedule; a recipe that sets another schedule is an error."""
+    """The recipe, checked against the plan's sampler schedule: the checkpoint switches bits at the
+    calibration's segment boundaries, so they must be the plan's."""
     cal = recipe.calibration
     if (cal.steps, cal.segments) != (plan.num_steps, len(plan.segments)):
         raise PlanError(
             f"the plan was made for {plan.num_steps} sampler steps in {len(plan.segments)} segments but the "
             f"recipe calibrates {cal.steps} steps in {cal.segments}; use the recipe the plan was made with"
+        )
+    expected = split_steps(cal.steps, cal.segments)
+    if [tuple(s) for s in plan.segments] != expected:
+        raise PlanError(
+            f"the plan's segments {[list(s) for s in plan.segments]} are not the recipe's calibration "
+            f"segments {[list(s) for s in expected]} ({cal.steps} steps in {cal.segments}); re-run "
+            "`adatsq plan` with this recipe"
         )
     return recipe
 
@@ -63,10 +72,14 @@ def quantize_with_plan(
 ) -> QuantizedModel:
     """Calibrate per segment and solve each layer's distinct bit-widths as the plan says."""
     recipe = plan_calibration(recipe, plan)
-    calibration = calibrate(model, recipe, inputs, progress, known_weights=plan.fisher_weights, resume=resume)
-    check_plan_matches(plan, list(calibration.layers), len(calibration.segments.timesteps))
-    if plan.model.get("fingerprint") not in (None, model_fingerprint(calibration.layers)):
+    adapter = adapter_for(model)
+    layers = select_layers(adapter, recipe)  # checked against the plan before any calibration
+    check_plan_matches(plan, list(layers), recipe.calibration.steps)
+    if plan.model.get("fingerprint") not in (None, model_fingerprint(layers)):
         raise PlanError("the plan was made for a model with other layer shapes; re-plan for this model")
+    calibration = calibrate(
+        adapter, recipe, inputs, progress, known_weights=plan.fisher_weights, resume=resume
+    )
     return finish(calibration, recipe, plan, progress)
 
 

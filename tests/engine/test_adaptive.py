@@ -7,6 +7,7 @@ import torch
 
 import adatsq
 import adatsq.checkpoint.load
+import adatsq.engine.adaptive
 from adatsq.engine.planner import Planner
 from adatsq.errors import PlanError
 from adatsq.plan.schema import Budget, load_plan, save_plan
@@ -58,10 +59,22 @@ def test_plan_file_round_trip_and_quantize_switches_per_segment(planner, tmp_pat
     assert load_plan(tmp_path / "ckpt" / "plan.json") == plan
 
 
-def test_plan_for_another_model_names_the_layers(planner, tmp_path, tiny_adapter):
+def test_plan_for_another_model_names_the_layers_before_calibrating(planner, tiny_adapter, monkeypatch):
     plan = planner.search(Budget("avg_bits", 4.0)).plan
+
+    def no_calibration(*args, **kwargs):
+        raise AssertionError("calibrated before checking the plan")
+
+    monkeypatch.setattr(adatsq.engine.adaptive, "calibrate", no_calibration)
     with pytest.raises(PlanError, match=r"transformer_blocks\.1\."):
         adatsq.quantize(tiny_adapter(layers=2), recipe_from_dict(RECIPE), plan=plan, progress=False)
+
+
+def test_plan_with_other_segment_boundaries_is_refused(planner, tiny_adapter):
+    plan = planner.search(Budget("avg_bits", 4.0)).plan
+    moved = dataclasses.replace(plan, segments=((0, 1), (1, 4)))  # same count, other boundaries
+    with pytest.raises(PlanError, match="not the recipe's calibration segments"):
+        adatsq.quantize(tiny_adapter(), recipe_from_dict(RECIPE), plan=moved, progress=False)
 
 
 def test_plan_with_other_segments_than_the_recipe(planner, tiny_adapter):
