@@ -59,8 +59,10 @@ ADATSQ: dict[str, Any] = {  # a planner that calibrates and searches in a second
 LAYER = "transformer_blocks.0.attn1.to_q"  # quantized: 128 -> 128, group 32, 4 bits
 OTHER = "transformer_blocks.0.attn1.to_k"
 FLOAT = "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1.weight"  # kept in float
-BASE_JSON = "base/reference_base.json"
-CONFIG, WEIGHTS, INDEX = "adatsq_config.json", "model.safetensors", "model.safetensors.index.json"
+BASE_JSON = "reference_base.json"  # format 2: the pipeline folder's own files, the denoiser in transformer/
+CONFIG = "transformer/config.json"  # its quantization_config holds adatsq's fields
+WEIGHTS = "transformer/diffusion_pytorch_model.safetensors"
+INDEX = "transformer/diffusion_pytorch_model.safetensors.index.json"
 DROP = object()  # `edited(..., key=DROP)` removes the key
 
 
@@ -437,7 +439,8 @@ def _(w: Work) -> list[Any]:
 
 
 def config(edit: Callable[[dict], Any]) -> Callable[[Path], None]:
-    return json_edit(CONFIG, lambda c: (edit(c), c)[1])
+    """Edit the denoiser config's quantization_config."""
+    return json_edit(CONFIG, lambda c: (edit(c["quantization_config"]), c)[1])
 
 
 def base(edit: Callable[[dict], Any]) -> Callable[[Path], None]:
@@ -445,7 +448,7 @@ def base(edit: Callable[[dict], Any]) -> Callable[[Path], None]:
 
 
 def tensors(edit: Callable[[dict], Any]) -> Callable[[Path], None]:
-    """Rewrite model.safetensors with `edit` applied to its tensors (checksums left as saved)."""
+    """Rewrite the denoiser's safetensors with `edit` applied to its tensors (checksums left as saved)."""
 
     def mutate(d: Path) -> None:
         from safetensors.torch import load_file, save_file
@@ -496,7 +499,7 @@ def flip_bit(key: str, byte: int, bit: int) -> Callable[[Path], None]:
 
 
 def shard(i: int, d: Path) -> Path:
-    return sorted(d.glob("model-*.safetensors"))[i]
+    return sorted(d.glob("transformer/diffusion_pytorch_model-*.safetensors"))[i]
 
 
 def layer(**fields: Any) -> Callable[[Path], None]:

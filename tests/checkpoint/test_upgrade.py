@@ -86,7 +86,7 @@ def break_base(d: Path) -> None:
         (lambda d: shutil.rmtree(d), "not found"),
         (lambda d: (d / "adatsq_config.json").unlink(), "is not an adatsq checkpoint"),
         (break_config, "invalid JSON"),
-        (break_base, "model_index.json"),
+        (break_base, "does not rebuild"),
     ],
     ids=["missing-argument-folder", "missing-folder", "not-a-checkpoint", "bad-config", "broken-base"],
 )
