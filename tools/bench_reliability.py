@@ -9,7 +9,7 @@
   contract: exit code 2, exactly one stderr line, no file created or changed), traceback (an exception
   escaped), accepted-wrong (exit 0 on bad input), messy (exit 2 but several lines or files changed).
 * Determinism: three fresh `adatsq quantize reference --recipe R --out DIR` processes per recipe with the
-  recipe's seed; the sha256 of model.safetensors (and plan.json for AdaTSQ) must be identical.
+  recipe's seed; the sha256 of the denoiser's safetensors (and plan.json for AdaTSQ) must be identical.
 * Corruption: one bit flipped in one float16 scale of a saved checkpoint; `adatsq.load` must refuse it
   with one line naming that tensor. Cost of the sha256 verification: `load_checkpoint` with and without
   `verify`, median of interleaved repeats.
@@ -144,7 +144,7 @@ def run_determinism(work: Path, names: tuple[str, ...], quick: bool) -> list[dic
             runs.append(
                 {
                     "seconds": time.perf_counter() - start,
-                    "model": sha256(out / "model.safetensors"),
+                    "model": sha256(out / cases.WEIGHTS),
                     "plan": sha256(plan) if plan.is_file() else None,
                 }
             )
@@ -213,7 +213,7 @@ def run_kill(work: Path, quick: bool) -> dict[str, Any]:
         env=environment(),
     )
     total = time.perf_counter() - start
-    expected = {p.name: sha256(p) for p in sorted(reference.iterdir()) if p.suffix == ".safetensors"}
+    expected = {p.name: sha256(p) for p in sorted(reference.rglob("*.safetensors"))}
     rows = []
     points = [("fraction", f) for f in KILL_FRACTIONS] + [("final write", None)]
     for label, fraction in points:
@@ -226,7 +226,7 @@ def run_kill(work: Path, quick: bool) -> dict[str, Any]:
         rerun = subprocess.run([*command, "--overwrite"], capture_output=True, text=True, env=environment())
         identical = (
             rerun.returncode == 0
-            and {p.name: sha256(p) for p in sorted(out.iterdir()) if p.suffix == ".safetensors"} == expected
+            and {p.name: sha256(p) for p in sorted(out.rglob("*.safetensors"))} == expected
         )
         leftovers = sorted(p.name for p in work.iterdir() if p.name.startswith(f".{out.name}."))
         rows.append(
@@ -327,7 +327,7 @@ def render(report: dict[str, Any]) -> str:
         for d in report["determinism"]
     ]
     lines += table(
-        ["recipe", "seconds per run", "model.safetensors sha256", "plan.json sha256", "identical"], det_rows
+        ["recipe", "seconds per run", "weights sha256", "plan.json sha256", "identical"], det_rows
     )
     c = report["corruption"]
     lines += [
@@ -381,7 +381,7 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
             "pass": ran >= 150 and good == ran,
         },
         {
-            "target": "same seed → identical model.safetensors / plan.json in 3 processes",
+            "target": "same seed → identical denoiser safetensors / plan.json in 3 processes",
             "measured": ", ".join(f"{d['recipe']}: {fmt(d['identical'])}" for d in report["determinism"]),
             "pass": all(d["identical"] for d in report["determinism"]),
         },
