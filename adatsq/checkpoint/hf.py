@@ -128,11 +128,9 @@ def _check_version(library: str, version: str, supported: str) -> None:
         )
 
 
-# ------------------------------------------------------------------------------------------ diffusers
-
-
-class AdatsqDiffusersConfig(DiffusersConfigMixin):
-    """The quantization_config of an adatsq component (its fields as in the checkpoint)."""
+class AdatsqFields:
+    """The quantization_config of an adatsq component (its fields as in the checkpoint), shared by the
+    diffusers and transformers config classes (each library wants its own base class)."""
 
     def __init__(self, **fields: Any) -> None:
         self.quant_method = AdatsqMethod.ADATSQ
@@ -143,6 +141,13 @@ class AdatsqDiffusersConfig(DiffusersConfigMixin):
 
     def to_json_string(self, use_diff: bool = True) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+
+# ------------------------------------------------------------------------------------------ diffusers
+
+
+class AdatsqDiffusersConfig(AdatsqFields, DiffusersConfigMixin):
+    """diffusers' face of an adatsq quantization_config."""
 
 
 class AdatsqDiffusersQuantizer(DiffusersQuantizer):
@@ -199,18 +204,8 @@ def register_with_diffusers() -> None:
 # ------------------------------------------------------------------------------------------ transformers
 
 
-class AdatsqTransformersConfig(TransformersConfigMixin):
-    """The quantization_config of an adatsq component (its fields as in the checkpoint)."""
-
-    def __init__(self, **fields: Any) -> None:
-        self.quant_method = AdatsqMethod.ADATSQ
-        self.fields = {k: v for k, v in fields.items() if k != "quant_method"}
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"quant_method": QUANT_METHOD, **self.fields}
-
-    def to_json_string(self, use_diff: bool = True) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+class AdatsqTransformersConfig(AdatsqFields, TransformersConfigMixin):
+    """transformers' face of an adatsq quantization_config."""
 
 
 class AdatsqTransformersQuantizer(HfQuantizer):
