@@ -3,10 +3,12 @@
 The pass schedule is `engine.schedule.schedule_for`, the very one `adatsq estimate` prints: accumulators
 (one float32 XᵀX per distinct input and segment) grouped so that each pass fits the memory budget, split
 into one share per owner rank. A rank replays the recorded denoiser calls for its shares only, with
-hooks on their layers, stopping right after the last layer whose input they need; it solves them, keeps
-the variants and frees the statistics before its next share. The float layers stay in place until every
-pass has run, so each statistic is the same sum of the same terms in the same order whatever the budget
-and the number of processes: the checkpoint does not depend on either.
+hooks on their layers, stopping right after the last layer whose input they need; the caller solves
+them and drops the statistics before the next share is captured (AdaTSQ iterates the shares twice:
+candidates + error table, then the plan's final solves; `engine.shares` keeps solved shares on disk so
+a killed run resumes after its last one). The float layers stay in place until every pass has run, so
+each statistic is the same sum of the same terms in the same order whatever the budget and the number
+of processes: the checkpoint does not depend on either.
 """
 
 from __future__ import annotations
