@@ -88,6 +88,11 @@ class PlannerConfig:
     proposals_per_stage: int = 6
     fisher: bool = True  # weight segments (Hessians and error table) by temporal Fisher information
     fisher_samples: int = 16
+    # how Fisher sensitivities are estimated: "gradient" (backprop through the sampler; an error where the
+    # sampler does not keep gradients, as diffusers pipelines), "perturbation" (one extra sampling run
+    # per step), "auto" (gradient where the adapter's sampler is differentiable, else perturbation,
+    # decided before any run); the method used is recorded in report.json and plan.json
+    fisher_method: Literal["auto", "gradient", "perturbation"] = "auto"
     measure: bool = True  # rank partial plans by the measured trajectory error, not only the table
     measure_samples: int = 8
     pin: tuple[str, ...] = ()  # regexes of layers held at pin_bits (adaLN / modulation, embedders, output)

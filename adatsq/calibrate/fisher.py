@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from adatsq.calibrate.distributed import merge_owned, shard, world
+from adatsq.calibrate.distributed import merge_owned, shard
 from adatsq.calibrate.record import batches
 from adatsq.core.plots import new_figure, save_figure
 from adatsq.errors import CalibrationError
@@ -114,24 +114,35 @@ def fisher_weights(
     batch_size: int = 16,
     epsilon: float = 1e-2,
     progress: bool = True,
+    method: str = "auto",
 ) -> tuple[torch.Tensor, str]:
-    """Per-step weights [num_steps] summing to 1, and the estimator used ("gradient" or "perturbation")."""
+    """Per-step weights [num_steps] summing to 1, and the estimator used ("gradient" or "perturbation").
+
+    `method` "auto" picks gradient when the adapter's sampler is differentiable, else perturbation;
+    "gradient" on a sampler that drops the graph is an error (never a silent second run).
+    """
     if not inputs:
         raise CalibrationError("the calibration set is empty; Fisher weights need at least one input")
+    if method not in ("auto", "gradient", "perturbation"):
+        raise CalibrationError(f"Fisher method {method!r}: use auto, gradient or perturbation")
+    requested = method
+    if method == "auto":
+        method = "gradient" if adapter.differentiable else "perturbation"
     per_batch: dict[int, torch.Tensor] = {}
-    method = "gradient"
     for i, chunk in tqdm(
         shard(batches(inputs, batch_size)), desc="fisher", unit="batch", disable=None if progress else True
     ):
-        per_step = (
-            _gradient_sensitivity(adapter, chunk, seed + i, num_steps) if method == "gradient" else None
-        )
-        if per_step is None:
-            method = "perturbation"
+        if method == "gradient":
+            per_step = _gradient_sensitivity(adapter, chunk, seed + i, num_steps)
+            if per_step is None:
+                raise CalibrationError(
+                    f"planner.fisher_method {requested!r}: the {adapter.family} sampler did not keep "
+                    "gradients; set planner.fisher_method to perturbation"
+                )
+        else:
             per_step = _perturbation_sensitivity(adapter, chunk, seed + i, num_steps, epsilon)
         per_batch[i] = per_step.double()
-    per_batch, methods = merge_owned(per_batch, {world()[0]: method})
-    method = "perturbation" if "perturbation" in methods.values() else method
+    (per_batch,) = merge_owned(per_batch)
     total = torch.zeros(num_steps, dtype=torch.float64)
     for i in sorted(per_batch):  # global batch order whatever the number of processes: the same sum
         total += per_batch[i]

@@ -75,7 +75,13 @@ def calibrate(
     elif recipe.planner.fisher:
         fisher_inputs = inputs[: recipe.planner.fisher_samples]
         step_weights, method = fisher_weights(
-            adapter, fisher_inputs, cal.steps, seed=cal.seed, batch_size=cal.batch_size, progress=progress
+            adapter,
+            fisher_inputs,
+            cal.steps,
+            seed=cal.seed,
+            batch_size=cal.batch_size,
+            progress=progress,
+            method=recipe.planner.fisher_method,
         )
     else:
         step_weights, method = torch.full((cal.steps,), 1.0 / cal.steps), "uniform"

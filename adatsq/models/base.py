@@ -29,6 +29,7 @@ class ModelAdapter(ABC):
     """One model family: which module is quantized, how its sampler runs, how it is saved."""
 
     family: str  # registry name, stored in checkpoints so `adatsq.load` finds the adapter again
+    differentiable: bool = True  # the sampler keeps the autograd graph (gradient Fisher estimates)
     source: str | None = None  # how the user named the float model ("reference", a folder): eval reloads it
     # the checkpoint folder's component folder holding the denoiser (config.json + safetensors); "" is the
     # checkpoint folder itself (a bare model)

@@ -173,6 +173,7 @@ class DiffusersPipelineAdapter(ModelAdapter):
     """A diffusers pipeline whose `transformer` is quantized (or a bare transformer, without sampling)."""
 
     family = "diffusers"
+    differentiable = False  # pipelines sample under @torch.no_grad
 
     def __init__(
         self, model: diffusers.DiffusionPipeline | nn.Module, sampling: DiffusersSampling | None = None
