@@ -148,6 +148,7 @@ def build_problem(
         model={"family": calibration.adapter.family, "fingerprint": model_fingerprint(calibration.layers)},
         act_bits=recipe.activation.bits or 16,
         pinned=pinned,
+        fisher_method=calibration.fisher_method,
     )
 
 

@@ -221,6 +221,7 @@ def _result(
         model=dict(problem.model),
         budget=budget,
         metrics={**costs, "proxy_error": problem.proxy_error(idx), "measured_error": measured},
+        fisher_method=problem.fisher_method,
     )
     return SearchResult(plan, method, time.perf_counter() - started, calls, stages)
 

@@ -33,6 +33,7 @@ class PlanProblem:
     model: Mapping[str, str]  # {"family": ..., "fingerprint": ...}, recorded in the plan
     act_bits: int | Mapping[str, int] = 8  # activation bits (16 = not quantized), one or per layer
     pinned: Mapping[str, int] = field(default_factory=dict)  # layer -> bits every search must keep
+    fisher_method: str = "uniform"  # how fisher_weights were estimated (recorded in the plan)
 
     def __post_init__(self) -> None:
         layers = tuple(self.layers)

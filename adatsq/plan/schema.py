@@ -245,6 +245,9 @@ def _plan_model(value: Any) -> dict[str, str]:
     return model
 
 
+FISHER_METHODS = ("gradient", "perturbation", "uniform", "plan", "unrecorded")  # how weights were made
+
+
 @dataclass(frozen=True)
 class Plan:
     """Weight bits per layer and segment, with everything needed to check it against a model and sampler.
@@ -262,6 +265,7 @@ class Plan:
     model: dict[str, str]  # at least "family" and "fingerprint"
     budget: Budget | None = None
     metrics: dict[str, float | int | None] = field(default_factory=dict)
+    fisher_method: str = "unrecorded"  # how fisher_weights were estimated (plans before 0.2 lack it)
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -279,6 +283,10 @@ class Plan:
         candidates = _plan_candidates(self.candidates)
         weights = _plan_fisher_weights(self.fisher_weights, n_seg)
         model = _plan_model(self.model)
+        if self.fisher_method not in FISHER_METHODS:
+            raise PlanError(
+                f"plan.fisher_method {self.fisher_method!r} must be one of {list(FISHER_METHODS)}"
+            )
         if self.budget is not None and not isinstance(self.budget, Budget):
             raise PlanError(f"plan.budget must be a Budget or None, got {type(self.budget).__name__}")
         for attr, value in (
@@ -325,14 +333,17 @@ class Plan:
             "act_bits": dict(self.act_bits) if isinstance(self.act_bits, dict) else self.act_bits,
             "budget": None if self.budget is None else self.budget.to_dict(),
             "metrics": dict(self.metrics),
+            "fisher_method": self.fisher_method,
             "layers": {name: list(row) for name, row in self.layers.items()},
         }
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "plan") -> Plan:
         keys = {"format_version", "model", "num_steps", "segments", "fisher_weights", "candidates"}
-        keys |= {"act_bits", "budget", "metrics", "layers"}
+        keys |= {"act_bits", "budget", "metrics", "layers", "fisher_method"}
         check_version(data, where)
+        if isinstance(data, Mapping):
+            data = {"fisher_method": "unrecorded", **data}  # optional: older plans do not record it
         check_keys(data, keys, where)
         budget = None if data["budget"] is None else Budget.from_dict(data["budget"], f"{where}.budget")
         return cls(**{**data, "budget": budget})

@@ -33,6 +33,7 @@ def test_search_respects_budget_and_measures(planner):
     assert result.metrics["avg_bits"] <= 4.0 + 1e-9
     assert result.measure_calls > 0 and result.metrics["measured_error"] > 0
     assert planner.problem.error_table.shape == (len(planner.calibration.layers), 2, 3)
+    assert result.plan.fisher_method == planner.calibration.fisher_method == "gradient"  # reference DiT
 
 
 def test_infeasible_budget_names_the_minimum(planner):

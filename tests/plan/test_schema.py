@@ -120,3 +120,14 @@ def test_check_plan_matches_names_mismatched_layers_and_steps():
 def test_partial_plan_knows_where_it_ends():
     partial = PartialPlan({"a": (8, 4)}, 8, tuple(split_steps(10, 4)))
     assert partial.last_segment == 1 and partial.end_step == 6 and not partial.is_complete
+
+
+def test_fisher_method_is_recorded_and_older_plans_still_load(tmp_path):
+    plan = make_plan(fisher_method="perturbation")
+    assert load_plan(save_plan(plan, tmp_path / "p.json")).fisher_method == "perturbation"
+    data = json.loads((tmp_path / "p.json").read_text())
+    del data["fisher_method"]  # a plan written before the method was recorded
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    assert load_plan(tmp_path / "old.json").fisher_method == "unrecorded"
+    with pytest.raises(PlanError, match="fisher_method"):
+        make_plan(fisher_method="guess")
