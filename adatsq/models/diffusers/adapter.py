@@ -1,4 +1,5 @@
-"""Adapter for real diffusers pipelines (Flux, SD3, PixArt, DiT, Wan, Z-Image, QwenImage) in local folders.
+"""Adapter for real diffusers pipelines (Flux, SD3, PixArt, DiT, Wan, Z-Image, QwenImage, Sana) in local
+folders.
 
 The pipeline runs as its authors wrote it; adatsq only watches it. The timesteps the transformer
 receives are recorded from an actual run (a forward pre-hook), because every pipeline maps its
