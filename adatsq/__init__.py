@@ -30,11 +30,13 @@ def quantize(
     `plan` (a Plan or a plan.json path) fixes the bits per layer × timestep segment; without it the
     'adatsq' method plans under the recipe's budget and 'rtn' / 'gptq' use the recipe's bits everywhere.
     `resume` (a file path) saves calibration progress there and continues from it after an interruption.
+    `progress=False` (or TQDM_DISABLE set) draws no progress bar; bars are hidden off a terminal anyway.
     """
+    from adatsq.core.progress import bars_wanted
     from adatsq.engine import quantize as run
 
     recipe = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
-    return run(model, recipe, calibration, plan=plan, progress=progress, resume=resume)
+    return run(model, recipe, calibration, plan=plan, progress=bars_wanted(progress), resume=resume)
 
 
 def load(

@@ -1,7 +1,9 @@
 """`adatsq` command line: quantize | plan | eval | inspect | upgrade | export | estimate | tokens | env.
 
-User errors (AdatsqError) and bad arguments print one line on stderr and exit with code 2 (`--verbose`
-adds the traceback, with the library error it wraps); nothing else is caught.
+User errors (AdatsqError) and bad arguments print one line on stderr and exit with code 2 (`--verbose`:
+the traceback of the error and of the library error it wraps, before the line); nothing else is caught.
+`--quiet` draws no progress bar and logs warnings only; bars are also off when stderr is not a terminal
+or TQDM_DISABLE is set.
 """
 
 from __future__ import annotations
@@ -180,7 +182,7 @@ def run_quantize(args: argparse.Namespace) -> int:
     calibration = read_calibration(args.calib, adapter) if args.calib else None
     resume = progress_file(args.out)
     with dropped_on_error(resume):
-        qmodel = quantize(adapter, recipe, calibration, plan=args.plan, resume=resume)
+        qmodel = quantize(adapter, recipe, calibration, plan=args.plan, progress=args.progress, resume=resume)
     if not is_writer():  # every rank holds the same result; rank 0 writes it
         return 0
     qmodel.save(args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
@@ -249,8 +251,9 @@ def run_plan(args: argparse.Namespace) -> int:
     resume = progress_file(args.out)
     with dropped_on_error(resume):
         summary = plan_command(
-            adapter, recipe, args.budget, args.out, calibration, args.frontier, args.sweep, args.plot, resume
-        )
+            adapter, recipe, args.budget, args.out, calibration, args.frontier, args.sweep, args.plot, resume,
+            progress=args.progress,
+        )  # fmt: skip
     forget_progress(resume)
     print(summary)
     return 0
@@ -278,8 +281,9 @@ def run_eval(args: argparse.Namespace) -> int:
     from adatsq.eval.run import evaluate_checkpoint
 
     metrics = evaluate_checkpoint(
-        args.checkpoint, samples=args.samples, seed=args.seed, dtype=args.dtype, verify=not args.no_verify
-    )
+        args.checkpoint, samples=args.samples, seed=args.seed, dtype=args.dtype, verify=not args.no_verify,
+        progress=args.progress,
+    )  # fmt: skip
     if args.json:
         print(json.dumps(metrics))
     else:
@@ -473,17 +477,40 @@ def run_env(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_output_flags(parser: argparse.ArgumentParser, default: Any) -> None:
+    """-q / -v; on a subcommand (default SUPPRESS) they may follow it: `adatsq quantize ... -q`."""
+    parser.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="no progress bars; log warnings only"
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        default=default,
+        help="log progress messages; on an error, print its traceback (with its causes) before the line",
+    )
+
+
+def _subparsers(parser: argparse.ArgumentParser) -> list[argparse.ArgumentParser]:
+    found = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                found += [child, *_subparsers(child)]
+    return found
+
+
 def build_parser() -> argparse.ArgumentParser:
     from adatsq.core.version import __version__
 
     parser = OneLineParser(prog="adatsq", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"adatsq {__version__}")
-    parser.add_argument(
-        "-v", "--verbose", action="store_true", help="log progress messages; on an error, show its traceback"
-    )
+    add_output_flags(parser, False)
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS.names():
         COMMANDS.get(name)(sub)
+    for child in _subparsers(parser):
+        add_output_flags(child, argparse.SUPPRESS)
     return parser
 
 
@@ -496,11 +523,38 @@ def one_line(message: str, limit: int = 1000) -> str:
     return f"{text[: limit // 2]} ...[{len(text) - limit} characters]... {text[-limit // 2 :]}"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+@contextlib.contextmanager
+def library_bars(show: bool) -> Iterator[None]:
+    """diffusers' / transformers' own bars (loading components, weights, shards) follow adatsq's while a
+    command runs: they draw even when stderr is not a terminal, so they are switched off unless shown."""
+    if show:
+        yield
+        return
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    libraries = [lib for lib in (diffusers_logging, transformers_logging) if lib.is_progress_bar_enabled()]
+    for lib in libraries:
+        lib.disable_progress_bar()
     try:
-        return args.handler(args)
+        yield
+    finally:
+        for lib in libraries:
+            lib.enable_progress_bar()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.quiet and args.verbose:
+        parser.error("-q/--quiet and -v/--verbose contradict each other: pass one of them")
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from adatsq.core.progress import bars_wanted
+
+    args.progress = bars_wanted(not args.quiet)
+    try:
+        with library_bars(args.progress and sys.stderr.isatty()):
+            return args.handler(args)
     except AdatsqError as err:
         if args.verbose:  # the whole chain: what the library error wraps (diffusers, safetensors, ...)
             traceback.print_exception(err, file=sys.stderr)

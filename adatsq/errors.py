@@ -13,6 +13,10 @@ class OutputError(ConfigError):
     """An output path cannot be written: taken by another kind of file, read-only, or the disk is full."""
 
 
+class SamplingError(ConfigError):
+    """A pipeline refused the sampling settings adatsq called it with (its adatsq_pipeline.json)."""
+
+
 class CheckpointError(AdatsqError):
     """A checkpoint folder is missing, truncated, corrupted or inconsistent with its config."""
 

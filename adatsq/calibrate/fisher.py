@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from adatsq.calibrate.distributed import merge_owned, shard
 from adatsq.calibrate.record import batches
 from adatsq.core.plots import new_figure, save_figure
+from adatsq.core.progress import tqdm_disable
 from adatsq.errors import CalibrationError
 from adatsq.models.base import ModelAdapter
 
@@ -130,7 +131,7 @@ def fisher_weights(
         method = "gradient" if adapter.differentiable else "perturbation"
     per_batch: dict[int, torch.Tensor] = {}
     for i, chunk in tqdm(
-        shard(batches(inputs, batch_size)), desc="fisher", unit="batch", disable=None if progress else True
+        shard(batches(inputs, batch_size)), desc="fisher", unit="batch", disable=tqdm_disable(progress)
     ):
         if method == "gradient":
             per_step = _gradient_sensitivity(adapter, chunk, seed + i, num_steps)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from adatsq.calibrate.distributed import gather, shard
 from adatsq.calibrate.segments import SegmentMap
+from adatsq.core.progress import tqdm_disable
 from adatsq.errors import CalibrationError
 from adatsq.models.base import ModelAdapter
 
@@ -107,7 +108,7 @@ def record_calls(
                 shard(batches(inputs, batch_size)),
                 desc="recording",
                 unit="batch",
-                disable=None if progress else True,
+                disable=tqdm_disable(progress),
             ):
                 position["batch"] = i
                 adapter.generate(chunk, seed=seed + i, num_steps=len(segments.timesteps))
@@ -150,7 +151,7 @@ def replay(
     try:
         with torch.no_grad():
             for call in tqdm(
-                recording.calls, desc=desc, unit="call", disable=None if progress else True, leave=False
+                recording.calls, desc=desc, unit="call", disable=tqdm_disable(progress), leave=False
             ):
                 on_call(call)
                 with contextlib.suppress(_StopReplay):

@@ -17,6 +17,7 @@ from adatsq.calibrate.distributed import shard, world
 from adatsq.calibrate.record import batches
 from adatsq.calibrate.resume import load_progress, progress_key, save_progress
 from adatsq.calibrate.segments import SegmentMap, install_segment_hook
+from adatsq.core.progress import tqdm_disable
 from adatsq.errors import CalibrationError
 from adatsq.models.base import ModelAdapter
 
@@ -59,7 +60,7 @@ def collect_stats(
                 mine[done:],
                 desc="calibrating",
                 unit="batch",
-                disable=None if progress else True,
+                disable=tqdm_disable(progress),
                 initial=done,
                 total=len(mine),
             )

@@ -134,11 +134,12 @@ def plan_command(
     sweep_values: str | None = None,
     plot_path: Path | None = None,
     resume: Path | None = None,
+    progress: bool = True,
 ) -> str:
     """`adatsq plan`: search, write plan.json (+ heat map, Fisher plot), optionally a frontier."""
     budget = Budget(*parse_budget(budget_text)) if budget_text else recipe_budget(recipe)
     precheck_budget(model, recipe, budget)
-    planner = Planner.prepare(model, recipe, inputs, resume=resume)
+    planner = Planner.prepare(model, recipe, inputs, progress=progress, resume=resume)
     result = planner.search(budget)
     save_plan(result.plan, out)
     plot_plan(result.plan, out.with_suffix(".png"))

@@ -18,6 +18,7 @@ from adatsq.calibrate.record import batches
 from adatsq.checkpoint.format import locate
 from adatsq.checkpoint.load import cast_for_inference, load_checkpoint
 from adatsq.checkpoint.shards import TensorFiles
+from adatsq.core.progress import tqdm_disable
 from adatsq.errors import CheckpointError
 from adatsq.eval.metrics import accuracy, frechet_distance, psnr, ssim
 from adatsq.models.base import ModelAdapter
@@ -40,12 +41,21 @@ def average_bits(config: dict[str, Any]) -> float:
 
 
 def timed_samples(
-    adapter: ModelAdapter, inputs: Sequence[Any], seed: int, num_steps: int, batch_size: int, desc: str
+    adapter: ModelAdapter,
+    inputs: Sequence[Any],
+    seed: int,
+    num_steps: int,
+    batch_size: int,
+    desc: str,
+    progress: bool = True,
 ) -> tuple[torch.Tensor, float]:
     """Samples of `inputs` (batch i from seed + i, as calibration does) and the sampling wall time."""
     outputs, seconds = [], 0.0
+    bar = tqdm(
+        batches(inputs, batch_size), desc=desc, unit="batch", leave=False, disable=tqdm_disable(progress)
+    )
     with torch.no_grad():
-        for i, chunk in enumerate(tqdm(batches(inputs, batch_size), desc=desc, unit="batch", leave=False)):
+        for i, chunk in enumerate(bar):
             start = time.perf_counter()
             outputs.append(adapter.generate(chunk, seed=seed + i, num_steps=num_steps))
             seconds += time.perf_counter() - start
@@ -93,13 +103,15 @@ def evaluate_checkpoint(
     batch_size: int = 50,
     dtype: str | None = None,
     verify: bool = True,
+    progress: bool = True,
 ) -> dict[str, Any]:
     """The metrics of `adatsq eval` (EVAL_KEYS) for one checkpoint folder.
 
     Kernel layouts are derived at load (as `adatsq.load` does), not inside the timed sampling. With
     `dtype` ("bfloat16", ...) both models run in it, and two keys follow EVAL_KEYS: `dtype` and
     `bf16_seconds`, the float model's sampling time in bfloat16 (the speed a quantized model should
-    beat; fp_seconds itself when dtype is bfloat16). `verify=False` skips the tensors' sha256.
+    beat; fp_seconds itself when dtype is bfloat16). `verify=False` skips the tensors' sha256;
+    `progress=False` draws no bar.
     """
     directory = Path(directory)
     quant, config = load_checkpoint(directory, verify)
@@ -110,8 +122,10 @@ def evaluate_checkpoint(
     fp = adapter_for(source, dtype=dtype)
     inputs = fp.default_inputs(samples, seed)
     num_steps = config["num_steps"]
-    reference, fp_seconds = timed_samples(fp, inputs, seed, num_steps, batch_size, "float samples")
-    quantized, quant_seconds = timed_samples(quant, inputs, seed, num_steps, batch_size, "quantized samples")
+    reference, fp_seconds = timed_samples(fp, inputs, seed, num_steps, batch_size, "float samples", progress)
+    quantized, quant_seconds = timed_samples(
+        quant, inputs, seed, num_steps, batch_size, "quantized samples", progress
+    )
     metrics = compare_samples(quantized.float(), reference.float(), inputs, quant.family)
     out: dict[str, Any] = {
         **metrics,
@@ -126,5 +140,7 @@ def evaluate_checkpoint(
             out["bf16_seconds"] = fp_seconds
         else:
             bf16 = adapter_for(source, dtype="bfloat16")
-            out["bf16_seconds"] = timed_samples(bf16, inputs, seed, num_steps, batch_size, "bf16 samples")[1]
+            out["bf16_seconds"] = timed_samples(
+                bf16, inputs, seed, num_steps, batch_size, "bf16 samples", progress
+            )[1]
     return out

@@ -15,7 +15,7 @@ from torch import nn
 _IGNORE = (
     r"^(x_embedder|context_embedder|img_in|txt_in|patch_embedding|pos_embed(\..+)?)$",  # input projections
     r"^(time_text_embed|condition_embedder|t_embedder|cap_embedder|caption_projection|all_x_embedder)\..+$",
-    r"^adaln_single\.emb\..+$",  # PixArt timestep embedder
+    r"^(adaln_single|time_embed)\.emb\..+$",  # PixArt / Sana timestep embedder
     r"^transformer_blocks\.\d+\.norm1\.emb\..+$",  # DiT: per-block timestep / class embedders
     r"^(proj_out(_1|_2)?|norm_out\.linear|all_final_layer\..+)$",  # final adaLN + output projection
 )
@@ -26,7 +26,7 @@ _SENSITIVE = (
     r"^transformer_blocks\.\d+\.norm1(_context)?\.linear$",  # Flux / SD3 / DiT double blocks
     r"^single_transformer_blocks\.\d+\.norm\.linear$",  # Flux single blocks
     r"^norm_out\.linear$",
-    r"^adaln_single\.linear$",  # PixArt: one shared table feeding every block's scale_shift_table
+    r"^(adaln_single|time_embed)\.linear$",  # PixArt / Sana: one table feeding every block's scale_shift
     r"^condition_embedder\.time_proj$",  # Wan: the same idea
     r"^(.+\.)?adaLN_modulation\.\d+$",  # Z-Image
     r"^transformer_blocks\.\d+\.(img|txt)_mod\.\d+$",  # QwenImage

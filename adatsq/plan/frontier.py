@@ -12,6 +12,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from adatsq.core.io import atomic_write_text
+from adatsq.core.progress import tqdm_disable
 from adatsq.errors import PlanError
 from adatsq.plan.allocate import pareto_mask
 from adatsq.plan.beam import METHODS
@@ -168,7 +169,7 @@ def sweep(
         raise PlanError(f"a sweep needs budgets of one kind, got {sorted(kinds)}; sweep each kind separately")
     search = METHODS.get(method)
     results = []
-    for budget in tqdm(budgets, desc=f"{method} sweep", disable=None if progress else True):
+    for budget in tqdm(budgets, desc=f"{method} sweep", disable=tqdm_disable(progress)):
         results.append(search(problem, budget, config, measure))
         log.info("%s %s: %s in %.2fs", method, budget, results[-1].metrics, results[-1].search_seconds)
     return build_frontier(results, kinds.pop(), method)

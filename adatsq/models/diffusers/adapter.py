@@ -1,4 +1,5 @@
-"""Adapter for real diffusers pipelines (Flux, SD3, PixArt, DiT, Wan, Z-Image, QwenImage) in local folders.
+"""Adapter for real diffusers pipelines (Flux, SD3, PixArt, DiT, Wan, Z-Image, QwenImage, Sana) in local
+folders.
 
 The pipeline runs as its authors wrote it; adatsq only watches it. The timesteps the transformer
 receives are recorded from an actual run (a forward pre-hook), because every pipeline maps its
@@ -31,8 +32,10 @@ from adatsq.models.diffusers.config import (
     DEFAULT_PROMPTS,
     RESERVED_CALL_KWARGS,
     DiffusersSampling,
+    raised_by_pipeline,
     read_json,
     read_settings,
+    sampling_refused,
     write_settings,
 )
 from adatsq.models.diffusers.steps import StepWatcher
@@ -362,7 +365,15 @@ class DiffusersPipelineAdapter(ModelAdapter):
         kwargs["output_type"] = "latent"  # DiT ignores it and decodes; its latents are taken per step
         watcher = StepWatcher(self.timestep_of, len(inputs), step_callback)
         with self._watching(watcher, kwargs):
-            self.pipe(**kwargs)
+            try:
+                self.pipe(**kwargs)
+            except (ValueError, TypeError) as err:  # the pipeline's checks of its arguments, made one line
+                if not raised_by_pipeline(err):
+                    raise
+                raise sampling_refused(
+                    type(self.pipe).__name__, self._fixed_kwargs(), self._call_params,
+                    self.transformer.config.get("sample_size"), self.source, err,
+                ) from err  # fmt: skip
         if watcher.latents is None:
             raise AdatsqError(f"{type(self.pipe).__name__} ran no denoising step for num_steps={num_steps}")
         if len(watcher.timesteps) != watcher.step:

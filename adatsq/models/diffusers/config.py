@@ -8,6 +8,8 @@ adatsq_pipeline.json so that a saved base, or a tiny test pipeline, reloads exac
 from __future__ import annotations
 
 import json
+import os
+import traceback
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 import torch
 
 from adatsq.core.io import write_json
-from adatsq.errors import ConfigError
+from adatsq.errors import ConfigError, SamplingError
 
 SETTINGS_FILE = "adatsq_pipeline.json"
 SETTINGS_VERSION = 1
@@ -150,3 +152,32 @@ def read_settings(folder: Path) -> tuple[DiffusersSampling | None, torch.dtype |
     if not isinstance(dtype, torch.dtype):
         raise ConfigError(f"{path} names dtype {settings.get('dtype')!r}, which torch does not have")
     return DiffusersSampling.from_dict(settings.get("sampling", {})), dtype
+
+
+def raised_by_pipeline(err: BaseException) -> bool:
+    """The error comes from a diffusers pipeline's own code (its argument checks), not from a model."""
+    frames = traceback.extract_tb(err.__traceback__)
+    return bool(frames) and f"{os.sep}diffusers{os.sep}pipelines{os.sep}" in frames[-1].filename
+
+
+def sampling_refused(
+    pipeline: str,
+    call: Mapping[str, Any],
+    call_params: Mapping[str, Any],
+    sample_size: Any,
+    source: str | None,
+    err: BaseException,
+) -> SamplingError:
+    """One line for a pipeline that refused the settings it was called with: which ones, and the fix."""
+    where = str(Path(source) / SETTINGS_FILE) if source else f"{SETTINGS_FILE} beside model_index.json"
+    settings = ", ".join(f"{k}={v!r}" for k, v in call.items()) or "its default settings"
+    reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if "use_resolution_binning" in call_params and call.get("use_resolution_binning", True):
+        fix = (
+            f"its resolution binning knows only the released transformer sample sizes (this one's is "
+            f'{sample_size}): set "use_resolution_binning": false under sampling.extra in {where}, and '
+            "height / width there"
+        )
+    else:
+        fix = f"change sampling (height, width, guidance_scale, max_sequence_length, extra) in {where}"
+    return SamplingError(f"{pipeline} refused to sample with {settings}: {reason}; {fix}")

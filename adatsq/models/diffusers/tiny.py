@@ -342,6 +342,56 @@ def _pixart_alpha() -> tuple[diffusers.DiffusionPipeline, DiffusersSampling]:
     return _pixart(diffusers.PixArtAlphaPipeline)
 
 
+@TINY_PIPELINES.register("sana")
+def _sana() -> tuple[diffusers.DiffusionPipeline, DiffusersSampling]:
+    """Linear attention; its GLUMBConv feed-forward is Conv2d (kept float), its attention Linears quantize."""
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    vocab = {tok: i for i, tok in enumerate([*specials, *dict.fromkeys(_CHARS + "▁")])}
+    tok = transformers.GemmaTokenizer(vocab=vocab, merges=[], model_max_length=64)  # characters, no merges
+    text_config = transformers.Gemma2Config(
+        vocab_size=len(vocab),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=128,
+    )
+    blocks = {"block_types": ("ResBlock",) * 2, "block_out_channels": (8, 8), "layers_per_block": (1, 1)}
+    vae = diffusers.AutoencoderDC(  # two blocks: vae_scale_factor 2
+        in_channels=3,
+        latent_channels=4,
+        attention_head_dim=8,
+        **{f"{side}_{key}": value for side in ("encoder", "decoder") for key, value in blocks.items()},
+        encoder_qkv_multiscales=((), ()),
+        decoder_qkv_multiscales=((), ()),
+    )
+    pipe = diffusers.SanaPipeline(
+        tokenizer=tok,
+        text_encoder=transformers.Gemma2Model(text_config),
+        vae=vae,
+        transformer=diffusers.SanaTransformer2DModel(
+            in_channels=4,
+            out_channels=4,
+            num_attention_heads=2,
+            attention_head_dim=16,
+            num_layers=2,
+            num_cross_attention_heads=2,
+            cross_attention_head_dim=16,
+            cross_attention_dim=32,
+            caption_channels=32,
+            sample_size=8,
+            patch_size=1,
+        ),
+        scheduler=diffusers.DPMSolverMultistepScheduler(),
+    )
+    # Sana wants height / width divisible by 32; binning knows only the released sizes; the default
+    # "complex human instruction" prepends a long system prompt to every prompt.
+    extra = {"use_resolution_binning": False, "complex_human_instruction": None}
+    return pipe, DiffusersSampling(height=32, width=32, max_sequence_length=16, extra=extra)
+
+
 TINY_FAMILIES = tuple(TINY_PIPELINES.names())
 
 

@@ -121,6 +121,7 @@ _SENSITIVE_EXAMPLE = {
     "wan": ("condition_embedder.time_proj", "blocks.0.ffn.net.0.proj"),
     "z-image": ("layers.0.adaLN_modulation.0", "layers.0.feed_forward.w2"),
     "qwen-image": ("transformer_blocks.0.txt_mod.1", "transformer_blocks.0.img_mlp.net.2"),
+    "sana": ("time_embed.linear", "transformer_blocks.0.attn2.to_k"),
 }
 
 
