@@ -326,9 +326,7 @@ def render(report: dict[str, Any]) -> str:
         ]
         for d in report["determinism"]
     ]
-    lines += table(
-        ["recipe", "seconds per run", "weights sha256", "plan.json sha256", "identical"], det_rows
-    )
+    lines += table(["recipe", "seconds per run", "weights sha256", "plan.json sha256", "identical"], det_rows)
     c = report["corruption"]
     lines += [
         "",
