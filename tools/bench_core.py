@@ -131,7 +131,7 @@ def size_bound(adapter: ModelAdapter, recipe: Recipe) -> dict[str, Any]:
 
 
 def checkpoint_breakdown(path: Path, quantized: set[str]) -> dict[str, int]:
-    """Bytes of model.safetensors by tensor kind, plus the header (file size minus tensor bytes)."""
+    """Bytes of the denoiser's safetensors file by tensor kind, plus the header (size minus tensor bytes)."""
     parts = {"qweight": 0, "scales": 0, "zeros": 0, "quantized_layer_bias": 0, "other": 0}
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)

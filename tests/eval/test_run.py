@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from adatsq.checkpoint.format import WEIGHTS
+from adatsq.checkpoint.shards import tensor_files
 from adatsq.errors import CheckpointError
 from adatsq.eval.run import EVAL_KEYS, evaluate_checkpoint
 
@@ -37,9 +37,8 @@ def test_more_bits_are_closer_to_float(metrics, quantized_reference):
     assert w8["fid"] < w3["fid"]
     assert w3["fp_accuracy"] == w8["fp_accuracy"]  # the same float samples are the reference of both
     for bits in (3, 8):
-        assert (
-            metrics[bits]["checkpoint_bytes"]
-            == (quantized_reference("rtn", bits)[1] / WEIGHTS).stat().st_size
+        assert metrics[bits]["checkpoint_bytes"] == sum(
+            p.stat().st_size for p in tensor_files(quantized_reference("rtn", bits)[1])
         )
     assert w3["checkpoint_bytes"] < w8["checkpoint_bytes"]
 
@@ -56,5 +55,5 @@ def test_dtype_adds_the_dtype_and_bf16_seconds(quantized_reference):
 
 
 def test_not_a_checkpoint(tmp_path):
-    with pytest.raises(CheckpointError, match="is missing"):
+    with pytest.raises(CheckpointError, match="is not an adatsq checkpoint"):
         evaluate_checkpoint(tmp_path, samples=2)

@@ -9,7 +9,7 @@ import bench_core as bench
 import pytest
 import torch
 
-from adatsq.checkpoint.format import WEIGHTS
+from adatsq.checkpoint.shards import tensor_files
 from adatsq.engine.uniform import quantize
 from adatsq.models.reference.adapter import ReferenceAdapter
 from adatsq.models.reference.model import DigitsPipeline, build_scheduler, build_transformer
@@ -51,7 +51,7 @@ def test_bound_terms_match_the_stored_tensors(tmp_path, bits, group_size):
     qmodel = quantize(adapter, recipe, progress=False)
     qmodel.save(tmp_path / "ckpt")
     size = bench.size_bound(float_adapter, recipe)
-    parts = bench.checkpoint_breakdown(tmp_path / "ckpt" / WEIGHTS, set(qmodel.layers))
+    parts = bench.checkpoint_breakdown(tensor_files(tmp_path / "ckpt")[0], set(qmodel.layers))
 
     packed, scales_zeros, bound = KNOWN[(bits, group_size)]
     assert len(qmodel.layers) == size["quantized_layers"] == 9
