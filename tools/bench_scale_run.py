@@ -324,6 +324,7 @@ def markdown(report: dict[str, Any]) -> str:
         )
     ratios = [r["ratio"] for res in report["methods"].values() for d in res["depths"] for r in d["runs"]]
     ratios += [res["torchrun"]["ratio"] for res in report["methods"].values() if res.get("torchrun")]
+    loads = [(k, v["load"]) for k, v in report["methods"].items() if v.get("load") is not None]
     lines += [
         "",
         f"**Prediction**: RSS / predicted from {min(ratios):.2f} to {max(ratios):.2f} "
@@ -349,13 +350,13 @@ def markdown(report: dict[str, Any]) -> str:
         + ".",
         "",
         "**adatsq.load** of the unbounded checkpoint: "
+        + ("not measured (the run was cut short)" if not loads else "")
         + "; ".join(
             f"{method} ({ld['blocks']} block(s), {mib(ld['checkpoint_bytes'])} on disk): peak RSS "
             f"{mib(ld['rss_bytes'])} = baseline {mib(ld['baseline_rss_bytes'])} + "
             f"{mib(ld['rss_bytes'] - ld['baseline_rss_bytes'])}, float denoiser "
             f"{mib(ld['float_denoiser_bytes'])}"
-            for method, ld in ((k, v.get("load")) for k, v in report["methods"].items())
-            if ld is not None
+            for method, ld in loads
         )
         + ".",
         "",
@@ -389,9 +390,15 @@ def assemble(
             for m, r in results.items()
         },
         "identical_across_budgets": all(r["identical_across_budgets"] for r in results.values()),
-        "identical_across_processes": all(r.get("identical_across_processes") for r in results.values()),
+        "identical_across_processes": across_processes(results),
         "notes": notes,
     }
+
+
+def across_processes(results: dict[str, Any]) -> bool | None:
+    """1 vs 2 processes identical for every method; None while a method has no torchrun run."""
+    values = [r.get("identical_across_processes") for r in results.values()]
+    return None if None in values else all(values)
 
 
 def merged(paths: list[Path], notes: list[str]) -> dict[str, Any]:
@@ -405,9 +412,7 @@ def merged(paths: list[Path], notes: list[str]) -> dict[str, Any]:
     out["seconds"] = max(r["seconds"] for r in reports)
     out["load_average_at_end"] = reports[-1]["load_average_at_end"]
     out["identical_across_budgets"] = all(r["identical_across_budgets"] for r in out["methods"].values())
-    out["identical_across_processes"] = all(
-        r.get("identical_across_processes") for r in out["methods"].values()
-    )
+    out["identical_across_processes"] = across_processes(out["methods"])
     out["notes"] = notes or [n for r in reports for n in r.get("notes", [])]
     return out
 
