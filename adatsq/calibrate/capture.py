@@ -68,7 +68,7 @@ class LayerStats:
     def segment_hessian(self, segment: int) -> torch.Tensor:
         """Mean XᵀX of one segment, float64 (a time-invariant input: its one mean)."""
         slot, count = (0, self.tokens.sum()) if self.time_invariant else (segment, self.tokens[segment])
-        return self.xtx[slot].double() / max(int(count), 1)
+        return self.xtx[slot].to(torch.float64, copy=True).div_(max(int(count), 1))  # one [in, in] copy
 
 
 def distinct(stats: dict[str, LayerStats]) -> dict[str, LayerStats]:

@@ -96,6 +96,7 @@ def solve_candidates(
             hessian, absmax = variant_statistics(stats, everywhere, weights)
             W = calibration.layers[name].weight.detach().float()
             by_bits = {b: solve_variant(W, hessian, absmax, spec.scheme(b), recipe) for b in bits}
+            del hessian, absmax  # the error table needs [in, in] room of its own, not beside this H
             per_step = int(stats.tokens.sum()) / steps / calibration.inputs
             solved[name] = LayerResult(by_bits, layer_errors(W, stats, by_bits, segment_weights), per_step)
         return solved
@@ -121,16 +122,22 @@ def layer_errors(
     """[segments, bits] of w_s · tr((W − Q_b) H_s (W − Q_b)ᵀ) with H_s the segment's mean XᵀX.
 
     Q_b is compared in the variant's own input basis (smoothed / rotated), with H transformed alike.
+    Memory: one float64 [in, in] segment mean at a time (the next one is formed after the last is
+    freed), beside [out, in] float64 differences; the same values as any other loop order.
     """
     rows = np.zeros((len(segment_weights), len(by_bits)))
-    for b, variant in enumerate(by_bits.values()):
-        target = variant.transform.fold(W).double()
-        if variant.transform.lowrank_a is not None:
-            target = target - variant.transform.lowrank_b.double() @ variant.transform.lowrank_a.double()
-        D = target - variant.weight.dequantize().double()
-        for s in range(len(segment_weights)):
-            H = transform_hessian(stats.segment_hessian(s), variant.transform)
+    for s in range(len(segment_weights)):
+        segment = stats.segment_hessian(s)
+        for b, variant in enumerate(by_bits.values()):
+            target = variant.transform.fold(W).double()
+            if variant.transform.lowrank_a is not None:
+                target = target - variant.transform.lowrank_b.double() @ variant.transform.lowrank_a.double()
+            D = target - variant.weight.dequantize().double()
+            del target
+            H = transform_hessian(segment, variant.transform)
             rows[s, b] = float(segment_weights[s]) * float(((D @ H) * D).sum())
+            del D, H
+        del segment
     return rows
 
 

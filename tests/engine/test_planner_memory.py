@@ -1,0 +1,112 @@
+"""The AdaTSQ candidates + error table stay within the GPTQ solve's memory (what the schedule reserves).
+
+Every tensor created inside the solve is counted by its storage while it is referenced. The error table
+used to hold the candidates' float64 H beside up to three float64 segment means (4 · 8 · in² bytes,
+twice the solve's two [in, in] matrices): a full-width Wan block's ffn.net.2 (in 8960) then peaked about
+1.2 GiB over `adatsq estimate`'s prediction.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from adatsq.calibrate.capture import LayerStats
+from adatsq.calibrate.segments import SegmentMap
+from adatsq.checkpoint.format import LayerSpec
+from adatsq.engine.calibration import Calibration
+from adatsq.engine.planner import layer_errors, solve_candidates
+from adatsq.engine.solve import solve_variant
+from adatsq.quant.workspace import gptq_workspace_bytes
+from adatsq.recipe import recipe_from_dict
+
+IN, OUT, GROUP = 512, 32, 64
+RECIPE = recipe_from_dict(
+    {
+        "method": "adatsq",
+        "weight": {"bits": 4, "group_size": GROUP, "symmetric": False},
+        "calibration": {"samples": 2, "steps": 4, "batch_size": 1, "segments": 2},
+        "planner": {"candidates": [4, 8]},
+    }
+)
+
+
+class PeakBytes(TorchDispatchMode):
+    """Bytes of the storages created inside the mode that are still referenced, and their peak (views of
+    the `held` tensors, which the caller already holds, are not new storage)."""
+
+    def __init__(self, *held: torch.Tensor) -> None:
+        super().__init__()
+        self.held = {t.untyped_storage().data_ptr() for t in held}
+        self.live: dict[int, list[int]] = {}
+        self.current = self.peak = 0
+
+    def _release(self, key: int) -> None:
+        entry = self.live[key]
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self.live[key]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr():
+                key = t.untyped_storage().data_ptr()
+                if key in self.held:
+                    continue
+                if key in self.live:
+                    self.live[key][1] += 1
+                else:
+                    self.live[key] = [t.untyped_storage().nbytes(), 1]
+                    self.current += self.live[key][0]
+                    self.peak = max(self.peak, self.current)
+                weakref.finalize(t, self._release, key)
+        return out
+
+
+def _layer() -> tuple[nn.Linear, LayerStats]:
+    torch.manual_seed(0)
+    x = torch.randn(2, 4 * IN, IN)
+    stats = LayerStats(x.transpose(1, 2) @ x, torch.tensor([4 * IN, 4 * IN]), x.abs().amax(dim=1))
+    return nn.Linear(IN, OUT), stats
+
+
+def _variants(linear: nn.Linear, stats: LayerStats) -> dict:
+    spec = LayerSpec((4,), GROUP, False)
+    W, H = linear.weight.detach(), stats.hessian()
+    return {b: solve_variant(W, H, stats.absmax.amax(dim=0), spec.scheme(b), RECIPE) for b in (4, 8)}
+
+
+def test_error_table_holds_one_float64_segment_mean_and_its_values_do_not_change():
+    linear, stats = _layer()
+    variants = _variants(linear, stats)
+    weights = torch.tensor([0.7, 0.3], dtype=torch.float64)
+    with PeakBytes(stats.xtx, linear.weight) as meter:
+        rows = layer_errors(linear.weight.detach(), stats, variants, weights)
+    assert meter.peak <= 8 * IN * IN + 48 * OUT * IN, meter.peak  # one [in, in] float64, a few [out, in]
+    expected = np.zeros((2, 2))  # the former loop order: bits outer, segments inner
+    for b, variant in enumerate(variants.values()):
+        D = linear.weight.detach().double() - variant.weight.dequantize().double()
+        for s in range(2):
+            H = stats.xtx[s].double() / int(stats.tokens[s])
+            expected[s, b] = float(weights[s]) * float(((D @ H) * D).sum())
+    np.testing.assert_array_equal(rows, expected)
+
+
+def test_candidates_and_error_table_stay_within_the_solve_the_schedule_reserves():
+    linear, stats = _layer()
+    segments = SegmentMap.from_schedule([999.0, 750.0, 500.0, 250.0], 2)
+    calibration = Calibration(
+        None, {"l": linear}, segments, [{"l": stats}], torch.full((4,), 0.25), "uniform", 0.0, 2
+    )
+    with PeakBytes(stats.xtx, linear.weight) as meter:
+        candidates = solve_candidates(calibration, RECIPE, (4, 8), progress=False)
+    packed = sum(v.weight.nbytes() for v in candidates.variants["l"].values())
+    bound = gptq_workspace_bytes(IN, OUT, RECIPE.gptq.block_size, group_size=GROUP) + packed
+    assert meter.peak <= bound, (meter.peak, bound)
