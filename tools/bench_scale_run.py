@@ -291,8 +291,8 @@ def markdown(report: dict[str, Any]) -> str:
         "(`/usr/bin/time -v`; for torchrun the largest process). Predicted = process baseline + `adatsq "
         "estimate`'s peak device + peak host bytes (float32, same budget and process count; peak host "
         "includes AdaTSQ's packed candidates): on a CPU the device is the host. Identical = "
-        "the denoiser safetensors (and AdaTSQ's plan.json) byte-identical to the unbounded one-process run of the "
-        "same method and depth.",
+        "the denoiser safetensors (and AdaTSQ's plan.json) byte-identical to the unbounded one-process "
+        "run of the same method and depth.",
         "",
         f"Model: WanTransformer3DModel, {json.dumps(report['width'])}, tiny text encoder / VAE; float "
         "denoiser "
