@@ -186,16 +186,21 @@ class AdatsqDiffusersQuantizer(DiffusersQuantizer):
         return False
 
 
+def _already_registered(mapping: dict[str, Any], library: str) -> bool:
+    """Whether adatsq's quantizer is in `library`'s table; another one under our name is an error."""
+    registered = mapping.get(QUANT_METHOD)
+    if registered is not None and getattr(registered, "__module__", "") != __name__:
+        raise ConfigError(f"{library} already maps quant_method {QUANT_METHOD!r} to {registered!r}")
+    return registered is not None
+
+
 def register_with_diffusers() -> None:
     """Let diffusers' `from_pretrained` (models and `DiffusionPipeline`) load adatsq components.
 
     Idempotent; refused, with the supported range, on a diffusers it was not tested with.
     """
     _check_version("diffusers", diffusers.__version__, SUPPORTED_DIFFUSERS)
-    registered = diffusers_auto.AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD)
-    if registered is not None:
-        if getattr(registered, "__module__", "") != __name__:
-            raise ConfigError(f"diffusers already maps quant_method {QUANT_METHOD!r} to {registered!r}")
+    if _already_registered(diffusers_auto.AUTO_QUANTIZER_MAPPING, "diffusers"):
         return
     diffusers_auto.AUTO_QUANTIZATION_CONFIG_MAPPING[QUANT_METHOD] = AdatsqDiffusersConfig
     diffusers_auto.AUTO_QUANTIZER_MAPPING[QUANT_METHOD] = AdatsqDiffusersQuantizer
@@ -253,10 +258,7 @@ def register_with_transformers() -> None:
     Idempotent; refused, with the supported range, on a transformers it was not tested with.
     """
     _check_version("transformers", transformers.__version__, SUPPORTED_TRANSFORMERS)
-    registered = transformers_auto.AUTO_QUANTIZER_MAPPING.get(QUANT_METHOD)
-    if registered is not None:
-        if getattr(registered, "__module__", "") != __name__:
-            raise ConfigError(f"transformers already maps quant_method {QUANT_METHOD!r} to {registered!r}")
+    if _already_registered(transformers_auto.AUTO_QUANTIZER_MAPPING, "transformers"):
         return
     transformers_auto.register_quantization_config(QUANT_METHOD)(AdatsqTransformersConfig)
     transformers_auto.register_quantizer(QUANT_METHOD)(AdatsqTransformersQuantizer)
