@@ -8,13 +8,10 @@ twice the solve's two [in, in] matrices): a full-width Wan block's ffn.net.2 (in
 
 from __future__ import annotations
 
-import weakref
-
 import numpy as np
 import torch
+from memory_probe import PeakBytes
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
 
 from adatsq.calibrate.capture import LayerStats
 from adatsq.calibrate.segments import SegmentMap
@@ -34,40 +31,6 @@ RECIPE = recipe_from_dict(
         "planner": {"candidates": [4, 8]},
     }
 )
-
-
-class PeakBytes(TorchDispatchMode):
-    """Bytes of the storages created inside the mode that are still referenced, and their peak (views of
-    the `held` tensors, which the caller already holds, are not new storage)."""
-
-    def __init__(self, *held: torch.Tensor) -> None:
-        super().__init__()
-        self.held = {t.untyped_storage().data_ptr() for t in held}
-        self.live: dict[int, list[int]] = {}
-        self.current = self.peak = 0
-
-    def _release(self, key: int) -> None:
-        entry = self.live[key]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.current -= entry[0]
-            del self.live[key]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr():
-                key = t.untyped_storage().data_ptr()
-                if key in self.held:
-                    continue
-                if key in self.live:
-                    self.live[key][1] += 1
-                else:
-                    self.live[key] = [t.untyped_storage().nbytes(), 1]
-                    self.current += self.live[key][0]
-                    self.peak = max(self.peak, self.current)
-                weakref.finalize(t, self._release, key)
-        return out
 
 
 def _layer() -> tuple[nn.Linear, LayerStats]:

@@ -2,47 +2,13 @@
 
 from __future__ import annotations
 
-import weakref
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from memory_probe import PeakBytes
 
 from adatsq.quant.gptq import gptq
 from adatsq.quant.scheme import WeightScheme
 from adatsq.quant.workspace import gptq_workspace_bytes
-
-
-class PeakBytes(TorchDispatchMode):
-    """Bytes of the storages created inside the mode that are still referenced, and their peak."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.live: dict[int, list[int]] = {}  # storage pointer -> [bytes, tensors referencing it]
-        self.current = self.peak = 0
-
-    def _release(self, key: int) -> None:
-        entry = self.live[key]
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.current -= entry[0]
-            del self.live[key]
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr():
-                storage = t.untyped_storage()
-                key = storage.data_ptr()
-                if key in self.live:
-                    self.live[key][1] += 1
-                else:
-                    self.live[key] = [storage.nbytes(), 1]
-                    self.current += storage.nbytes()
-                    self.peak = max(self.peak, self.current)
-                weakref.finalize(t, self._release, key)
-        return out
 
 
 @pytest.mark.parametrize(
