@@ -116,9 +116,7 @@ def checked(fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
 def sample(pipe: diffusers.DiffusionPipeline, folder: Path, seed: int = 3) -> torch.Tensor:
     """The pipeline's own __call__ with the checkpoint's sampling settings (latents; DiT: images)."""
     sampling, _ = read_settings(folder)
-    named = {"height": sampling.height, "width": sampling.width, "guidance_scale": sampling.guidance_scale,
-             "max_sequence_length": sampling.max_sequence_length}  # fmt: skip
-    kwargs = {k: v for k, v in named.items() if v is not None} | dict(sampling.extra)
+    kwargs = sampling.call_kwargs()
     if isinstance(pipe, diffusers.DiTPipeline):
         kwargs |= {"class_labels": [1], "output_type": "np"}
     else:

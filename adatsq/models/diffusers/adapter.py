@@ -198,7 +198,7 @@ class DiffusersPipelineAdapter(ModelAdapter):
         if self.pipe is not None:
             self.pipe.set_progress_bar_config(disable=True)
             self._call_params = inspect.signature(type(self.pipe).__call__).parameters
-            unknown = sorted(set(self._fixed_kwargs()) - set(self._call_params))
+            unknown = sorted(set(self.sampling.call_kwargs()) - set(self._call_params))
             if unknown:
                 allowed = sorted(set(self._call_params) - RESERVED_CALL_KWARGS - {"self", "kwargs"})
                 raise ConfigError(
@@ -360,7 +360,11 @@ class DiffusersPipelineAdapter(ModelAdapter):
             )
         if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
             raise ConfigError(f"num_steps must be a positive int, got {num_steps!r}")
-        kwargs = {**self._fixed_kwargs(), **self._input_kwargs(inputs), "num_inference_steps": num_steps}
+        kwargs = {
+            **self.sampling.call_kwargs(),
+            **self._input_kwargs(inputs),
+            "num_inference_steps": num_steps,
+        }
         kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)  # same noise on every device
         kwargs["output_type"] = "latent"  # DiT ignores it and decodes; its latents are taken per step
         watcher = StepWatcher(self.timestep_of, len(inputs), step_callback)
@@ -371,7 +375,7 @@ class DiffusersPipelineAdapter(ModelAdapter):
                 if not raised_by_pipeline(err):
                     raise
                 raise sampling_refused(
-                    type(self.pipe).__name__, self._fixed_kwargs(), self._call_params,
+                    type(self.pipe).__name__, self.sampling.call_kwargs(), self._call_params,
                     self.transformer.config.get("sample_size"), self.source, err,
                 ) from err  # fmt: skip
         if watcher.latents is None:
@@ -392,16 +396,6 @@ class DiffusersPipelineAdapter(ModelAdapter):
         if isinstance(self.transformer, diffusers.DiTTransformer2DModel):
             return int(self.transformer.config.num_embeds_ada_norm)
         return None
-
-    def _fixed_kwargs(self) -> dict[str, Any]:
-        s = self.sampling
-        named = {
-            "guidance_scale": s.guidance_scale,
-            "height": s.height,
-            "width": s.width,
-            "max_sequence_length": s.max_sequence_length,
-        }
-        return {**{k: v for k, v in named.items() if v is not None}, **s.extra}
 
     def _input_kwargs(self, inputs: Sequence[Any]) -> dict[str, Any]:
         if isinstance(inputs, str) or len(inputs) == 0:

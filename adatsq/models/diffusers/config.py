@@ -83,6 +83,16 @@ class DiffusersSampling:
     max_sequence_length: int | None = None  # text tokens; short prompts rarely need the 512 default
     extra: Mapping[str, Any] = field(default_factory=dict)  # other __call__ kwargs, e.g. num_frames
 
+    def call_kwargs(self) -> dict[str, Any]:
+        """The pipeline `__call__` keywords these settings fix (unset ones left to the pipeline)."""
+        named = {
+            "guidance_scale": self.guidance_scale,
+            "height": self.height,
+            "width": self.width,
+            "max_sequence_length": self.max_sequence_length,
+        }
+        return {**{k: v for k, v in named.items() if v is not None}, **self.extra}
+
     def __post_init__(self) -> None:
         scale = self.guidance_scale
         if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float) or scale < 0):
