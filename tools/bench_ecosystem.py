@@ -57,6 +57,7 @@ from bench.common import (
 from safetensors.torch import load_file
 
 import adatsq
+from adatsq.checkpoint.format import read_checkpoint_config
 from adatsq.checkpoint.save import save_component
 from adatsq.checkpoint.shards import TensorFiles
 from adatsq.cli import main as cli
@@ -148,9 +149,9 @@ def run_export(checkpoint: Path, target: str, out: Path, switching: bool) -> tup
 
 def adatsq_weights(checkpoint: Path, exported: Path) -> dict[str, torch.Tensor]:
     """layer -> adatsq's weight of the exported variant in float16 (the exported scales' dtype)."""
-    config = json.loads((checkpoint / "transformer" / "config.json").read_text())["quantization_config"]
+    config, layout = read_checkpoint_config(checkpoint)
     record = json.loads((exported / "adatsq_export.json").read_text())
-    files = TensorFiles(checkpoint / "transformer")
+    files = TensorFiles(layout.tensors)
     weights = {}
     for name, layer in config["layers"].items():
         bits = record["layers"][name]["bits"]

@@ -11,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from adatsq.checkpoint.format import read_checkpoint_config
 from adatsq.checkpoint.load import load_checkpoint
 from adatsq.checkpoint.shards import TensorFiles
 from adatsq.checkpoint.validate import open_checkpoint
@@ -47,9 +48,9 @@ def test_zero_points_pack_along_the_output_dimension(bits):
 
 def adatsq_weights(checkpoint, exported, dtype):
     """layer -> adatsq's dequantized weight of the exported variant (QuantizedWeight for float32)."""
-    config = json.loads((checkpoint / "transformer" / "config.json").read_text())["quantization_config"]
+    config, layout = read_checkpoint_config(checkpoint)
     record = json.loads((exported / "adatsq_export.json").read_text())
-    files = TensorFiles(checkpoint / "transformer")
+    files = TensorFiles(layout.tensors)
     weights = {}
     for name, layer in config["layers"].items():
         bits = record["layers"][name]["bits"]
