@@ -13,6 +13,7 @@ of processes: the checkpoint does not depend on either.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -97,13 +98,19 @@ class ReplayedPasses:
         schedule: Schedule,
         record: Callable[[], Recording],
         progress: bool,
-        key: str,
+        key: Callable[[], str],
     ) -> None:
         self.adapter, self.layers, self.segments = adapter, layers, segments
-        self.schedule, self.progress, self.key = schedule, progress, key
+        self.schedule, self.progress, self._key = schedule, progress, key
         self._record, self._recording = record, None
         rank = world()[0]
         self.shares = [s for p in schedule.passes for s in p.shares if s.rank == rank]
+
+    @functools.cached_property
+    def key(self) -> str:
+        """What the statistics depend on, digested only when a resumable store asks (it reads every
+        weight once)."""
+        return self._key()
 
     @property
     def recording(self) -> Recording:
@@ -158,9 +165,10 @@ def calibration_passes(
         )
         return recording
 
-    return ReplayedPasses(adapter, layers, segments, schedule, record, progress, key=_passes_key(
-        layers, segments, inputs, batch_size, seed, budget
-    ))  # fmt: skip
+    def key() -> str:
+        return _passes_key(layers, segments, inputs, batch_size, seed, budget)
+
+    return ReplayedPasses(adapter, layers, segments, schedule, record, progress, key=key)
 
 
 def _passes_key(
