@@ -101,13 +101,13 @@ def markdown(report: dict[str, Any]) -> str:
         "k/v read one time-invariant text tensor in every block: one accumulator, one slot). Device peak per",
         "pass: weights + the pass's accumulators + its largest GPTQ solve (`adatsq.quant.workspace`);",
         "weights 'device' = the whole denoiser stays on the device, 'stream' = non-block layers + the",
-        "largest block. Host peak: recorded denoiser inputs + the largest pass's accumulators in float64",
-        "+ the packed checkpoint. Replay activations are not counted.",
+        "largest block. Host peak: recorded denoiser inputs + the packed checkpoint (statistics are solved",
+        "where they were accumulated, never copied to the host). Replay activations are not counted.",
         "",
         "## Model sizes",
         "",
         "| config | params | targeted Linear | accumulators 1 seg | 4 seg "
-        "| float64 per layer (today) 1 / 4 seg | largest block 1 / 4 seg | recorded inputs | checkpoint W4 |",
+        "| as float64 per layer 1 / 4 seg | largest block 1 / 4 seg | recorded inputs | checkpoint W4 |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     by = {(r["config"], r["segments"], r["budget_gib"], r["weights"]): r for r in report["rows"]}
