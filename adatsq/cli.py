@@ -3,7 +3,7 @@
 User errors (AdatsqError) and bad arguments print one line on stderr and exit with code 2 (`--verbose`:
 the traceback of the error and of the library error it wraps, before the line); nothing else is caught.
 `--quiet` draws no progress bar and logs warnings only; bars are also off when stderr is not a terminal
-or TQDM_DISABLE is set.
+or TQDM_DISABLE is set. Other libraries' log records and Python warnings show with `--verbose` only.
 """
 
 from __future__ import annotations
@@ -487,7 +487,8 @@ def add_output_flags(parser: argparse.ArgumentParser, default: Any) -> None:
         "--verbose",
         action="store_true",
         default=default,
-        help="log progress messages; on an error, print its traceback (with its causes) before the line",
+        help="log progress messages and other libraries' warnings; on an error, print its traceback "
+        "(with its causes) before the line",
     )
 
 
@@ -523,6 +524,32 @@ def one_line(message: str, limit: int = 1000) -> str:
     return f"{text[: limit // 2]} ...[{len(text) - limit} characters]... {text[-limit // 2 :]}"
 
 
+class OwnRecords(logging.Filter):
+    """adatsq's own log records only: other libraries' notes (torchao's import messages, Python warnings
+    of torch / diffusers, ...) would break the one-line promise, so they show with --verbose only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.name == "adatsq" or record.name.startswith("adatsq.")
+
+
+@contextlib.contextmanager
+def library_records(show: bool) -> Iterator[None]:
+    """While a command runs, Python warnings become log records, and the handlers on the root logger pass
+    only adatsq's unless `show` (diffusers / transformers log through handlers of their own, kept at
+    ERROR while adatsq loads them: models.diffusers.adapter)."""
+    own = OwnRecords()
+    handlers = [] if show else logging.getLogger().handlers[:]
+    logging.captureWarnings(True)
+    for handler in handlers:
+        handler.addFilter(own)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(own)
+        logging.captureWarnings(False)
+
+
 @contextlib.contextmanager
 def library_bars(show: bool) -> Iterator[None]:
     """diffusers' / transformers' own bars (loading components, weights, shards) follow adatsq's while a
@@ -553,7 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     args.progress = bars_wanted(not args.quiet)
     try:
-        with library_bars(args.progress and sys.stderr.isatty()):
+        with library_bars(args.progress and sys.stderr.isatty()), library_records(args.verbose):
             return args.handler(args)
     except AdatsqError as err:
         if args.verbose:  # the whole chain: what the library error wraps (diffusers, safetensors, ...)

@@ -10,7 +10,7 @@ run's own, so statistics gathered over any split into passes equal one pass over
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,25 @@ class RecordedCall:
 class Recording:
     calls: list[RecordedCall] = field(default_factory=list)
     linear_order: list[str] = field(default_factory=list)  # Linear layers in the order they first ran
+    first_call: list[str] = field(default_factory=list)  # every Linear run of the first call, repeats too
+
+    def stop_point(self, needs: Mapping[str, bool]) -> tuple[str, int] | None:
+        """(layer, n): a replay may stop each call after the n-th run of that layer; None when a needed
+        layer is not seen in the first call (then every call runs whole).
+
+        `needs` maps each layer whose input is accumulated to whether every run of it in a call counts
+        (a layer of its own) or only its first (a shared input: siblings skip the repeats). A layer can
+        run more than once per call (DiT reuses block 0's timestep embedder for its output layer): its
+        statistics are complete only after its last run.
+        """
+        runs: dict[str, list[int]] = {}
+        for i, name in enumerate(self.first_call):
+            runs.setdefault(name, []).append(i)
+        if any(name not in runs for name in needs):
+            return None
+        end = max(runs[name][-1 if every else 0] for name, every in needs.items())
+        layer = self.first_call[end]
+        return layer, runs[layer].index(end) + 1
 
     def nbytes(self) -> int:
         """Host bytes of the recorded tensors."""
@@ -89,6 +108,8 @@ def record_calls(
 
     def first_run(name: str) -> Callable[[nn.Module, tuple], None]:
         def hook(module: nn.Module, args: tuple) -> None:
+            if len(recording.calls) == 1:
+                recording.first_call.append(name)
             if name not in seen:
                 seen.add(name)
                 recording.linear_order.append(name)
@@ -124,8 +145,8 @@ def _whole(recording: Recording) -> Recording:
     if len(parts) == 1:
         return recording
     calls = sorted((call for part in parts for call in part.calls), key=lambda call: call.batch)
-    order = next((part.linear_order for part in parts if part.linear_order), [])
-    return Recording(calls, order)
+    first = next((part for part in parts if part.linear_order), parts[0])
+    return Recording(calls, first.linear_order, first.first_call)
 
 
 class _StopReplay(Exception):
@@ -138,14 +159,21 @@ def replay(
     on_call: Callable[[RecordedCall], None],
     stop_after: nn.Module | None = None,
     *,
+    runs: int = 1,
     progress: bool = True,
     desc: str = "replaying",
 ) -> None:
-    """Run every recorded call through `denoiser` in recorded order; `on_call` sees each call first."""
+    """Run every recorded call through `denoiser` in recorded order; `on_call` sees each call first.
+
+    With `stop_after`, each call ends after that module's `runs`-th run (Recording.stop_point).
+    """
     device = next(denoiser.parameters()).device
+    seen = {"runs": 0}
 
     def stop(module: nn.Module, args: tuple, output: Any) -> None:
-        raise _StopReplay
+        seen["runs"] += 1
+        if seen["runs"] == runs:
+            raise _StopReplay
 
     handle = stop_after.register_forward_hook(stop) if stop_after is not None else None
     try:
@@ -154,6 +182,7 @@ def replay(
                 recording.calls, desc=desc, unit="call", disable=tqdm_disable(progress), leave=False
             ):
                 on_call(call)
+                seen["runs"] = 0
                 with contextlib.suppress(_StopReplay):
                     denoiser(*_device_copy(call.args, device), **_device_copy(call.kwargs, device))
     finally:

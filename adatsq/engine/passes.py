@@ -48,8 +48,10 @@ def pass_schedule(
     return schedule_for(denoiser, list(layers), segments, budget, reserved_bytes=weights, devices=world()[1])
 
 
-def stop_layer(share: Share, recording: Recording) -> str:
-    """The last layer (in execution order) that first reads one of the share's inputs: replay stops there."""
+def stop_point(share: Share, recording: Recording) -> tuple[str, int] | None:
+    """Where a replay for `share` may stop each call: after the first run of each accumulator's first
+    reader, or the last run of a layer with an input of its own (DiT runs block 0's timestep embedder
+    again for its output layer, so that replay goes on to the end)."""
     position = {name: i for i, name in enumerate(recording.linear_order)}
     missing = [n for n in share.layers if n not in position]
     if missing:
@@ -57,8 +59,8 @@ def stop_layer(share: Share, recording: Recording) -> str:
             f"{len(missing)} layer(s) never ran during calibration (e.g. {missing[0]!r}); "
             "they are not on the sampling path: add them to the recipe's ignore list"
         )
-    first_readers = [min(a.layers, key=position.__getitem__) for a in share.accumulators]
-    return max(first_readers, key=position.__getitem__)
+    needs = {min(a.layers, key=position.__getitem__): len(a.layers) == 1 for a in share.accumulators}
+    return recording.stop_point(needs)
 
 
 def capture_share(
@@ -66,17 +68,18 @@ def capture_share(
     recording: Recording,
     layers: dict[str, nn.Linear],
     segments: SegmentMap,
-    stop_after: str,
+    stop: tuple[str, int] | None,
     progress: bool,
 ) -> dict[str, LayerStats]:
-    """Statistics of `layers` from one replay of the recording, stopping after layer `stop_after`."""
+    """Statistics of `layers` from one replay of the recording, each call stopped at `stop` (layer, run)."""
     capture = StatsCapture(layers, segments.count)
     with capture:
         replay(
             adapter.denoiser(),
             recording,
             lambda call: capture.set_position(call.segment, call.step),
-            stop_after=layers[stop_after],
+            stop_after=None if stop is None else layers[stop[0]],
+            runs=1 if stop is None else stop[1],
             progress=progress,
         )
     return capture.finish(summed_over_ranks=False)
@@ -129,7 +132,7 @@ class ReplayedPasses:
             len(share.layers),
             format_size(share.peak_device_bytes),
         )
-        stop = stop_layer(share, self.recording)
+        stop = stop_point(share, self.recording)
         layers = {n: self.layers[n] for n in share.layers}
         return capture_share(self.adapter, self.recording, layers, self.segments, stop, self.progress)
 

@@ -29,6 +29,7 @@ from adatsq.engine.meter import TrajectoryMeter
 from adatsq.engine.shares import LayerResult, ShareResult, share_store, solved_shares
 from adatsq.engine.solve import Variant, solve_variant, variant_statistics
 from adatsq.engine.uniform import quantize
+from adatsq.errors import CalibrationError
 from adatsq.plan.beam import METHODS
 from adatsq.plan.problem import PlanProblem, SearchConfig, SearchResult
 from adatsq.plan.schema import Budget, LayerInfo, Plan, check_plan_matches
@@ -93,6 +94,7 @@ def solve_candidates(
     def solve(group: dict[str, LayerStats]) -> ShareResult:
         solved = {}
         for name, stats in group.items():
+            check_filled(name, stats, segment_weights, calibration.segments.step_ranges)
             hessian, absmax = variant_statistics(stats, everywhere, weights)
             W = calibration.layers[name].weight.detach().float()
             by_bits = {b: solve_variant(W, hessian, absmax, spec.scheme(b), recipe) for b in bits}
@@ -116,6 +118,31 @@ def solve_candidates(
     return Candidates(*merge_owned(variants, errors, tokens))
 
 
+def check_filled(
+    name: str, stats: LayerStats, segment_weights: torch.Tensor, step_ranges: Sequence[tuple[int, int]]
+) -> None:
+    """A segment that counts (weight > 0) but gave the layer no tokens has an unknown error, not a zero
+    one: the search would give the layer its lowest bits there for free."""
+    empty = [s for s, w in enumerate(segment_weights.tolist()) if w > 0 and int(stats.tokens[s]) == 0]
+    if empty:
+        start, end = step_ranges[empty[0]]
+        raise CalibrationError(
+            f"layer {name!r} received no calibration tokens in timestep segment {empty[0]} (sampler steps "
+            f"{start}-{end - 1}), so its error there is unknown; it does not run at those steps: add it "
+            "to the recipe's ignore list, or use fewer calibration.segments"
+        )
+
+
+ERROR_ROWS = 256  # rows of W − Q_b formed at a time: the error table's [out, in] room is 48 · rows · in
+
+
+def error_rows(out_features: int) -> int:
+    """Rows per chunk of the error table's differences: at most an eighth of the layer (≥ 1), at most
+    ERROR_ROWS, so 48 · rows · in stays under the GPTQ solve's own 8 · out · in (workspace.py) for every
+    layer shape. A function of the shape only: the table's values never depend on a budget."""
+    return max(1, min(ERROR_ROWS, out_features // 8))
+
+
 def layer_errors(
     W: torch.Tensor, stats: LayerStats, by_bits: dict[int, Variant], segment_weights: torch.Tensor
 ) -> np.ndarray:
@@ -123,22 +150,34 @@ def layer_errors(
 
     Q_b is compared in the variant's own input basis (smoothed / rotated), with H transformed alike.
     Memory: one float64 [in, in] segment mean at a time (the next one is formed after the last is
-    freed), beside [out, in] float64 differences; the same values as any other loop order.
+    freed) and its transformed copy, beside `error_rows(out)` rows of float64 differences: the table
+    fits in the room the schedule reserves for the layer's GPTQ solve, whatever out / in.
     """
     rows = np.zeros((len(segment_weights), len(by_bits)))
+    step = error_rows(W.shape[0])
     for s in range(len(segment_weights)):
         segment = stats.segment_hessian(s)
         for b, variant in enumerate(by_bits.values()):
-            target = variant.transform.fold(W).double()
-            if variant.transform.lowrank_a is not None:
-                target = target - variant.transform.lowrank_b.double() @ variant.transform.lowrank_a.double()
-            D = target - variant.weight.dequantize().double()
-            del target
             H = transform_hessian(segment, variant.transform)
-            rows[s, b] = float(segment_weights[s]) * float(((D @ H) * D).sum())
-            del D, H
+            total = 0.0
+            for start in range(0, W.shape[0], step):
+                D = _difference(W, variant, slice(start, start + step))
+                total += float(((D @ H) * D).sum())
+                del D
+            rows[s, b] = float(segment_weights[s]) * total
+            del H
         del segment
     return rows
+
+
+def _difference(W: torch.Tensor, variant: Variant, rows: slice) -> torch.Tensor:
+    """float64 (W'' − L_b L_a − Q_b)[rows]: the variant's error on those output rows, in its basis."""
+    t = variant.transform
+    target = t.fold(W[rows]).to(torch.float64, copy=True)  # never W itself: it is changed in place
+    if t.lowrank_a is not None:
+        target -= t.lowrank_b[rows].double() @ t.lowrank_a.double()
+    target -= variant.weight.dequantize(rows).double()
+    return target
 
 
 def build_problem(

@@ -108,10 +108,10 @@ class PackedWeight:
         codes = unpack(self.qweight, self.bits, self.in_features)
         return QuantizedWeight(codes, self.scales, self.zeros, self.bits, self.group_size)
 
-    def dequantize(self) -> Tensor:
-        """The float32 [out, in] matrix the codes stand for."""
-        codes = unpack(self.qweight, self.bits, self.in_features)
-        return dequantize_codes(codes, self.scales, self.zeros, self.group_size)
+    def dequantize(self, rows: slice = slice(None)) -> Tensor:
+        """The float32 [out, in] matrix the codes stand for (only `rows` of it: a bounded part)."""
+        codes = unpack(self.qweight[rows], self.bits, self.in_features)
+        return dequantize_codes(codes, self.scales[rows], self.zeros[rows], self.group_size)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))

@@ -16,7 +16,7 @@ from adatsq.calibrate.runner import collect_stats
 from adatsq.calibrate.segments import SegmentMap
 from adatsq.checkpoint.save import checkpoint_tensors
 from adatsq.core.sizes import parse_size
-from adatsq.engine.passes import pass_schedule
+from adatsq.engine.passes import capture_share, pass_schedule
 from adatsq.engine.surgery import select_layers
 from adatsq.errors import ConfigError
 from adatsq.models.resolve import adapter_for
@@ -68,6 +68,27 @@ def test_replayed_statistics_equal_the_live_ones_exactly(recipe):
     for name in layers:
         assert torch.equal(capture.stats[name].xtx, live[name].xtx), name
         assert torch.equal(capture.stats[name].tokens, live[name].tokens), name
+
+
+def test_a_replay_stopped_early_still_sees_every_run_of_a_reused_layer(recipe):
+    """DiT runs block 0's timestep embedder twice per call (its block, then the output layer): a replay
+    for that layer alone must not stop after the first run, or it counts half the tokens."""
+    adapter = adapter_for("reference")
+    layers = select_layers(adapter, recipe)
+    cal = recipe.calibration
+    segments = SegmentMap.from_schedule(adapter.step_timesteps(cal.steps), cal.segments)
+    inputs = adapter.default_inputs(cal.samples, cal.seed)
+    live = collect_stats(adapter, layers, segments, inputs, batch_size=cal.batch_size, seed=0, progress=False)
+    recording = record_calls(adapter, segments, inputs, batch_size=cal.batch_size, seed=0, progress=False)
+    reused = [n for n in layers if recording.first_call.count(n) > 1]
+    assert "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1" in reused
+    for name in [*reused, recording.first_call[0]]:
+        stop = recording.stop_point({name: True})
+        assert stop == (recording.first_call[max(i for i, n in enumerate(recording.first_call) if n == name)],
+                        recording.first_call.count(stop[0]))  # fmt: skip
+        stats = capture_share(adapter, recording, {name: layers[name]}, segments, stop, progress=False)
+        assert torch.equal(stats[name].tokens, live[name].tokens), name
+        assert torch.equal(stats[name].xtx, live[name].xtx), name
 
 
 def splitting_budgets(recipe) -> list[str]:
