@@ -534,11 +534,11 @@ class OwnRecords(logging.Filter):
 
 @contextlib.contextmanager
 def library_records(show: bool) -> Iterator[None]:
-    """While a command runs, Python warnings become log records, and the handlers on the root logger pass
-    only adatsq's unless `show` (diffusers / transformers log through handlers of their own, kept at
-    ERROR while adatsq loads them: models.diffusers.adapter)."""
+    """While a command runs, Python warnings become log records and every log handler passes only
+    adatsq's records unless `show`: the root logger's and those torch, diffusers and transformers keep
+    for themselves (with torchao installed, importing diffusers logs half a dozen notes through them)."""
     own = OwnRecords()
-    handlers = [] if show else logging.getLogger().handlers[:]
+    handlers = [] if show else _log_handlers()
     logging.captureWarnings(True)
     for handler in handlers:
         handler.addFilter(own)
@@ -548,6 +548,19 @@ def library_records(show: bool) -> Iterator[None]:
         for handler in handlers:
             handler.removeFilter(own)
         logging.captureWarnings(False)
+
+
+def _log_handlers() -> list[logging.Handler]:
+    """Every handler once the libraries adatsq drives have set theirs up (they do so on import)."""
+    import torch  # noqa: F401  its "torch" logger has a stderr handler of its own
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.get_logger("diffusers")  # installs the library's own handler
+    transformers_logging.get_logger("transformers")
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    found = {id(h): h for lg in loggers if isinstance(lg, logging.Logger) for h in lg.handlers}
+    return list(found.values())
 
 
 @contextlib.contextmanager
