@@ -7,9 +7,10 @@ The reference is the IST-DASLab `fasterquant` loop, transcribed in tools/bench/g
 in float32 as published and in float64 (the transcription tools/bench_core.py checks quality with).
 Layers out × in = 3072 × 3072 and 3072 × 12288, W4 asymmetric with groups of 64 and per channel,
 block 128, damping 0.01, no act-order. Every measurement is a fresh process (bench/gptq_solve.py): wall
-seconds of the solve call; peak memory = ru_maxrss after the solve minus ru_maxrss once W and H are
-loaded; the objective tr((W−Q) H (W−Q)ᵀ) in float64 on the float64 H afterwards. Repeats are
-interleaved (round r runs every method once); the report keeps the median time and the largest peak.
+seconds of the solve call; peak memory = the largest resident size sampled during the solve minus the
+resident size once W and H are loaded; the objective tr((W−Q) H (W−Q)ᵀ) in float64 on the float64 H
+afterwards. Repeats are interleaved (round r runs every method once); the report keeps the median
+time and the largest peak.
 Threads: 2 (`--threads` to change), the same in every process.
 """
 
@@ -127,7 +128,7 @@ def bench_case(folder: Path, out: int, cols: int, label: str, repeats: int, thre
         methods[method] = summary
     ours = methods["adatsq"]
 
-    def ratios(key: str) -> dict[str, float | None]:  # None: a peak too small for ru_maxrss to see
+    def ratios(key: str) -> dict[str, float | None]:  # None: a zero denominator
         return {ref: ours[key] / methods[ref][key] if methods[ref][key] else None for ref in REFERENCES}
 
     return {
@@ -188,11 +189,13 @@ def markdown(report: dict[str, Any]) -> str:
         "(H handed in as float32) and in float64.",
         "",
         "Method: every measurement is a fresh process (tools/bench/gptq_solve.py). Time: wall seconds of the",
-        "solve call (adatsq's includes its codes and exact objective). Peak: `ru_maxrss` after the solve",
-        "minus `ru_maxrss` once W and H are loaded, so the inputs are not in it. The formula column is",
-        "workspace.py's bound minus those inputs: it counts tensor bytes (tests/quant/test_workspace.py",
-        "checks them against it), while RSS also holds what the BLAS libraries and malloc keep (their work",
-        "buffers, freed pages not yet returned). Objective: tr((W−Q) H (W−Q)ᵀ) in float64 on the float64 H,",
+        "solve call (adatsq's includes its codes and exact objective). Peak: the largest resident size",
+        "sampled every millisecond during the solve minus the resident size once W and H are loaded, so",
+        "the inputs are not in it (`ru_maxrss` cannot show it: loading already peaked higher). The",
+        "formula column is workspace.py's bound minus those inputs: it counts tensor bytes",
+        "(tests/quant/test_workspace.py checks them against it), while RSS also holds what the BLAS",
+        "libraries and malloc keep (their work buffers, freed pages not yet returned). Objective:",
+        "tr((W−Q) H (W−Q)ᵀ) in float64 on the float64 H,",
         f"after the measurement. {report['repeats']} interleaved round(s); median time, largest peak.",
         "",
         *targets_table(report["targets"]),
