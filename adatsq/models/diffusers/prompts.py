@@ -188,5 +188,5 @@ class PromptSession:
 
     def close(self) -> None:
         self._restore()
-        for encoder in self.encoders.values():
+        for encoder in reversed(self.encoders.values()):  # last wrapped first: one module under two names
             encoder.remove()
