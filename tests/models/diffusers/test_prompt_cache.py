@@ -140,6 +140,7 @@ def test_checkpoint_is_identical_with_and_without_the_cache(tiny_pipeline_dir, t
     off = tree(quantize_adaptive(bare, recipe, progress=False).save(tmp_path / "off"))  # same flow, bare
     assert timeless(on.pop("report.json")) == timeless(off.pop("report.json"))
     assert on == off
+    assert all("forward" not in module.__dict__ for module in encoders(cached).values())  # the user's pipe
     # distinct batches: the timestep probe's prompt, 2 calibration batches (Fisher reuses one), 1 measured
     assert max(counted[0]().values()) <= 4 < min(counted[1]().values())
 
