@@ -9,6 +9,7 @@ from typing import Any
 from adatsq.checkpoint.save import QuantizedModel
 from adatsq.engine.adaptive import quantize_adaptive, quantize_with_plan
 from adatsq.engine.uniform import quantize as quantize_uniform
+from adatsq.models.resolve import adapter_for
 from adatsq.plan.schema import Plan, load_plan
 from adatsq.quant.methods import QUANT_METHODS
 from adatsq.recipe import Recipe
@@ -24,10 +25,12 @@ def quantize(
     resume: Path | None = None,
 ) -> QuantizedModel:
     """A plan fixes the bits per layer × segment; else a planning method plans under the recipe's budget
-    and the others use the recipe's bits everywhere."""
-    if plan is not None:
-        plan = plan if isinstance(plan, Plan) else load_plan(plan)
-        return quantize_with_plan(model, recipe, plan, calibration, progress, resume)
-    if QUANT_METHODS.get(recipe.method).plans:
-        return quantize_adaptive(model, recipe, calibration, progress, resume)
-    return quantize_uniform(model, recipe, calibration, progress=progress, resume=resume)
+    and the others use the recipe's bits everywhere. The run samples inside `repeated_sampling`."""
+    plan = plan if plan is None or isinstance(plan, Plan) else load_plan(plan)
+    adapter = adapter_for(model)  # resolved once: the flows below reuse it
+    with adapter.repeated_sampling():
+        if plan is not None:
+            return quantize_with_plan(adapter, recipe, plan, calibration, progress, resume)
+        if QUANT_METHODS.get(recipe.method).plans:
+            return quantize_adaptive(adapter, recipe, calibration, progress, resume)
+        return quantize_uniform(adapter, recipe, calibration, progress=progress, resume=resume)

@@ -138,9 +138,15 @@ def plan_command(
 ) -> str:
     """`adatsq plan`: search, write plan.json (+ heat map, Fisher plot), optionally a frontier."""
     budget = Budget(*parse_budget(budget_text)) if budget_text else recipe_budget(recipe)
-    precheck_budget(model, recipe, budget)
-    planner = Planner.prepare(model, recipe, inputs, progress=progress, resume=resume)
-    result = planner.search(budget)
+    adapter = adapter_for(model)
+    precheck_budget(adapter, recipe, budget)
+    with adapter.repeated_sampling():  # every sampling of the run: calibration, search, frontier sweep
+        planner = Planner.prepare(adapter, recipe, inputs, progress=progress, resume=resume)
+        result = planner.search(budget)
+        frontier = None
+        if frontier_path is not None:
+            budgets = sweep_budgets(planner, budget.kind, sweep_values)
+            frontier = sweep(planner.problem, budgets, planner.config(), planner.meter, recipe.planner.search)
     save_plan(result.plan, out)
     plot_plan(result.plan, out.with_suffix(".png"))
     calibration = planner.calibration
@@ -151,9 +157,7 @@ def plan_command(
         f"measured_error {result.metrics['measured_error']}) in {result.search_seconds:.1f} s "
         f"with {result.measure_calls} measured trajectories"
     ]
-    if frontier_path is not None:
-        frontier = sweep(planner.problem, sweep_budgets(planner, budget.kind, sweep_values), planner.config(),
-                         planner.meter, planner.recipe.planner.search)  # fmt: skip
+    if frontier is not None:
         save_frontier(frontier, frontier_path)
         if plot_path is not None:
             plot_frontier(frontier, plot_path)

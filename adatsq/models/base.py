@@ -6,6 +6,7 @@ quantizer. Orchestrators only talk to this interface, so families stay small and
 
 from __future__ import annotations
 
+import contextlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -85,6 +86,14 @@ class ModelAdapter(ABC):
     @abstractmethod
     def load_base(cls, directory: Path) -> ModelAdapter:
         """Rebuild the adapter from `save_base`'s folder; the denoiser may come back uninitialised."""
+
+    def repeated_sampling(self) -> contextlib.AbstractContextManager[None]:
+        """Held around a run that samples the same inputs again and again (calibrate, plan, quantize).
+
+        A family may keep what depends on the inputs alone for the run (the diffusers adapter's prompt
+        encodings) and move what that replaces off the device; nothing outside the run sees a change.
+        """
+        return contextlib.nullcontext()
 
     def default_ignore(self) -> list[str]:
         """Layers a recipe with no `ignore` list leaves in full precision: embedders, final projection.

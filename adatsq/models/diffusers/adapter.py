@@ -38,6 +38,7 @@ from adatsq.models.diffusers.config import (
     sampling_refused,
     write_settings,
 )
+from adatsq.models.diffusers.prompts import PromptSession
 from adatsq.models.diffusers.steps import StepWatcher
 from adatsq.models.layers import default_ignore, linear_names, sensitive_layers
 from adatsq.models.meta import WEIGHT_SUFFIXES
@@ -195,6 +196,7 @@ class DiffusersPipelineAdapter(ModelAdapter):
         self.dtype = transformer.dtype  # recorded now: quantized layers hide it later
         self._timestep_name, self._timestep_pos = _timestep_parameter(transformer)
         self._recorded: dict[int, list[float]] = {}
+        self._prompts: PromptSession | None = None  # inside repeated_sampling
         if self.pipe is not None:
             self.pipe.set_progress_bar_config(disable=True)
             self._call_params = inspect.signature(type(self.pipe).__call__).parameters
@@ -317,6 +319,19 @@ class DiffusersPipelineAdapter(ModelAdapter):
     def user_model(self) -> Any:
         return self.transformer if self.pipe is None else self.pipe
 
+    @contextlib.contextmanager
+    def repeated_sampling(self) -> Iterator[None]:
+        """Each prompt batch encoded once, encoders and unused components off the device (prompts.py)."""
+        if self.pipe is None or self._prompts is not None:  # nothing to sample, or an outer run holds it
+            yield
+            return
+        self._prompts = PromptSession(self.pipe, self.transformer)
+        try:
+            yield
+        finally:
+            self._prompts.close()
+            self._prompts = None
+
     def timestep_of(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
         value = kwargs.get(self._timestep_name)
         if value is None and len(args) > self._timestep_pos:
@@ -368,7 +383,8 @@ class DiffusersPipelineAdapter(ModelAdapter):
         kwargs["generator"] = torch.Generator("cpu").manual_seed(seed)  # same noise on every device
         kwargs["output_type"] = "latent"  # DiT ignores it and decodes; its latents are taken per step
         watcher = StepWatcher(self.timestep_of, len(inputs), step_callback)
-        with self._watching(watcher, kwargs):
+        prompts = contextlib.nullcontext() if self._prompts is None else self._prompts.sampling()
+        with self._watching(watcher, kwargs), prompts:
             try:
                 self.pipe(**kwargs)
             except (ValueError, TypeError) as err:  # the pipeline's checks of its arguments, made one line
