@@ -232,7 +232,8 @@ def torchrun_run(
     torchrun = str(Path(sys.executable).parent / "torchrun")
     args = ["quantize", str(depth["folder"]), "--recipe", str(recipe), "--out", str(out)]
     args += ["--max-memory", budget, "--devices", "2"]
-    env = {**env, "OMP_NUM_THREADS": "1"}
+    # each process keeps the single-process run's threads: torch splits large reductions by thread count,
+    # so AdaTSQ's reported errors (plan.json) would differ in their last bits under another count
     result = measured([torchrun, "--nproc-per-node", "2", "-m", "adatsq.cli", *args], env)
     est = estimate(depth["folder"], recipe, budget, env, devices=2)
     predicted = predicted_rss(depth["baseline_rss_bytes"], est)
