@@ -22,9 +22,10 @@ what `adatsq estimate` predicts for it:
 budgets that split calibration into passes (`--budgets 1`: one), the same at two depths, and `torchrun
 --nproc-per-node 2` with gloo (predicted with `estimate --devices 2`). Every checkpoint of one method
 and depth must be byte-identical (the denoiser safetensors, and AdaTSQ's plan.json). Finally the peak RSS of
-`adatsq.load` on the checkpoint against the float denoiser's size. The report is rewritten after every
-depth, so a run cut short leaves the rows it measured; `--merge A.json B.json` combines reports of
-methods run side by side.
+`adatsq.load` on the checkpoint against the float denoiser's size, with and without the kernel layouts it
+derives at load (cached dequantized weights of A16 layers: reports/kernels.md). The report is
+rewritten after every depth, so a run cut short leaves the rows it measured; `--merge A.json B.json`
+combines reports of methods run side by side.
 """
 
 from __future__ import annotations
@@ -258,10 +259,14 @@ def load_run(method: str, depth: dict[str, Any], work: Path, env: dict[str, str]
     checkpoint = work / f"q-{method}-{depth['blocks']}-unbounded"
     code = f"import adatsq\nm = adatsq.load({str(checkpoint)!r})\n"
     result = measured([sys.executable, "-c", code], env)
+    tensors_only = "from adatsq.checkpoint.load import load_checkpoint\n"
+    tensors_only += f"load_checkpoint({str(checkpoint)!r})\n"  # the same, before any kernel layout
+    tensors = measured([sys.executable, "-c", tensors_only], env)
     size = sum(f.stat().st_size for f in checkpoint.rglob("*.safetensors"))
     return {
         "blocks": depth["blocks"],
         "rss_bytes": result["rss_bytes"],
+        "tensors_rss_bytes": tensors["rss_bytes"],
         "checkpoint_bytes": size,
         "float_denoiser_bytes": depth["float_denoiser_bytes"],
         "baseline_rss_bytes": depth["baseline_rss_bytes"],
@@ -359,6 +364,12 @@ def markdown(report: dict[str, Any]) -> str:
             f"{mib(ld['rss_bytes'])} = baseline {mib(ld['baseline_rss_bytes'])} + "
             f"{mib(ld['rss_bytes'] - ld['baseline_rss_bytes'])}, float denoiser "
             f"{mib(ld['float_denoiser_bytes'])}"
+            + (
+                ""
+                if "tensors_rss_bytes" not in ld
+                else f" (the checkpoint's tensors alone, before the float32 kernel layouts adatsq.load "
+                f"derives for speed: baseline + {mib(ld['tensors_rss_bytes'] - ld['baseline_rss_bytes'])})"
+            )
             for method, ld in loads
         )
         + ".",
