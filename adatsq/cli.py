@@ -96,6 +96,12 @@ def _quantize(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.add_argument(
+        "--link-components",
+        action="store_true",
+        help="hard-link the pipeline's text encoders, VAE, tokenizers and scheduler from MODEL's folder "
+        "instead of writing them again (symlinks on another filesystem; the checkpoint then needs them)",
+    )
+    p.add_argument(
         "--max-memory",
         help="memory for calibration statistics + solves, e.g. 40GiB (overrides calibration.max_memory); "
         "over it calibration runs in passes over groups of layers, with the same result",
@@ -179,13 +185,18 @@ def run_quantize(args: argparse.Namespace) -> int:
     check_destination(args.out, args.overwrite)  # fail before any long work
     device = join_processes(args.device, args.devices)
     adapter = adapter_for(args.model, dtype=args.dtype, device=device)
+    if args.link_components:
+        adapter.check_linkable()
     calibration = read_calibration(args.calib, adapter) if args.calib else None
     resume = progress_file(args.out)
     with dropped_on_error(resume):
         qmodel = quantize(adapter, recipe, calibration, plan=args.plan, progress=args.progress, resume=resume)
     if not is_writer():  # every rank holds the same result; rank 0 writes it
         return 0
-    qmodel.save(args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size)
+    qmodel.save(
+        args.out, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+        link_components=args.link_components,
+    )  # fmt: skip
     forget_progress(resume)
     report = json.loads((args.out / "report.json").read_text())
     print(f"wrote {args.out}: {len(qmodel.layers)} layers quantized, {report['checkpoint_bytes']} bytes")

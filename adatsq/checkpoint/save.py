@@ -56,9 +56,15 @@ class QuantizedModel:
         return self.adapter.user_model()
 
     def save(
-        self, directory: str | Path, overwrite: bool = False, max_shard_size: str = DEFAULT_MAX_SHARD
+        self,
+        directory: str | Path,
+        overwrite: bool = False,
+        max_shard_size: str = DEFAULT_MAX_SHARD,
+        link_components: bool = False,
     ) -> Path:
-        return save_checkpoint(self, Path(directory), overwrite, max_shard_size)
+        """`link_components`: hard-link the pipeline's other components from the folder it was loaded
+        from (same filesystem; else symlinks) instead of writing them again."""
+        return save_checkpoint(self, Path(directory), overwrite, max_shard_size, link_components)
 
 
 def checkpoint_tensors(qmodel: QuantizedModel) -> dict[str, torch.Tensor]:
@@ -137,13 +143,20 @@ def weights_stem(denoiser: nn.Module) -> str:
 
 
 def save_checkpoint(
-    qmodel: QuantizedModel, directory: Path, overwrite: bool = False, max_shard_size: str = DEFAULT_MAX_SHARD
+    qmodel: QuantizedModel,
+    directory: Path,
+    overwrite: bool = False,
+    max_shard_size: str = DEFAULT_MAX_SHARD,
+    link_components: bool = False,
 ) -> Path:
     """Write the checkpoint folder (format 2, see format.py); tensors over `max_shard_size` in total are
     split into shards."""
     shard_bytes = parse_size(max_shard_size)
+    if link_components:
+        qmodel.adapter.check_linkable()  # before the destination is touched
     with output_folder(directory, overwrite, owned=is_checkpoint) as tmp:
-        qmodel.adapter.save_base(tmp)  # a normal folder of the family, without the denoiser's weights
+        # a normal folder of the family, without the denoiser's weights
+        qmodel.adapter.save_base(tmp, link_components=link_components)
         component = tmp / qmodel.adapter.denoiser_folder
         component.mkdir(parents=True, exist_ok=True)
         tensors = checkpoint_tensors(qmodel)

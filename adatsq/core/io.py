@@ -268,3 +268,32 @@ def _user_errors(path: Path) -> Iterator[None]:
                 f"cannot write {str(path)!r}: {err.strerror} ({err.filename}); choose a writable path"
             ) from None
         raise
+
+
+def link_tree(source: Path, target: Path) -> tuple[int, int]:
+    """Reproduce the files under `source` in `target` without copying: hard links (the same inode, so
+    the bytes exist once), or absolute symlinks where the filesystem refuses a hard link (another
+    device). Returns (hard-linked, symlinked) file counts. Nothing is ever written through a link:
+    adatsq replaces files by rename, which leaves the linked inode as it was."""
+    linked = symlinked = 0
+    for path in sorted(source.rglob("*")):
+        if not path.is_file():
+            continue
+        dest = target / path.relative_to(source)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(path, dest)
+            linked += 1
+        except OSError as err:
+            if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
+                raise OutputError(f"cannot link {path} into {target}: {err.strerror}") from err
+            os.symlink(path.resolve(), dest)
+            symlinked += 1
+    if symlinked:
+        log.warning(
+            "%d file(s) of %s are symlinked, not hard-linked (another filesystem): the checkpoint needs "
+            "them to stay where they are",
+            symlinked,
+            source,
+        )
+    return linked, symlinked

@@ -75,12 +75,28 @@ class ModelAdapter(ABC):
         """Run the full sampler for `inputs` from seed-determined noise; return final samples (float)."""
 
     @abstractmethod
-    def save_base(self, directory: Path) -> None:
+    def save_base(self, directory: Path, link_components: bool = False) -> None:
         """Write what rebuilds the model around its denoiser: configs and the other components' weights.
 
         The denoiser's own weights are NOT written here: the checkpoint's model.safetensors holds all of
         them (quantized and not), so the base folder never doubles the checkpoint's size.
+        `link_components` (only where `links_components`): the other components' files are linked from
+        the folder the model was loaded from instead of written again.
         """
+
+    @property
+    def links_components(self) -> bool:
+        """Whether `save_base` can link the other components' files from the model's source folder."""
+        return False
+
+    def check_linkable(self) -> None:
+        """One clear line before any work when the components cannot be linked."""
+        if not self.links_components:
+            raise ConfigError(
+                f"--link-components needs a model loaded from a local diffusers pipeline folder (with "
+                f"model_index.json) whose component folders can be linked; {self.source or self.family!r} "
+                "is not one: drop the flag to write every component"
+            )
 
     @classmethod
     @abstractmethod

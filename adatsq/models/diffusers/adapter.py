@@ -26,6 +26,7 @@ import torch
 from accelerate import init_empty_weights
 from torch import nn
 
+from adatsq.core.io import link_tree
 from adatsq.errors import AdatsqError, ConfigError
 from adatsq.models.base import ADAPTERS, ModelAdapter, StepCallback, parse_class_labels
 from adatsq.models.diffusers.config import (
@@ -286,8 +287,11 @@ class DiffusersPipelineAdapter(ModelAdapter):
             model.to(device)
         return cls(model, sampling)
 
-    def save_base(self, directory: Path) -> None:
-        """Write every component but the transformer's weights (the checkpoint holds those) to `directory`."""
+    def save_base(self, directory: Path, link_components: bool = False) -> None:
+        """Write every component but the transformer's weights (the checkpoint holds those) to `directory`;
+        with `link_components`, link each component folder's files from the source pipeline folder."""
+        if link_components:
+            self.check_linkable()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         if self.pipe is None:
@@ -297,9 +301,19 @@ class DiffusersPipelineAdapter(ModelAdapter):
             for name, component in self.pipe.components.items():
                 if component is self.transformer:
                     component.save_config(directory / name)
+                elif link_components and hasattr(component, "save_pretrained"):
+                    link_tree(Path(self.source) / name, directory / name)
                 elif hasattr(component, "save_pretrained"):  # skips None and plain config values
                     component.save_pretrained(directory / name)
         write_settings(directory, self.sampling, self.dtype)
+
+    @property
+    def links_components(self) -> bool:
+        """Loaded from a local pipeline folder that holds a folder for every component but the transformer."""
+        if self.pipe is None or self.source is None or not (Path(self.source) / "model_index.json").is_file():
+            return False
+        others = [n for n, c in self.pipe.components.items() if c is not self.transformer and c is not None]
+        return all((Path(self.source) / name).is_dir() for name in others)
 
     @classmethod
     def load_base(cls, directory: Path) -> DiffusersPipelineAdapter:

@@ -99,7 +99,9 @@ class ReferenceAdapter(ModelAdapter):
             step_callback,
         )
 
-    def save_base(self, directory: Path) -> None:
+    def save_base(self, directory: Path, link_components: bool = False) -> None:
+        if link_components:
+            self.check_linkable()  # nothing to link: refused
         transformer = {k: v for k, v in self.pipeline.transformer.config.items() if k in REFERENCE_CONFIG}
         config = {
             "transformer": transformer,

@@ -102,7 +102,9 @@ class UMMGenerationAdapter(ModelAdapter):
             prompts, null_prompts, num_steps, self.guidance, seed, self.flow, step_callback
         )
 
-    def save_base(self, directory: Path) -> None:
+    def save_base(self, directory: Path, link_components: bool = False) -> None:
+        if link_components:
+            self.check_linkable()  # nothing to link: refused
         base = {"config": self.model.config.to_dict(), "steps": self.steps, "guidance": self.guidance}
         write_base_json(directory, BASE_FILE, base)
 
