@@ -48,7 +48,9 @@ def test_malformed_sizes_name_the_format(text):
         parse_size(text)
 
 
-def test_replayed_statistics_equal_the_live_ones_exactly(recipe):
+@pytest.fixture(scope="module")
+def sampled(recipe):
+    """The reference calibration sampled twice: live statistics, and a recording of the same calls."""
     adapter = adapter_for("reference")
     layers = select_layers(adapter, recipe)
     cal = recipe.calibration
@@ -56,6 +58,12 @@ def test_replayed_statistics_equal_the_live_ones_exactly(recipe):
     inputs = adapter.default_inputs(cal.samples, cal.seed)
     live = collect_stats(adapter, layers, segments, inputs, batch_size=cal.batch_size, seed=0, progress=False)
     recording = record_calls(adapter, segments, inputs, batch_size=cal.batch_size, seed=0, progress=False)
+    return adapter, layers, segments, live, recording
+
+
+def test_replayed_statistics_equal_the_live_ones_exactly(recipe, sampled):
+    adapter, layers, segments, live, recording = sampled
+    cal = recipe.calibration
     assert len(recording.calls) == 2 * cal.steps  # two batches, one (CFG-batched) call per step
     assert set(recording.linear_order) == {
         n for n, m in adapter.denoiser().named_modules() if isinstance(m, nn.Linear)
@@ -70,16 +78,10 @@ def test_replayed_statistics_equal_the_live_ones_exactly(recipe):
         assert torch.equal(capture.stats[name].tokens, live[name].tokens), name
 
 
-def test_a_replay_stopped_early_still_sees_every_run_of_a_reused_layer(recipe):
+def test_a_replay_stopped_early_still_sees_every_run_of_a_reused_layer(sampled):
     """DiT runs block 0's timestep embedder twice per call (its block, then the output layer): a replay
     for that layer alone must not stop after the first run, or it counts half the tokens."""
-    adapter = adapter_for("reference")
-    layers = select_layers(adapter, recipe)
-    cal = recipe.calibration
-    segments = SegmentMap.from_schedule(adapter.step_timesteps(cal.steps), cal.segments)
-    inputs = adapter.default_inputs(cal.samples, cal.seed)
-    live = collect_stats(adapter, layers, segments, inputs, batch_size=cal.batch_size, seed=0, progress=False)
-    recording = record_calls(adapter, segments, inputs, batch_size=cal.batch_size, seed=0, progress=False)
+    adapter, layers, segments, live, recording = sampled
     reused = [n for n in layers if recording.first_call.count(n) > 1]
     assert "transformer_blocks.0.norm1.emb.timestep_embedder.linear_1" in reused
     for name in [*reused, recording.first_call[0]]:
