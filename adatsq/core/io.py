@@ -281,13 +281,14 @@ def link_tree(source: Path, target: Path) -> tuple[int, int]:
             continue
         dest = target / path.relative_to(source)
         dest.parent.mkdir(parents=True, exist_ok=True)
+        real = path.resolve()  # a hub-cache snapshot holds symlinks into blobs/: link the blob itself
         try:
-            os.link(path, dest)
+            os.link(real, dest)
             linked += 1
         except OSError as err:
             if err.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EACCES):
                 raise OutputError(f"cannot link {path} into {target}: {err.strerror}") from err
-            os.symlink(path.resolve(), dest)
+            os.symlink(real, dest)
             symlinked += 1
     if symlinked:
         log.warning(

@@ -114,3 +114,17 @@ def test_the_python_api_refuses_too(quantized_reference, tmp_path):
     with pytest.raises(ConfigError, match="--link-components needs"):
         qmodel.save(tmp_path / "q", link_components=True)
     assert not (tmp_path / "q").exists()
+
+
+def test_a_hub_cache_snapshot_links_the_blobs_not_the_symlinks(flux, tmp_path):
+    """huggingface_hub snapshots are relative symlinks into blobs/: a link of the symlink would dangle."""
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc" / "vae"
+    snapshot.mkdir(parents=True)
+    blobs.mkdir()
+    for path in (flux / "vae").iterdir():
+        (blobs / path.name).write_bytes(path.read_bytes())
+        (snapshot / path.name).symlink_to(os.path.relpath(blobs / path.name, snapshot))
+    linked, symlinked = io.link_tree(snapshot, tmp_path / "out")
+    assert (linked, symlinked) == (len(list(blobs.iterdir())), 0)
+    for path in (tmp_path / "out").iterdir():
+        assert not path.is_symlink() and path.stat().st_ino == (blobs / path.name).stat().st_ino
