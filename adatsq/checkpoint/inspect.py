@@ -16,7 +16,7 @@ from adatsq.errors import CheckpointError
 from adatsq.models.layers import sensitive_layers
 from adatsq.models.resolve import adapter_for
 from adatsq.plan.inspect import inspect_plan_file
-from adatsq.quant.kernels import choose_kernel
+from adatsq.quant.kernels import choose_kernel, onednn
 
 
 def layer_kernel(layer: dict[str, Any], act_bits: int | None) -> str:
@@ -24,7 +24,15 @@ def layer_kernel(layer: dict[str, Any], act_bits: int | None) -> str:
     entry per variant of a timestep-adaptive layer; A4 layers are flagged as simulated."""
     bits = sorted(set(layer["bits"]))
     kernels = [
-        choose_kernel(b, layer["group_size"], layer["in_features"], act_bits, "cpu", torch.float32)
+        choose_kernel(
+            b,
+            layer["group_size"],
+            layer["in_features"],
+            act_bits,
+            "cpu",
+            torch.float32,
+            onednn_available=onednn.available(),
+        )
         for b in bits
     ]
     pairs = zip(bits, kernels, strict=True)

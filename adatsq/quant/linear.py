@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adatsq.errors import CheckpointError, PlanError
+from adatsq.quant.kernels import onednn
 from adatsq.quant.kernels.dispatch import REFERENCE, KernelPolicy, choose_kernel
 from adatsq.quant.kernels.forward import run
 from adatsq.quant.kernels.layouts import KernelState, buffers_key, build_state
@@ -147,7 +148,8 @@ class QuantLinear(nn.Module):
     def kernel_for(self, device_type: str, dtype: torch.dtype) -> str:
         """The kernel an input on `device_type` in `dtype` would run (a pure function of the scheme)."""
         scheme = (self.bits, self.group_size, self.in_features, self.act.bits)
-        return choose_kernel(*scheme, device_type, dtype, self.kernel_policy)
+        fast = device_type == "cpu" and onednn.available()
+        return choose_kernel(*scheme, device_type, dtype, self.kernel_policy, onednn_available=fast)
 
     @property
     def kernel(self) -> str:

@@ -11,7 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adatsq.quant.kernels import KERNELS, KernelPolicy, choose_kernel, int8_matmul, int_mm_rules, layouts
+from adatsq.quant.kernels import (
+    KERNELS,
+    KernelPolicy,
+    choose_kernel,
+    int8_matmul,
+    int_mm_rules,
+    layouts,
+    onednn,
+)
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear, prepare_kernels, set_kernel_policy
 from adatsq.quant.rtn import rtn
 from adatsq.quant.scheme import WEIGHT_BITS, ActScheme, WeightScheme, activation_codes
@@ -39,7 +47,16 @@ def _rel_diff(y, ref):
 SCHEMES = list(itertools.product(WEIGHT_BITS, (None, 32), (True, False), (None, 4, 8), (False, True)))
 
 
-POLICIES = [KernelPolicy(), KernelPolicy(cache_int8_low_bits=True, cache_dequant=False)]
+POLICIES = [
+    KernelPolicy(),
+    KernelPolicy(cache_int8_low_bits=True, cache_dequant=False),
+    KernelPolicy(onednn=False),
+]
+needs_onednn = pytest.mark.skipif(not onednn.available(), reason="oneDNN int8 linear not usable here")
+
+
+def _cached_int8(policy: KernelPolicy) -> str:
+    return "int8-onednn" if policy.onednn and onednn.available() else "int8-cached"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -56,16 +73,18 @@ def test_every_kernel_matches_the_reference(dtype, policy):
         seen.add(layer.kernel)
     assert worst < TOL[dtype]
     assert {k.split("+")[0] for k in seen} >= (
-        {"int8-unpack-per-call", "int8-cached", "dequant-cached"}
+        {"int8-unpack-per-call", _cached_int8(policy), "dequant-cached"}
         if not policy.cache_int8_low_bits
-        else {"int8-cached", "dequant-per-call"}
+        else {_cached_int8(policy), "dequant-per-call"}
     )
 
 
 @pytest.mark.parametrize(("bits", "symmetric"), [(4, False), (8, True), (8, False), (3, True)])
-def test_int8_path_is_exact_up_to_float32_rounding(bits, symmetric):
+@pytest.mark.parametrize("policy", POLICIES)
+def test_int8_path_is_exact_up_to_float32_rounding(bits, symmetric, policy):
     """Same integer activation codes and weight codes as the reference, evaluated in float64."""
     layer = _layer(bits, None, symmetric, 8)
+    layer.kernel_policy = policy
     x = torch.randn(40, IN)
     codes, sx = activation_codes(x, 8)
     W = layer.dequantized_weight(torch.float64)
@@ -77,6 +96,13 @@ def test_int8_path_is_exact_up_to_float32_rounding(bits, symmetric):
 def test_dispatch_table():
     f32, bf16 = torch.float32, torch.bfloat16
     assert choose_kernel(8, None, 64, 8, "cpu", bf16) == "int8-cached"
+    assert choose_kernel(8, None, 64, 8, "cpu", bf16, onednn_available=True) == "int8-onednn"
+    assert choose_kernel(8, None, 64, 8, "cuda", bf16, onednn_available=True) == "int8-cached"
+    no_onednn = KernelPolicy(onednn=False)
+    assert choose_kernel(8, None, 64, 8, "cpu", bf16, no_onednn, onednn_available=True) == "int8-cached"
+    assert choose_kernel(4, None, 64, 8, "cpu", bf16, onednn_available=True) == "int8-unpack-per-call"
+    low_bits_cached = KernelPolicy(cache_int8_low_bits=True)
+    assert choose_kernel(4, None, 64, 8, "cpu", bf16, low_bits_cached, onednn_available=True) == "int8-onednn"
     assert choose_kernel(4, None, 64, 8, "cpu", bf16) == "int8-unpack-per-call"
     assert choose_kernel(4, 64, 64, 8, "cuda", f32) == "int8-unpack-per-call"  # one group = per channel
     assert choose_kernel(4, None, 64, 8, "cpu", f32, KernelPolicy(cache_int8_low_bits=True)) == "int8-cached"
@@ -87,7 +113,42 @@ def test_dispatch_table():
     assert choose_kernel(8, None, 64, 8, "cpu", torch.float64) == "reference"
     assert choose_kernel(8, None, 64, 8, "mps", f32) == "reference"
     assert choose_kernel(8, None, 64, 8, "cpu", f32, KernelPolicy(enabled=False)) == "reference"
-    assert set(KERNELS) >= {"reference", "int8-cached", "int8-unpack-per-call", "dequant-cached"}
+    assert set(KERNELS) >= {
+        "reference",
+        "int8-cached",
+        "int8-onednn",
+        "int8-unpack-per-call",
+        "dequant-cached",
+    }
+
+
+@needs_onednn
+@pytest.mark.parametrize(("m", "k", "n"), [(1, 13, 5), (16, 8, 8), (17, 100, 37), (300, 64, 24)])
+def test_onednn_matmul_is_the_exact_integer_product_times_the_scale(m, k, n):
+    a = torch.randint(-127, 128, (m, k), dtype=torch.int8)
+    w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    scale = torch.rand(n) + 0.5
+    y = onednn.matmul_scaled(a, onednn.prepack(w), scale)
+    exact = (a.long() @ w.long().T).double() * scale.double()
+    assert y.dtype == torch.float32 and float((y.double() - exact).abs().max() / exact.abs().max()) < 1e-7
+
+
+def test_onednn_probe_says_unavailable_when_the_op_fails_or_is_wrong(monkeypatch):
+    """A build or CPU where oneDNN raises or returns wrong products falls back to `_int_mm`."""
+
+    def raises(*args):
+        raise RuntimeError("onednn int8 linear: unsupported")
+
+    for broken in (raises, lambda a, w, s: torch.zeros(a.shape[0], s.shape[0])):
+        onednn.available.cache_clear()
+        monkeypatch.setattr(onednn, "matmul_scaled", broken)
+        assert onednn.available() is False
+        layer = _layer(8, None, True, 8)
+        x = torch.randn(20, IN)
+        assert layer.prepare(torch.float32) == "int8-cached"
+        assert _rel_diff(layer(x), layer.reference_forward(x)) < TOL[torch.float32]
+        monkeypatch.undo()
+    onednn.available.cache_clear()
 
 
 @pytest.mark.parametrize(("m", "k", "n"), [(1, 13, 5), (16, 8, 8), (17, 100, 37), (40, 64, 24)])
@@ -128,8 +189,9 @@ def test_weights_stay_packed_for_low_bits():
     layer = _layer(4, None, True, 8)
     assert layer.prepare(torch.bfloat16) == "int8-unpack-per-call"
     assert layer._kernel_state.weight is None  # no resident int8 copy: only the packed qweight
-    set_kernel_policy(layer, KernelPolicy(cache_int8_low_bits=True))
-    assert layer.prepare(torch.bfloat16) == "int8-cached"
+    policy = KernelPolicy(cache_int8_low_bits=True)
+    set_kernel_policy(layer, policy)
+    assert layer.prepare(torch.bfloat16) == _cached_int8(policy)
     assert layer._kernel_state.weight.dtype == torch.int8
 
 
@@ -137,7 +199,8 @@ def test_timestep_layer_keeps_every_variant_prepared():
     variants = [_layer(b, None, True, 8, seed=b) for b in (4, 8)]
     ts = TimestepQuantLinear(variants, (8, 4, 4, 8))
     model = torch.nn.Sequential(ts)
-    assert prepare_kernels(model, torch.bfloat16) == {"0": "w4: int8-unpack-per-call, w8: int8-cached"}
+    cached = _cached_int8(KernelPolicy())
+    assert prepare_kernels(model, torch.bfloat16) == {"0": f"w4: int8-unpack-per-call, w8: {cached}"}
     states = [v._kernel_state for v in variants]
     x = torch.randn(20, IN, dtype=torch.bfloat16)
     for segment in (0, 1, 3):

@@ -5,6 +5,8 @@ import json
 import bench_kernels as bench
 import torch
 
+from adatsq.quant.kernels import onednn
+
 
 def test_time_methods_interleaves_and_times_slow_methods_once():
     x = torch.randn(8, 16)
@@ -30,10 +32,11 @@ def test_one_small_shape_writes_an_honest_partial_report(tmp_path, monkeypatch):
     report = json.loads((tmp_path / "kernels.json").read_text())
     row = report["layers"][0]["tokens"]["1024"]
     assert row["ms"]["ours W8A8"] > 0 and row["vs_bf16"]["bf16"] == 1.0 and "ms_median" in row
-    assert report["layers"][0]["kernels"]["ours W8A8"] == "int8-cached"
+    cached = "int8-onednn" if onednn.available() else "int8-cached"
+    assert report["layers"][0]["kernels"]["ours W8A8"] == cached
     assert report["partial"] is False and report["machine"]["torch_threads"] == 1
     markdown = (tmp_path / "kernels.md").read_text()
-    assert "PARTIAL" not in markdown and "| ours W8A8 | int8-cached |" in markdown
+    assert "PARTIAL" not in markdown and f"| ours W8A8 | {cached} |" in markdown
     report["partial"], report["done"] = True, ["tiny 64->128"]
     (tmp_path / "partial.json").write_text(json.dumps(report))
     assert bench.main(["--from-json", str(tmp_path / "partial.json"), "--out", str(tmp_path)]) == 0

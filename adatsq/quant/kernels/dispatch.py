@@ -1,9 +1,11 @@
 """Which kernel a quantized layer runs: a pure function of its scheme, the input's device and dtype.
 
 Rules (measured on the CPU of tools/bench_kernels.py; reports/kernels.md has the numbers):
-* int8 activations (A8) with one scale per output channel -> the integer path (`torch._int_mm`,
-  int32 accumulate, one rescale). 8-bit weights keep a cached int8 copy; 2-6-bit weights stay packed
-  and are unpacked to int8 on every call (O(N*K), against the O(M*N*K) matmul).
+* int8 activations (A8) with one scale per output channel -> the integer path (int32 accumulate, one
+  rescale). 8-bit weights keep a cached int8 copy, on x86 CPUs in oneDNN's prepacked layout (AMX /
+  VNNI; `torch._int_mm` where oneDNN is missing, on CUDA, or with `KernelPolicy(onednn=False)`);
+  2-6-bit weights stay packed and are unpacked to int8 for `torch._int_mm` on every call (O(N*K),
+  against the O(M*N*K) matmul; oneDNN's prepack costs as much as several matmuls, so not per call).
 * A8 with group-wise weights -> dequantized weights in the activation dtype with fake-quantized
   activations: torch has no int8 matmul that rescales partial sums per K-group, and one `_int_mm`
   per group measured ~6x slower than a single bf16 matmul.
@@ -24,6 +26,7 @@ from adatsq.errors import ConfigError
 
 REFERENCE = "reference"
 INT8_CACHED = "int8-cached"
+INT8_ONEDNN = "int8-onednn"
 INT8_PER_CALL = "int8-unpack-per-call"
 DEQUANT_CACHED = "dequant-cached"
 DEQUANT_PER_CALL = "dequant-per-call"
@@ -31,6 +34,7 @@ DEQUANT_PER_CALL = "dequant-per-call"
 KERNELS = {
     REFERENCE: "unpack + dequantize every call, fake-quantized activations (the reference)",
     INT8_CACHED: "int8 activations x cached int8 weights via torch._int_mm, int32 accumulate",
+    INT8_ONEDNN: "int8 activations x cached int8 weights prepacked for oneDNN (AMX / VNNI), int32 accumulate",
     INT8_PER_CALL: "int8 activations x weights unpacked to int8 per call (weights stay packed)",
     DEQUANT_CACHED: "weights dequantized once into the activation dtype and cached",
     DEQUANT_PER_CALL: "weights dequantized into the activation dtype every call (weights stay packed)",
@@ -47,14 +51,16 @@ class KernelPolicy:
     cache_int8_low_bits: keep an int8 copy of 2-6-bit weights (1 byte/weight more) instead of
     unpacking them every call; off by default so "W4A8" keeps 4-bit weights in memory.
     cache_dequant: keep the dequantized weights of A16 / group-wise / A4 layers between calls.
+    onednn: run cached int8 weights through oneDNN on CPUs where it works (False: `torch._int_mm`).
     """
 
     enabled: bool = True
     cache_int8_low_bits: bool = False
     cache_dequant: bool = True
+    onednn: bool = True
 
     def __post_init__(self) -> None:
-        for name in ("enabled", "cache_int8_low_bits", "cache_dequant"):
+        for name in ("enabled", "cache_int8_low_bits", "cache_dequant", "onednn"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"KernelPolicy.{name}={getattr(self, name)!r} must be True or False")
 
@@ -72,11 +78,19 @@ def choose_kernel(
     device_type: str,
     dtype: torch.dtype,
     policy: KernelPolicy = KernelPolicy(),
+    onednn_available: bool = False,
 ) -> str:
-    """The kernel name (a key of KERNELS, plus "+fake-a{bits}" when activations are simulated)."""
+    """The kernel name (a key of KERNELS, plus "+fake-a{bits}" when activations are simulated).
+
+    `onednn_available`: whether this machine runs oneDNN's int8 linear (`onednn.available()`); passed
+    in so the choice stays a function of its arguments.
+    """
     if not policy.enabled or device_type not in DEVICES or dtype not in FLOAT_DTYPES:
         return REFERENCE
     if act_bits == 8 and per_channel(group_size, in_features):
-        return INT8_CACHED if bits == 8 or policy.cache_int8_low_bits else INT8_PER_CALL
+        if not (bits == 8 or policy.cache_int8_low_bits):
+            return INT8_PER_CALL
+        onednn = device_type == "cpu" and policy.onednn and onednn_available
+        return INT8_ONEDNN if onednn else INT8_CACHED
     name = DEQUANT_CACHED if policy.cache_dequant else DEQUANT_PER_CALL
     return name if act_bits is None else f"{name}+fake-a{act_bits}"

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from adatsq.quant.kernels.dispatch import DEQUANT_CACHED, INT8_CACHED, INT8_PER_CALL
+from adatsq.quant.kernels import onednn
+from adatsq.quant.kernels.dispatch import DEQUANT_CACHED, INT8_CACHED, INT8_ONEDNN, INT8_PER_CALL
 from adatsq.quant.kernels.intmm import IntMMRules, int_mm_rules, pad_weight
 from adatsq.quant.pack import unpack
 
@@ -42,8 +43,10 @@ class KernelState:
     """One layer's runnable form for one (device, dtype): what `forward.run` needs besides the layer.
 
     key: identifies the buffers and input kind it was derived from (stale when any changes).
-    weight: cached int8 [N', K'] (int8-cached) or dequantized [N, K] (dequant-cached), else None.
-    col_scale / zero_corr: the integer path's per-channel rescale and 8-bit zero correction.
+    weight: cached int8 [N', K'] (int8-cached), oneDNN's prepacked int8 (int8-onednn) or dequantized
+    [N, K] (dequant-cached), else None.
+    col_scale / zero_corr: the integer path's per-channel rescale and 8-bit zero correction (int32
+    for `_int_mm`'s accumulator; for oneDNN, whose output is already rescaled, float32 corr * col_scale).
     The float tensors (bias, transforms) are cast once to the input dtype.
     """
 
@@ -61,7 +64,7 @@ class KernelState:
 
     @property
     def integer(self) -> bool:
-        return self.name in (INT8_CACHED, INT8_PER_CALL)
+        return self.name in (INT8_CACHED, INT8_ONEDNN, INT8_PER_CALL)
 
 
 def buffers_key(layer: torch.nn.Module) -> tuple:
@@ -78,11 +81,14 @@ def build_state(layer: torch.nn.Module, name: str, key: tuple, dtype: torch.dtyp
     rules = int_mm_rules(layer.qweight.device.type)
     weight = col_scale = zero_corr = None
     bias = cast(layer.bias)
-    if name in (INT8_CACHED, INT8_PER_CALL):
+    if name in (INT8_CACHED, INT8_ONEDNN, INT8_PER_CALL):
         col_scale = layer.scales[:, 0].float()
         zero_corr = zero_correction(layer.zeros, layer.bits)
         bias = cast(layer.bias, torch.float32)  # added in float32 before the one rounding to dtype
-        if name == INT8_CACHED:
+        if name == INT8_ONEDNN:
+            weight = onednn.prepack(int8_weight(layer.qweight, layer.zeros, layer.bits, layer.in_features))
+            zero_corr = None if zero_corr is None else zero_corr * col_scale
+        elif name == INT8_CACHED:
             weight = pad_weight(int8_weight(layer.qweight, layer.zeros, layer.bits, layer.in_features), rules)
     elif name.startswith(DEQUANT_CACHED):
         weight = layer.dequantized_weight(dtype)

@@ -1,0 +1,47 @@
+"""oneDNN's int8 linear (`torch.ops.onednn.qlinear_*`): the x86 CPU path that reaches AMX / VNNI.
+
+`torch._int_mm` on CPU multiplies plain row-major int8 and measured ~1.3x bf16 on an AMX Xeon, where
+oneDNN with its weight prepacked into the blocked AMX layout measured 1.7-2.7x (reports/kernels.md).
+oneDNN takes one activation scale per tensor only, so the matmul runs with scale 1 and the per-channel
+weight scales fused into its float32 output; the caller applies the per-token scale after.
+Prepacking costs about as much as 5 matmuls of 1024 rows, so only a cached int8 weight uses it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+
+@functools.cache
+def available() -> bool:
+    """True when this torch build runs oneDNN's int8 linear on this CPU and gets exact integer products.
+
+    Probed once on a small layer against an int64 matmul: a build without the ops, a CPU oneDNN does
+    not support, or any wrong product means "not available" (the `_int_mm` path runs instead).
+    """
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.onednn, "qlinear_pointwise"):
+        return False
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(-127, 128, (5, 40), generator=g, dtype=torch.int8)
+    w = torch.randint(-127, 128, (24, 40), generator=g, dtype=torch.int8)
+    try:
+        y = matmul_scaled(a, prepack(w), torch.ones(24))
+    except RuntimeError:
+        return False
+    return torch.equal(y.double(), (a.long() @ w.long().T).double())
+
+
+def prepack(weight: Tensor) -> Tensor:
+    """int8 [N, K] -> oneDNN's blocked layout (an opaque tensor; rebuilt from the checkpoint, never saved)."""
+    return torch.ops.onednn.qlinear_prepack(weight, None)
+
+
+def matmul_scaled(a: Tensor, packed: Tensor, col_scale: Tensor) -> Tensor:
+    """float32 [M, N] = (a @ w.T) * col_scale with a int8 [M, K], the int32 sum exact inside oneDNN."""
+    zero_points = torch.zeros(col_scale.shape[0], dtype=torch.int64)
+    return torch.ops.onednn.qlinear_pointwise(
+        a, 1.0, 0, packed, col_scale, zero_points, None, 1.0, 0, torch.float32, "none", [], ""
+    )
