@@ -176,6 +176,11 @@ class QuantLinear(nn.Module):
         state = self._state(x.device, x.dtype)
         return self.reference_forward(x) if state is None else run(self, state, x)
 
+    def __getstate__(self) -> dict:
+        """Copies drop the derived kernel layout (rebuilt on the next call): oneDNN's prepacked weight is
+        an opaque tensor that `copy.deepcopy` cannot copy, and a copy should not share it anyway."""
+        return {**self.__dict__, "_kernel_state": None}
+
     def _apply(self, fn, recurse=True):  # nn.Module's signature
         """`.to(device/dtype)`: layouts are rebuilt on the next call, and `scales` stay float16.
 

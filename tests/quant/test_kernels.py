@@ -5,6 +5,7 @@ Tolerances (measured max |kernel - reference| / max |reference| over the grid be
 rounds x_fq and W to bf16 before its matmul, the int8 path rounds only its output).
 """
 
+import copy
 import itertools
 
 import pytest
@@ -183,6 +184,15 @@ def test_state_dict_is_untouched_and_layouts_rebuild_when_buffers_change():
     layer.to(torch.float64)
     assert layer._kernel_state is None and layer(x.double()).dtype == torch.float64
     assert layer.kernel == "reference"
+
+
+def test_a_prepared_layer_deep_copies_and_its_copy_rebuilds_the_layout():
+    layer = _layer(8, None, False, 8)
+    x = torch.randn(20, IN)
+    y = layer(x)
+    clone = copy.deepcopy(torch.nn.Sequential(layer))[0]
+    assert clone._kernel_state is None and layer._kernel_state is not None
+    assert torch.equal(clone(x), y) and clone.kernel == layer.kernel
 
 
 def test_weights_stay_packed_for_low_bits():
