@@ -270,3 +270,36 @@ def test_long_inputs_run_in_row_chunks_with_the_same_result(monkeypatch, bits, d
     whole = layer(x)
     assert torch.equal(chunked, whole)
     assert _rel_diff(chunked, layer.reference_forward(x)) < TOL[dtype]
+
+
+def test_layers_reading_one_tensor_share_its_activation_codes(monkeypatch):
+    """q / k / v read the same tensor: quantized once; an in-place edit or a new tensor quantizes again."""
+    from adatsq.quant.kernels import actquant
+
+    calls = []
+    original = actquant.activation_codes
+    monkeypatch.setattr(
+        actquant, "activation_codes", lambda x, bits: calls.append(x.shape) or original(x, bits)
+    )
+    q, k = _layer(8, None, True, 8, seed=0), _layer(4, None, False, 8, seed=1)
+    x = torch.randn(5, 7, IN)
+    for layer in (q, k):
+        assert _rel_diff(layer(x), layer.reference_forward(x)) < TOL[torch.float32]
+    assert len(calls) == 1  # the second layer reused the first one's codes
+    x.mul_(3.0)  # same object, new values: the version counter moved
+    assert _rel_diff(k(x), k.reference_forward(x)) < TOL[torch.float32] and len(calls) == 2
+    with torch.inference_mode():  # no version counter: never reused
+        xi = torch.randn(5, IN)
+        q(xi), k(xi)
+    assert len(calls) == 4
+
+
+def test_activation_codes_in_row_chunks_are_the_whole_input_codes(monkeypatch):
+    from adatsq.quant.kernels import actquant
+
+    x = torch.randn(3, 70, IN).bfloat16()
+    whole_codes, whole_scale = activation_codes(x.reshape(-1, IN), 8)
+    monkeypatch.setattr(actquant, "QUANT_ELEMENTS", IN * 16 + 3)  # 16 rows per chunk, a partial last one
+    codes, scale = actquant.int8_codes(x)
+    assert codes.dtype == torch.int8 and torch.equal(codes.float(), whole_codes)
+    assert torch.equal(scale, whole_scale)

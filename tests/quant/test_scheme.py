@@ -11,6 +11,7 @@ from adatsq.quant.scheme import (
     ActScheme,
     QuantizedWeight,
     WeightScheme,
+    activation_codes,
     fake_quant_activation,
     quant_error,
 )
@@ -119,6 +120,27 @@ def test_fake_quant_activation():
     assert bool(torch.allclose(y8.abs().amax(-1), x.abs().amax(-1)))
     assert fake_quant_activation(x.bfloat16(), ActScheme(8)).dtype == torch.bfloat16
     assert bool((fake_quant_activation(torch.zeros(3, 8), ActScheme(4)) == 0).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_activation_codes_need_no_clamp(dtype, bits):
+    """The codes equal the clamped |x|.amax() form they replaced, on rows built to sit on the edges."""
+    g = torch.Generator().manual_seed(bits)
+    qmax = 2 ** (bits - 1) - 1
+    rows = [
+        torch.randn(4000, 96, generator=g) * torch.logspace(-14, 4, 4000)[:, None],  # tiny ... huge rows
+        torch.randint(-qmax, qmax + 1, (500, 96), generator=g) * torch.rand(500, 1, generator=g),  # on grid
+        torch.full((3, 96), 3.0) * torch.tensor([[1.0], [-1.0], [1e-13]]),  # constant rows, all at amax
+        torch.zeros(2, 96),
+    ]
+    x = torch.cat(rows).to(dtype)
+    xf = x if dtype != torch.float64 else x.float()
+    scale = xf.abs().amax(dim=-1, keepdim=True).float().clamp_(min=1e-12).div_(qmax)
+    clamped = torch.div(xf, scale).round_().clamp_(-qmax, qmax)
+    codes, got_scale = activation_codes(x, bits)
+    assert torch.equal(got_scale, scale) and torch.equal(codes, clamped)
+    assert int(codes.abs().max()) == qmax
 
 
 @pytest.mark.parametrize("magnitude", [1e-5, 1e-3, 1.0, 300.0])

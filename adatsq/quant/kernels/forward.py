@@ -7,10 +7,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adatsq.quant.kernels import onednn
+from adatsq.quant.kernels.actquant import int8_codes
 from adatsq.quant.kernels.dispatch import INT8_ONEDNN
 from adatsq.quant.kernels.intmm import int8_matmul, pad_weight
 from adatsq.quant.kernels.layouts import KernelState, int8_weight
-from adatsq.quant.scheme import activation_codes, fake_quant_activation
+from adatsq.quant.scheme import fake_quant_activation
 from adatsq.quant.transforms import rotate
 
 # Rows per int8 matmul. Larger calls spill the int8 / int32 intermediates out of cache: 4096 tokens of a
@@ -25,22 +26,21 @@ def int8_linear(x: Tensor, layer: torch.nn.Module, state: KernelState) -> Tensor
     is the reference function; only the float rounding of the products differs. Rows are independent
     (per-token codes), so they run in chunks of ROW_CHUNK with the same result.
     """
-    lead, k = x.shape[:-1], x.shape[-1]
-    rows = x.reshape(-1, k)
+    lead = x.shape[:-1]
+    codes, sx = int8_codes(x)
     w = state.weight
     if w is None:  # weights stay packed: unpack to int8 now, O(N*K) against the O(M*N*K) matmul
         w = pad_weight(int8_weight(layer.qweight, layer.zeros, layer.bits, layer.in_features), state.rules)
-    if rows.shape[0] <= ROW_CHUNK:
-        return _int8_rows(rows, w, layer, state).to(x.dtype).reshape(*lead, layer.out_features)
-    y = torch.empty(rows.shape[0], layer.out_features, dtype=x.dtype, device=x.device)
-    for start in range(0, rows.shape[0], ROW_CHUNK):
-        y[start : start + ROW_CHUNK] = _int8_rows(rows[start : start + ROW_CHUNK], w, layer, state)
+    if codes.shape[0] <= ROW_CHUNK:
+        return _int8_rows(codes, sx, w, layer, state).to(x.dtype).reshape(*lead, layer.out_features)
+    y = torch.empty(codes.shape[0], layer.out_features, dtype=x.dtype, device=x.device)
+    for start in range(0, codes.shape[0], ROW_CHUNK):
+        rows = slice(start, start + ROW_CHUNK)
+        y[rows] = _int8_rows(codes[rows], sx[rows], w, layer, state)
     return y.reshape(*lead, layer.out_features)
 
 
-def _int8_rows(rows: Tensor, w: Tensor, layer: torch.nn.Module, state: KernelState) -> Tensor:
-    codes, sx = activation_codes(rows, 8)
-    a = codes.to(torch.int8)
+def _int8_rows(a: Tensor, sx: Tensor, w: Tensor, layer: torch.nn.Module, state: KernelState) -> Tensor:
     if state.name == INT8_ONEDNN:  # oneDNN's output already carries the per-channel scale
         y = onednn.matmul_scaled(a, w, state.col_scale)
         if state.zero_corr is not None:
