@@ -292,6 +292,12 @@ def test_layers_reading_one_tensor_share_its_activation_codes(monkeypatch):
         xi = torch.randn(5, IN)
         q(xi), k(xi)
     assert len(calls) == 4
+    grouped = [
+        _layer(4, 32, False, 8, seed=s) for s in (2, 3)
+    ]  # simulated A8: the fake-quantized x is shared
+    for layer in grouped:
+        assert layer.kernel_for("cpu", torch.float32) == "dequant-cached+fake-a8"
+        assert _rel_diff(layer(x), layer.reference_forward(x)) < TOL[torch.float32]
 
 
 def test_activation_codes_in_row_chunks_are_the_whole_input_codes(monkeypatch):

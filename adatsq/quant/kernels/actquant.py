@@ -1,8 +1,9 @@
-"""Per-token int8 activation codes for the integer kernels, computed once per input tensor.
+"""Per-token activation quantization for the kernels, computed once per input tensor.
 
 Layers that read the same tensor (q / k / v, Flux's single-block q / k / v / proj_mlp, Z-Image's w1 / w3)
-would each quantize it again: the codes of the last input are kept, keyed by the tensor's identity and
-version, and reused while that tensor is alive and unchanged. On the CPU the codes are computed in row
+would each quantize it again: the result for the last input is kept per kind (int8 codes, or the
+fake-quantized tensor of the simulated paths), keyed by the tensor's identity and version, and reused
+while that tensor is alive and unchanged. On the CPU, int8 codes of long inputs are computed in row
 chunks of about QUANT_ELEMENTS values, so the float32 intermediates stay in cache.
 """
 
@@ -10,42 +11,63 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from adatsq.quant.scheme import activation_codes
+from adatsq.quant.scheme import ActScheme, activation_codes, fake_quant_activation
 
-QUANT_ELEMENTS = 1 << 18
-
-
-class _LastInput(threading.local):
-    source: weakref.ref | None = None
-    version: int = -1
-    codes: Tensor | None = None
-    scale: Tensor | None = None
+QUANT_ELEMENTS = 1 << 20
 
 
-_last = _LastInput()
+class _LastInputs(threading.local):
+    def __init__(self) -> None:
+        self.by_kind: dict[Any, tuple[weakref.ref, int, Any]] = {}
+
+
+_last = _LastInputs()
+
+
+def _shared(x: Tensor, kind: Any, compute: Callable[[Tensor], Any]) -> Any:
+    """compute(x), or its result for this very tensor when it is still alive and unedited.
+
+    Inference-mode tensors keep no version counter, so an in-place edit could not be seen: their
+    results are never reused.
+    """
+    if x.is_inference():
+        return compute(x)
+    kept = _last.by_kind.get(kind)
+    if kept is not None and kept[0]() is x and kept[1] == x._version:
+        return kept[2]
+    value = compute(x)
+    _last.by_kind[kind] = (weakref.ref(x), x._version, value)
+    return value
 
 
 def int8_codes(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(int8 codes [M, K], float32 scales [M, 1]) of x's rows: `activation_codes(x, 8)`, value for value.
+    """(int8 codes [M, K], float32 scales [M, 1]) of x's rows: `activation_codes(x, 8)`, value for value."""
+    return _shared(x, "int8", _int8_codes)
 
-    Inference-mode tensors keep no version counter, so an in-place edit could not be seen: their codes
-    are never reused.
-    """
-    shareable = not x.is_inference()
-    if shareable and _last.source is not None and _last.source() is x and _last.version == x._version:
-        return _last.codes, _last.scale
+
+def fake_quantized(x: Tensor, act: ActScheme) -> Tensor:
+    """`fake_quant_activation(x, act)`, shared between the layers that read x."""
+    if act.bits is None:
+        return x
+    return _shared(x, ("fake", act.bits), lambda t: fake_quant_activation(t, act))
+
+
+def _int8_codes(x: Tensor) -> tuple[Tensor, Tensor]:
     rows = x.reshape(-1, x.shape[-1])
+    step = max(1, QUANT_ELEMENTS // rows.shape[1]) if x.device.type == "cpu" else rows.shape[0]
+    if rows.shape[0] <= step:
+        codes, scale = activation_codes(rows, 8)
+        return codes.to(torch.int8), scale
     codes = torch.empty(rows.shape, dtype=torch.int8, device=x.device)
     scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device)
-    step = max(1, QUANT_ELEMENTS // rows.shape[1]) if x.device.type == "cpu" else rows.shape[0]
     for start in range(0, rows.shape[0], step):
         chunk_codes, chunk_scale = activation_codes(rows[start : start + step], 8)
         codes[start : start + step] = chunk_codes
         scale[start : start + step] = chunk_scale
-    if shareable:
-        _last.source, _last.version, _last.codes, _last.scale = weakref.ref(x), x._version, codes, scale
     return codes, scale

@@ -7,11 +7,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from adatsq.quant.kernels import onednn
-from adatsq.quant.kernels.actquant import int8_codes
+from adatsq.quant.kernels.actquant import fake_quantized, int8_codes
 from adatsq.quant.kernels.dispatch import INT8_ONEDNN
 from adatsq.quant.kernels.intmm import int8_matmul, pad_weight
 from adatsq.quant.kernels.layouts import KernelState, int8_weight
-from adatsq.quant.scheme import fake_quant_activation
 from adatsq.quant.transforms import rotate
 
 # Rows per int8 matmul. Larger calls spill the int8 / int32 intermediates out of cache: 4096 tokens of a
@@ -45,15 +44,12 @@ def _int8_rows(a: Tensor, sx: Tensor, w: Tensor, layer: torch.nn.Module, state: 
         y = onednn.matmul_scaled(a, w, state.col_scale)
         if state.zero_corr is not None:
             y.sub_(a.sum(dim=1, dtype=torch.int32)[:, None] * state.zero_corr)
-        y.mul_(sx)
-    else:
-        acc = int8_matmul(a, w, layer.out_features, state.rules)
-        if state.zero_corr is not None:
-            acc = acc - a.sum(dim=1, dtype=torch.int32)[:, None] * state.zero_corr
-        y = acc.float().mul_(sx).mul_(state.col_scale)  # in place: fewer passes than addcmul (measured)
-    if state.bias is not None:
-        y.add_(state.bias)
-    return y
+        return y.mul_(sx) if state.bias is None else torch.addcmul(state.bias, y, sx, out=y)  # one pass
+    acc = int8_matmul(a, w, layer.out_features, state.rules)
+    if state.zero_corr is not None:
+        acc = acc - a.sum(dim=1, dtype=torch.int32)[:, None] * state.zero_corr
+    y = acc.float().mul_(sx).mul_(state.col_scale)  # in place: fewer passes than addcmul (measured)
+    return y if state.bias is None else y.add_(state.bias)
 
 
 def run(layer: torch.nn.Module, state: KernelState, x: Tensor) -> Tensor:
@@ -69,5 +65,5 @@ def run(layer: torch.nn.Module, state: KernelState, x: Tensor) -> Tensor:
         y = int8_linear(x, layer, state)
     else:
         w = state.weight if state.weight is not None else layer.dequantized_weight(x.dtype)
-        y = F.linear(fake_quant_activation(x, layer.act), w, state.bias)
+        y = F.linear(fake_quantized(x, layer.act), w, state.bias)
     return y if y_lowrank is None else y + y_lowrank
