@@ -72,6 +72,7 @@ WARM_MACS = 2e10  # tokens x in x out above which no warm-up round is spent (the
 # ours: (label, weight scheme, act bits, kernel policy)
 OURS = (
     ("ours W8A8", WeightScheme(8, None, True), 8, KernelPolicy()),
+    ("ours W8A8 (_int_mm)", WeightScheme(8, None, True), 8, KernelPolicy(onednn=False)),
     ("ours W4A8 (per-ch, unpack/call)", WeightScheme(4, None, True), 8, KernelPolicy()),
     (
         "ours W4A8 (per-ch, int8 cached)",
@@ -335,7 +336,7 @@ def reference_dit(batches: tuple[int, ...], reps: int) -> dict[str, Any]:
     steps = fp.sampling.num_steps
     formats: dict[str, Any] = {"fp32": fp}
     quantize_s = {}
-    for recipe in ("gptq-w8a8", "gptq-w4a8"):
+    for recipe in ("gptq-w8a8", "gptq-w4a8", "gptq-w4a8-channel"):
         start = time.perf_counter()
         formats[recipe] = adatsq.quantize(
             "reference", str(ROOT / "recipes/reference" / f"{recipe}.yaml"), progress=False

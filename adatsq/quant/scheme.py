@@ -181,8 +181,12 @@ def quant_error(W: Tensor, Wq: Tensor, H: Tensor) -> float:
 _EXACT_UPCAST = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def activation_codes(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
+def activation_codes(x: Tensor, bits: int, planar: int = 1) -> tuple[Tensor, Tensor]:
     """Dynamic per-token symmetric codes of x (last dim) -> (codes float32 in [-qmax, qmax], scale [..., 1]).
+
+    planar > 1 (x 2-D, columns a multiple of it): the same codes with the columns in planar order,
+    x[:, j * planar + i] at column i * (K / planar) + j: the order of the kernels' planar weights,
+    written by the division itself at no extra pass.
 
     The one definition of the activation grid: the fake-quant reference and the integer kernels both
     call it, so they see the same integer codes. Dividing a bf16/fp16 tensor by a float32 scale upcasts
@@ -194,7 +198,12 @@ def activation_codes(x: Tensor, bits: int) -> tuple[Tensor, Tensor]:
     qmax = 2 ** (bits - 1) - 1
     xf = x if x.dtype in _EXACT_UPCAST else x.float()
     scale = xf.abs().amax(dim=-1, keepdim=True).float().clamp_(min=1e-12).div_(qmax)
-    return torch.div(xf, scale).round_(), scale
+    if planar == 1:
+        return torch.div(xf, scale).round_(), scale
+    rows, cols = xf.shape
+    codes = torch.empty(rows, planar, cols // planar, dtype=torch.float32, device=x.device)
+    torch.div(xf.view(rows, cols // planar, planar).transpose(1, 2), scale[:, :, None], out=codes)
+    return codes.view(rows, cols).round_(), scale
 
 
 def fake_quant_activation(x: Tensor, act: ActScheme) -> Tensor:

@@ -279,19 +279,20 @@ def test_layers_reading_one_tensor_share_its_activation_codes(monkeypatch):
     calls = []
     original = actquant.activation_codes
     monkeypatch.setattr(
-        actquant, "activation_codes", lambda x, bits: calls.append(x.shape) or original(x, bits)
+        actquant, "activation_codes", lambda x, *args: calls.append(x.shape) or original(x, *args)
     )
-    q, k = _layer(8, None, True, 8, seed=0), _layer(4, None, False, 8, seed=1)
+    q, k, v = _layer(8, None, True, 8, seed=0), _layer(8, None, False, 8, seed=1), _layer(4, None, False, 8)
     x = torch.randn(5, 7, IN)
-    for layer in (q, k):
+    for layer in (q, k, v):
         assert _rel_diff(layer(x), layer.reference_forward(x)) < TOL[torch.float32]
-    assert len(calls) == 1  # the second layer reused the first one's codes
+    assert len(calls) == 2  # k reused q's codes; v (4-bit, planar column order) needs its own once
+    assert _rel_diff(v(x), v.reference_forward(x)) < TOL[torch.float32] and len(calls) == 2
     x.mul_(3.0)  # same object, new values: the version counter moved
-    assert _rel_diff(k(x), k.reference_forward(x)) < TOL[torch.float32] and len(calls) == 2
+    assert _rel_diff(k(x), k.reference_forward(x)) < TOL[torch.float32] and len(calls) == 3
     with torch.inference_mode():  # no version counter: never reused
         xi = torch.randn(5, IN)
         q(xi), k(xi)
-    assert len(calls) == 4
+    assert len(calls) == 5
     grouped = [
         _layer(4, 32, False, 8, seed=s) for s in (2, 3)
     ]  # simulated A8: the fake-quantized x is shared
@@ -309,3 +310,24 @@ def test_activation_codes_in_row_chunks_are_the_whole_input_codes(monkeypatch):
     codes, scale = actquant.int8_codes(x)
     assert codes.dtype == torch.int8 and torch.equal(codes.float(), whole_codes)
     assert torch.equal(scale, whole_scale)
+
+
+@pytest.mark.parametrize(("bits", "k_in", "planar"), [(4, 100, 2), (2, 100, 4), (4, 99, 1), (3, 96, 1)])
+def test_planar_weights_and_codes_are_one_permutation_of_the_columns(bits, k_in, planar):
+    """Slot i of every byte unpacks to its own block of columns; activations take the same order."""
+    qw = rtn(torch.randn(OUT, k_in), WeightScheme(bits, None, False))
+    layer = QuantLinear.from_quantized(qw, None, ActScheme(8))
+    assert layouts.codes_per_byte(bits, k_in) == planar
+    x = torch.randn(9, k_in)
+    if planar > 1:
+        order = torch.arange(k_in).view(k_in // planar, planar).T.reshape(-1)  # planar column j <- order[j]
+        natural = layouts.int8_weight(layer.qweight, layer.zeros, bits, k_in)
+        assert torch.equal(
+            layouts.planar_int8_weight(layer.qweight, layer.zeros, bits, k_in), natural[:, order]
+        )
+        codes, scale = activation_codes(x, 8, planar)
+        assert torch.equal(codes, activation_codes(x, 8)[0][:, order]) and torch.equal(
+            scale, activation_codes(x, 8)[1]
+        )
+    assert layer.prepare(torch.float32) == "int8-unpack-per-call" and layer._kernel_state.planar == planar
+    assert _rel_diff(layer(x), layer.reference_forward(x)) < TOL[torch.float32]

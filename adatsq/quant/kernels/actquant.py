@@ -46,9 +46,9 @@ def _shared(x: Tensor, kind: Any, compute: Callable[[Tensor], Any]) -> Any:
     return value
 
 
-def int8_codes(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(int8 codes [M, K], float32 scales [M, 1]) of x's rows: `activation_codes(x, 8)`, value for value."""
-    return _shared(x, "int8", _int8_codes)
+def int8_codes(x: Tensor, planar: int = 1) -> tuple[Tensor, Tensor]:
+    """(int8 codes [M, K], float32 scales [M, 1]) of x's rows: `activation_codes(x, 8, planar)`."""
+    return _shared(x, ("int8", planar), lambda t: _int8_codes(t, planar))
 
 
 def fake_quantized(x: Tensor, act: ActScheme) -> Tensor:
@@ -58,16 +58,16 @@ def fake_quantized(x: Tensor, act: ActScheme) -> Tensor:
     return _shared(x, ("fake", act.bits), lambda t: fake_quant_activation(t, act))
 
 
-def _int8_codes(x: Tensor) -> tuple[Tensor, Tensor]:
+def _int8_codes(x: Tensor, planar: int) -> tuple[Tensor, Tensor]:
     rows = x.reshape(-1, x.shape[-1])
     step = max(1, QUANT_ELEMENTS // rows.shape[1]) if x.device.type == "cpu" else rows.shape[0]
     if rows.shape[0] <= step:
-        codes, scale = activation_codes(rows, 8)
+        codes, scale = activation_codes(rows, 8, planar)
         return codes.to(torch.int8), scale
     codes = torch.empty(rows.shape, dtype=torch.int8, device=x.device)
     scale = torch.empty(rows.shape[0], 1, dtype=torch.float32, device=x.device)
     for start in range(0, rows.shape[0], step):
-        chunk_codes, chunk_scale = activation_codes(rows[start : start + step], 8)
+        chunk_codes, chunk_scale = activation_codes(rows[start : start + step], 8, planar)
         codes[start : start + step] = chunk_codes
         scale[start : start + step] = chunk_scale
     return codes, scale

@@ -10,7 +10,7 @@ from adatsq.quant.kernels import onednn
 from adatsq.quant.kernels.actquant import fake_quantized, int8_codes
 from adatsq.quant.kernels.dispatch import INT8_ONEDNN
 from adatsq.quant.kernels.intmm import int8_matmul, pad_weight
-from adatsq.quant.kernels.layouts import KernelState, int8_weight
+from adatsq.quant.kernels.layouts import KernelState, int8_weight, planar_int8_weight
 from adatsq.quant.transforms import rotate
 
 # Rows per int8 matmul. Larger calls spill the int8 / int32 intermediates out of cache: 4096 tokens of a
@@ -26,10 +26,11 @@ def int8_linear(x: Tensor, layer: torch.nn.Module, state: KernelState) -> Tensor
     (per-token codes), so they run in chunks of ROW_CHUNK with the same result.
     """
     lead = x.shape[:-1]
-    codes, sx = int8_codes(x)
+    codes, sx = int8_codes(x, state.planar)
     w = state.weight
     if w is None:  # weights stay packed: unpack to int8 now, O(N*K) against the O(M*N*K) matmul
-        w = pad_weight(int8_weight(layer.qweight, layer.zeros, layer.bits, layer.in_features), state.rules)
+        unpack = planar_int8_weight if state.planar > 1 else int8_weight
+        w = pad_weight(unpack(layer.qweight, layer.zeros, layer.bits, layer.in_features), state.rules)
     if codes.shape[0] <= ROW_CHUNK:
         return _int8_rows(codes, sx, w, layer, state).to(x.dtype).reshape(*lead, layer.out_features)
     y = torch.empty(codes.shape[0], layer.out_features, dtype=x.dtype, device=x.device)

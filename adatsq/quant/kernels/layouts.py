@@ -30,6 +30,31 @@ def int8_weight(qweight: Tensor, zeros: Tensor, bits: int, in_features: int) -> 
     return torch.sub(codes.view(torch.int8), zeros.view(torch.int8))
 
 
+def codes_per_byte(bits: int, in_features: int) -> int:
+    """k > 1 when `planar_int8_weight` applies (k codes in every byte, K a multiple of k), else 1."""
+    k = 8 // bits if bits in (2, 4) else 1
+    return k if in_features % k == 0 else 1
+
+
+def planar_int8_weight(qweight: Tensor, zeros: Tensor, bits: int, in_features: int) -> Tensor:
+    """int8 [out, in] q - z with the columns in planar order: every k-th column, k runs (k = 8 / bits).
+
+    Code slot i of every byte is one contiguous shift-and-mask into its own block of columns, ~6x faster
+    than interleaving the slots back into column order (2.2 vs 13.9 ms at 3072² on one thread). The
+    activations take the same column order (`actquant.int8_codes(x, planar=k)`), so the sum over K is
+    the same integer.
+    """
+    k = codes_per_byte(bits, in_features)
+    w = torch.empty(qweight.shape[0], in_features, dtype=torch.int8, device=qweight.device)
+    block = in_features // k
+    for slot in range(k):
+        out = w[:, slot * block : (slot + 1) * block].view(torch.uint8)
+        torch.bitwise_right_shift(qweight, slot * bits, out=out)
+        if slot < k - 1:
+            out.bitwise_and_(2**bits - 1)
+    return w.sub_(zeros.view(torch.int8))
+
+
 def zero_correction(zeros: Tensor, bits: int) -> Tensor | None:
     """int32 [out]: z - 128 for 8-bit codes whose zero is not 128 (y -= (z - 128) * sum(a)), else None."""
     if bits != 8:
@@ -53,6 +78,7 @@ class KernelState:
     name: str
     key: tuple
     rules: IntMMRules
+    planar: int = 1  # > 1: int8-unpack-per-call unpacks into planar column order (`planar_int8_weight`)
     weight: Tensor | None = None
     col_scale: Tensor | None = None
     zero_corr: Tensor | None = None
@@ -92,7 +118,8 @@ def build_state(layer: torch.nn.Module, name: str, key: tuple, dtype: torch.dtyp
             weight = pad_weight(int8_weight(layer.qweight, layer.zeros, layer.bits, layer.in_features), rules)
     elif name.startswith(DEQUANT_CACHED):
         weight = layer.dequantized_weight(dtype)
+    planar = codes_per_byte(layer.bits, layer.in_features) if name == INT8_PER_CALL else 1
     return KernelState(
-        name, key, rules, weight, col_scale, zero_corr, bias,
+        name, key, rules, planar, weight, col_scale, zero_corr, bias,
         cast(layer.smooth), cast(layer.rotation_signs), cast(layer.lowrank_a), cast(layer.lowrank_b),
     )  # fmt: skip
