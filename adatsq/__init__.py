@@ -46,13 +46,16 @@ def load(
     *,
     dtype: Any = None,
     verify: bool = True,
+    kernel_policy: Any = None,
 ) -> Any:
     """Load a checkpoint folder written by `adatsq quantize`: the pipeline (or model), ready to sample.
 
     `dtype` (torch.bfloat16, or "bfloat16") casts the denoiser and the pipeline's components to it;
     every quantized layer's kernel layout is derived for inputs of that dtype (float32 when None) at
     load, so the first sampling step does not pay for it. `verify=False` skips the sha256 of every
-    tensor (the folder's structure is validated either way). A unified model comes back as a
+    tensor (the folder's structure is validated either way). `kernel_policy` (an
+    `adatsq.quant.kernels.KernelPolicy`, e.g. `KernelPolicy(compiled=True)`) replaces every quantized
+    layer's default kernel choices before the layouts are derived. A unified model comes back as a
     `UnifiedModel` (understanding + generation); `token_reduction` (e.g. "g2tr") with `keep` reduces
     its understanding tokens.
     """
@@ -60,7 +63,7 @@ def load(
     from adatsq.models.umm.adapter import UMMGenerationAdapter
 
     adapter, _ = load_checkpoint(directory, verify)
-    cast_for_inference(adapter, dtype)
+    cast_for_inference(adapter, dtype, kernel_policy)
     if token_reduction is None and not isinstance(adapter, UMMGenerationAdapter):
         return adapter.user_model()
     from adatsq.tokens.umm.unified import with_token_reduction

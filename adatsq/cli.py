@@ -283,6 +283,11 @@ def _eval(sub: argparse._SubParsersAction) -> None:
         choices=["float32", "bfloat16", "float16"],
         help="run both models in this dtype; adds the keys dtype and bf16_seconds (float model in bf16)",
     )
+    p.add_argument(
+        "--compiled-kernels",
+        action="store_true",
+        help="quantize activations in a torch.compile'd loop (needs a C++ compiler; compiled before timing)",
+    )
     p.add_argument("--json", action="store_true", help="print exactly one JSON object")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 of every checkpoint tensor")
     p.set_defaults(handler=run_eval)
@@ -290,10 +295,11 @@ def _eval(sub: argparse._SubParsersAction) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from adatsq.eval.run import evaluate_checkpoint
+    from adatsq.quant.kernels import KernelPolicy
 
     metrics = evaluate_checkpoint(
         args.checkpoint, samples=args.samples, seed=args.seed, dtype=args.dtype, verify=not args.no_verify,
-        progress=args.progress,
+        progress=args.progress, kernel_policy=KernelPolicy(compiled=True) if args.compiled_kernels else None,
     )  # fmt: skip
     if args.json:
         print(json.dumps(metrics))

@@ -20,7 +20,8 @@ from adatsq.core.modules import set_module
 from adatsq.errors import CheckpointError
 from adatsq.models.base import ModelAdapter
 from adatsq.models.resolve import parse_dtype
-from adatsq.quant.linear import QuantLinear, TimestepQuantLinear, prepare_kernels
+from adatsq.quant.kernels import KernelPolicy
+from adatsq.quant.linear import QuantLinear, TimestepQuantLinear, prepare_kernels, set_kernel_policy
 from adatsq.quant.scheme import ActScheme
 
 
@@ -89,10 +90,12 @@ def load_checkpoint(directory: str | Path, verify: bool = True) -> tuple[ModelAd
     return adapter, config
 
 
-def cast_for_inference(adapter: ModelAdapter, dtype: torch.dtype | str | None) -> dict[str, str]:
+def cast_for_inference(
+    adapter: ModelAdapter, dtype: torch.dtype | str | None, kernel_policy: KernelPolicy | None = None
+) -> dict[str, str]:
     """Cast the denoiser and the pipeline's other components to `dtype` (a torch dtype or its name;
-    None: leave them) and derive every quantized layer's kernel layout for inputs of that dtype now
-    (float32 when None); returns layer -> kernel.
+    None: leave them), give every quantized layer `kernel_policy` (None: keep theirs) and derive its
+    kernel layout for inputs of that dtype now (float32 when None); returns layer -> kernel.
 
     Quantized layers keep their float16 scales (the grid stays exact); bias and transforms follow dtype.
     """
@@ -104,4 +107,6 @@ def cast_for_inference(adapter: ModelAdapter, dtype: torch.dtype | str | None) -
         if user is not denoiser and callable(getattr(user, "to", None)):
             user.to(dtype)  # a pipeline: every component (text encoders, VAE), the denoiser included
         denoiser.to(dtype)
+    if kernel_policy is not None:
+        set_kernel_policy(denoiser, kernel_policy)
     return prepare_kernels(denoiser, dtype or torch.float32)

@@ -23,6 +23,7 @@ from adatsq.errors import CheckpointError
 from adatsq.eval.metrics import accuracy, frechet_distance, psnr, ssim
 from adatsq.models.base import ModelAdapter
 from adatsq.models.resolve import adapter_for
+from adatsq.quant.kernels import KernelPolicy
 
 EVAL_KEYS = (
     "psnr_db", "ssim", "accuracy", "fp_accuracy", "fid", "avg_bits", "checkpoint_bytes", "fp_seconds",
@@ -104,6 +105,7 @@ def evaluate_checkpoint(
     dtype: str | None = None,
     verify: bool = True,
     progress: bool = True,
+    kernel_policy: KernelPolicy | None = None,
 ) -> dict[str, Any]:
     """The metrics of `adatsq eval` (EVAL_KEYS) for one checkpoint folder.
 
@@ -111,14 +113,15 @@ def evaluate_checkpoint(
     `dtype` ("bfloat16", ...) both models run in it, and two keys follow EVAL_KEYS: `dtype` and
     `bf16_seconds`, the float model's sampling time in bfloat16 (the speed a quantized model should
     beat; fp_seconds itself when dtype is bfloat16). `verify=False` skips the tensors' sha256;
-    `progress=False` draws no bar.
+    `progress=False` draws no bar; `kernel_policy` replaces the quantized layers' kernel choices (e.g.
+    KernelPolicy(compiled=True), compiled before the timed sampling).
     """
     directory = Path(directory)
     quant, config = load_checkpoint(directory, verify)
     source = config["model"].get("source")
     if not source:
         raise CheckpointError(f"{directory} does not record its float model; re-quantize with this version")
-    cast_for_inference(quant, dtype)
+    cast_for_inference(quant, dtype, kernel_policy)
     fp = adapter_for(source, dtype=dtype)
     inputs = fp.default_inputs(samples, seed)
     num_steps = config["num_steps"]

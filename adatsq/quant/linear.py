@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from adatsq.errors import CheckpointError, PlanError
-from adatsq.quant.kernels import onednn
+from adatsq.quant.kernels import compiled, onednn
 from adatsq.quant.kernels.dispatch import REFERENCE, KernelPolicy, choose_kernel
 from adatsq.quant.kernels.forward import run
 from adatsq.quant.kernels.layouts import KernelState, buffers_key, build_state
@@ -281,7 +281,8 @@ def set_kernel_policy(model: nn.Module, policy: KernelPolicy) -> int:
 
 
 def prepare_kernels(model: nn.Module, dtype: torch.dtype) -> dict[str, str]:
-    """Derive every quantized layer's kernel layout for `dtype` inputs now (at load); name -> kernel."""
+    """Derive every quantized layer's kernel layout for `dtype` inputs now (at load), and compile the
+    activation quantization where a layer's policy asks for it; name -> kernel."""
     out: dict[str, str] = {}
     for name, m in model.named_modules():
         if isinstance(m, TimestepQuantLinear):
@@ -289,4 +290,8 @@ def prepare_kernels(model: nn.Module, dtype: torch.dtype) -> dict[str, str]:
             out[name] = ", ".join(f"w{b}: {k}" for b, k in m.kernels.items())
         elif isinstance(m, QuantLinear) and not any(name.startswith(f"{p}.") for p in out):
             out[name] = m.prepare(dtype)
+    states = [m._kernel_state for m in model.modules() if isinstance(m, QuantLinear)]
+    planars = {s.planar for s in states if s is not None and s.compiled and s.integer}
+    if planars:
+        compiled.warm_up(dtype, planars)
     return out

@@ -4,9 +4,11 @@ import math
 
 import pytest
 
+import adatsq
 from adatsq.checkpoint.shards import tensor_files
 from adatsq.errors import CheckpointError
 from adatsq.eval.run import EVAL_KEYS, evaluate_checkpoint
+from adatsq.quant.kernels import KernelPolicy, compiled
 
 KEYS = {"psnr_db", "ssim", "accuracy", "fp_accuracy", "fid", "avg_bits", "checkpoint_bytes", "fp_seconds",
         "quant_seconds"}  # fmt: skip
@@ -57,3 +59,16 @@ def test_dtype_adds_the_dtype_and_bf16_seconds(quantized_reference):
 def test_not_a_checkpoint(tmp_path):
     with pytest.raises(CheckpointError, match="is not an adatsq checkpoint"):
         evaluate_checkpoint(tmp_path, samples=2)
+
+
+@pytest.mark.skipif(not compiled.available(), reason="torch.compile needs a C++ compiler")
+def test_compiled_kernels_sample_what_the_eager_kernels_sample(make_recipe, tmp_path):
+    """W8A8 per channel runs the integer path; compiling its activation quantization changes no sample."""
+    recipe = make_recipe("rtn", 8, weight={"bits": 8, "group_size": None, "symmetric": True})
+    adatsq.quantize("reference", recipe, progress=False).save(tmp_path / "w8a8")
+    runs = [
+        evaluate_checkpoint(tmp_path / "w8a8", samples=4, seed=5, batch_size=4, kernel_policy=policy)
+        for policy in (None, KernelPolicy(compiled=True))
+    ]
+    assert runs[0]["psnr_db"] == runs[1]["psnr_db"] and runs[0]["ssim"] == runs[1]["ssim"]
+    assert runs[0]["psnr_db"] > 30

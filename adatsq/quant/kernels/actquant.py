@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adatsq.quant.kernels.compiled import int8_codes as compiled_codes
 from adatsq.quant.scheme import ActScheme, activation_codes, fake_quant_activation
 
 QUANT_ELEMENTS = 1 << 20
@@ -46,8 +47,13 @@ def _shared(x: Tensor, kind: Any, compute: Callable[[Tensor], Any]) -> Any:
     return value
 
 
-def int8_codes(x: Tensor, planar: int = 1) -> tuple[Tensor, Tensor]:
-    """(int8 codes [M, K], float32 scales [M, 1]) of x's rows: `activation_codes(x, 8, planar)`."""
+def int8_codes(x: Tensor, planar: int = 1, compiled: bool = False) -> tuple[Tensor, Tensor]:
+    """(int8 codes [M, K], float32 scales [M, 1]) of x's rows: `activation_codes(x, 8, planar)`.
+
+    compiled: by the torch.compile'd loop (compiled.py; the same values, so shared with eager results).
+    """
+    if compiled:
+        return _shared(x, ("int8", planar), lambda t: compiled_codes(t.reshape(-1, t.shape[-1]), planar))
     return _shared(x, ("int8", planar), lambda t: _int8_codes(t, planar))
 
 

@@ -79,6 +79,7 @@ class KernelState:
     key: tuple
     rules: IntMMRules
     planar: int = 1  # > 1: int8-unpack-per-call unpacks into planar column order (`planar_int8_weight`)
+    compiled: bool = False  # activations quantized by the compiled loop (KernelPolicy.compiled)
     weight: Tensor | None = None
     col_scale: Tensor | None = None
     zero_corr: Tensor | None = None
@@ -119,7 +120,8 @@ def build_state(layer: torch.nn.Module, name: str, key: tuple, dtype: torch.dtyp
     elif name.startswith(DEQUANT_CACHED):
         weight = layer.dequantized_weight(dtype)
     planar = codes_per_byte(layer.bits, layer.in_features) if name == INT8_PER_CALL else 1
+    compiled = layer.kernel_policy.compiled and layer.qweight.device.type == "cpu"
     return KernelState(
-        name, key, rules, planar, weight, col_scale, zero_corr, bias,
+        name, key, rules, planar, compiled, weight, col_scale, zero_corr, bias,
         cast(layer.smooth), cast(layer.rotation_signs), cast(layer.lowrank_a), cast(layer.lowrank_b),
     )  # fmt: skip
