@@ -76,12 +76,6 @@ OURS = (
     ("ours W8A8 (compiled quant)", WeightScheme(8, None, True), 8, KernelPolicy(compiled=True)),
     ("ours W4A8 (per-ch, unpack/call)", WeightScheme(4, None, True), 8, KernelPolicy()),
     (
-        "ours W4A8 (per-ch, unpack/call, compiled quant)",
-        WeightScheme(4, None, True),
-        8,
-        KernelPolicy(compiled=True),
-    ),
-    (
         "ours W4A8 (per-ch, int8 cached)",
         WeightScheme(4, None, True),
         8,
@@ -434,7 +428,6 @@ def flux_block(img_tokens: int, txt_tokens: int, reps: int) -> dict[str, Any]:
         "W8A8": (WeightScheme(8, None, True), 8, KernelPolicy()),
         "W8A8 compiled quant": (WeightScheme(8, None, True), 8, compiled),
         "W4A8 per-channel": (WeightScheme(4, None, True), 8, KernelPolicy()),
-        "W4A8 per-channel compiled quant": (WeightScheme(4, None, True), 8, compiled),
         "W4A8 g64 asym": (WeightScheme(4, 64, False), 8, KernelPolicy()),
         "W4A16 g64 asym": (WeightScheme(4, 64, False), None, KernelPolicy()),
     }
@@ -502,11 +495,6 @@ def goals(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ("W8A8 >= 1.5x bf16", "ours W8A8", 1.5),
         ("W8A8 >= 1.5x bf16, compiled activation quantization", "ours W8A8 (compiled quant)", 1.5),
         ("W4A8 >= 1.3x bf16 (per-channel, weights packed)", "ours W4A8 (per-ch, unpack/call)", 1.3),
-        (
-            "W4A8 >= 1.3x bf16 (per-channel, weights packed), compiled activation quantization",
-            "ours W4A8 (per-ch, unpack/call, compiled quant)",
-            1.3,
-        ),
         ("W4A8 >= 1.3x bf16 (g64 asym, shipped recipe)", "ours W4A8 (g64 asym, shipped)", 1.3),
     )
     for goal, name, target in checks:

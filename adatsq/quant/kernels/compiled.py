@@ -5,8 +5,8 @@ In eager torch, per-token int8 codes take five passes over the input with float3
 feed takes ~21 ms. torch.compile (inductor, C++ backend) fuses them into one reduction and one
 elementwise loop: 1.2 ms, the same codes bit for bit (IEEE division and round-half-even in both;
 tests/quant/test_kernels.py checks the edge rows). The price is a C++ compiler at run time and one
-compilation per process and column order (~40 s on 2 cores; inductor caches it on disk), so it is
-opt-in.
+compilation per process (~40 s on 2 cores; inductor caches it on disk), so it is opt-in. Planar codes
+(the per-call 2/4-bit path) stay eager: inductor's gather into planar order measured 2x slower.
 """
 
 from __future__ import annotations
@@ -25,13 +25,10 @@ def available() -> bool:
     return any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))
 
 
-def _codes(x: Tensor, planar: int) -> tuple[Tensor, Tensor]:
-    """`activation_codes(x, 8, planar)` as int8, written as one expression for inductor to fuse."""
+def _codes(x: Tensor) -> tuple[Tensor, Tensor]:
+    """`activation_codes(x, 8)` as int8, written as one expression for inductor to fuse."""
     xf = x if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else x.float()
     scale = xf.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / 127
-    if planar > 1:
-        rows, cols = xf.shape
-        xf = xf.view(rows, cols // planar, planar).transpose(1, 2).reshape(rows, cols)
     return torch.div(xf, scale).round().to(torch.int8), scale
 
 
@@ -40,17 +37,18 @@ def _compiled():
     return torch.compile(_codes, dynamic=True)
 
 
-def int8_codes(rows: Tensor, planar: int) -> tuple[Tensor, Tensor]:
+def int8_codes(rows: Tensor) -> tuple[Tensor, Tensor]:
     """(int8 codes, float32 scales [M, 1]) of 2-D `rows`, compiled on first use."""
     if not available():
         raise ConfigError(
             "KernelPolicy(compiled=True) needs a C++ compiler for torch.compile (none of g++, c++, clang++ "
             "is on PATH); install one or use the default KernelPolicy()"
         )
-    return _compiled()(rows, planar)
+    return _compiled()(rows)
 
 
-def warm_up(dtype: torch.dtype, planars: set[int]) -> None:
-    """Compile now (at load) for `dtype` inputs and each column order, so no sampling step pays for it."""
-    for planar in sorted(planars):
-        int8_codes(torch.ones(17, 64 * planar, dtype=dtype), planar)
+def warm_up(dtype: torch.dtype) -> None:
+    """Compile now (at load) for `dtype` inputs, so no sampling step pays for it (one row is its own
+    graph: dynamo specializes size 1, e.g. the adaLN modulation of one sample)."""
+    for rows in (17, 1):
+        int8_codes(torch.ones(rows, 96, dtype=dtype))
