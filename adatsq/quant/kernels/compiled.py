@@ -44,7 +44,8 @@ def int8_codes(rows: Tensor) -> tuple[Tensor, Tensor]:
             "KernelPolicy(compiled=True) needs a C++ compiler for torch.compile (none of g++, c++, clang++ "
             "is on PATH); install one or use the default KernelPolicy()"
         )
-    return _compiled()(rows)
+    with torch.no_grad():  # one graph whatever the caller's grad mode (codes carry no gradient)
+        return _compiled()(rows)
 
 
 def warm_up(dtype: torch.dtype) -> None:
