@@ -294,12 +294,19 @@ def test_layers_reading_one_tensor_share_its_activation_codes(monkeypatch):
         xi = torch.randn(5, IN)
         q(xi), k(xi)
     assert len(calls) == 5
-    grouped = [
-        _layer(4, 32, False, 8, seed=s) for s in (2, 3)
-    ]  # simulated A8: the fake-quantized x is shared
-    for layer in grouped:
+    fake_calls = []
+    fake = actquant.fake_quant_activation
+    monkeypatch.setattr(
+        actquant, "fake_quant_activation", lambda t, act: fake_calls.append(1) or fake(t, act)
+    )
+    for seed in (2, 3):  # simulated A8 (group-wise weights): the fake-quantized x is shared too
+        layer = _layer(4, 32, False, 8, seed=seed)
         assert layer.kernel_for("cpu", torch.float32) == "dequant-cached+fake-a8"
         assert _rel_diff(layer(x), layer.reference_forward(x)) < TOL[torch.float32]
+    assert len(fake_calls) == 1
+    assert {("int8", 1), ("fake", 8)} <= set(actquant._last.by_kind)  # held while x lives
+    del x
+    assert not {("int8", 1), ("fake", 8)} & set(actquant._last.by_kind)  # freed with it
 
 
 def test_activation_codes_in_row_chunks_are_the_whole_input_codes(monkeypatch):

@@ -2,9 +2,9 @@
 
 Layers that read the same tensor (q / k / v, Flux's single-block q / k / v / proj_mlp, Z-Image's w1 / w3)
 would each quantize it again: the result for the last input is kept per kind (int8 codes, or the
-fake-quantized tensor of the simulated paths), keyed by the tensor's identity and version, and reused
-while that tensor is alive and unchanged. On the CPU, int8 codes of long inputs are computed in row
-chunks of about QUANT_ELEMENTS values, so the float32 intermediates stay in cache.
+fake-quantized tensor of the simulated paths), keyed by the tensor's identity and version, reused
+while that tensor is alive and unchanged, and freed with it. On the CPU, int8 codes of long inputs are
+computed in row chunks of about QUANT_ELEMENTS values, so the float32 intermediates stay in cache.
 """
 
 from __future__ import annotations
@@ -43,7 +43,13 @@ def _shared(x: Tensor, kind: Any, compute: Callable[[Tensor], Any]) -> Any:
     if kept is not None and kept[0]() is x and kept[1] == x._version:
         return kept[2]
     value = compute(x)
-    _last.by_kind[kind] = (weakref.ref(x), x._version, value)
+    kept_here = _last.by_kind
+
+    def forget(ref: weakref.ref) -> None:  # x is gone: free its result now, not at the next call
+        if kept_here.get(kind, (None,))[0] is ref:
+            del kept_here[kind]
+
+    kept_here[kind] = (weakref.ref(x, forget), x._version, value)
     return value
 
 
