@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from adatsq.errors import ConfigError
+from adatsq.quant.scheme import activation_codes
 
 
 def available() -> bool:
@@ -26,10 +27,9 @@ def available() -> bool:
 
 
 def _codes(x: Tensor) -> tuple[Tensor, Tensor]:
-    """`activation_codes(x, 8)` as int8, written as one expression for inductor to fuse."""
-    xf = x if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else x.float()
-    scale = xf.abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12) / 127
-    return torch.div(xf, scale).round().to(torch.int8), scale
+    """`activation_codes(x, 8)` as int8: the one definition, traced whole so inductor fuses it."""
+    codes, scale = activation_codes(x, 8)
+    return codes.to(torch.int8), scale
 
 
 @functools.cache
