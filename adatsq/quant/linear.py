@@ -291,6 +291,6 @@ def prepare_kernels(model: nn.Module, dtype: torch.dtype) -> dict[str, str]:
         elif isinstance(m, QuantLinear) and not any(name.startswith(f"{p}.") for p in out):
             out[name] = m.prepare(dtype)
     states = [m._kernel_state for m in model.modules() if isinstance(m, QuantLinear)]
-    if any(s is not None and s.compiled and s.integer and s.planar == 1 for s in states):
+    if any(s is not None and s.compiled_codes for s in states):
         compiled.warm_up(dtype)
     return out

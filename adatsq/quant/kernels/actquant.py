@@ -56,11 +56,10 @@ def _shared(x: Tensor, kind: Any, compute: Callable[[Tensor], Any]) -> Any:
 def int8_codes(x: Tensor, planar: int = 1, compiled: bool = False) -> tuple[Tensor, Tensor]:
     """(int8 codes [M, K], float32 scales [M, 1]) of x's rows: `activation_codes(x, 8, planar)`.
 
-    compiled: by the torch.compile'd loop (compiled.py; the same values, so shared with eager results)
-    in column order; planar codes stay eager, where the division writes the order at no cost (the
-    compiled gather measured 2x slower than eager).
+    compiled (column order only, `KernelState.compiled_codes`): by the torch.compile'd loop
+    (compiled.py), the same values, so shared with eager results.
     """
-    if compiled and planar == 1:
+    if compiled:
         return _shared(x, ("int8", planar), lambda t: compiled_codes(t.reshape(-1, t.shape[-1])))
     return _shared(x, ("int8", planar), lambda t: _int8_codes(t, planar))
 

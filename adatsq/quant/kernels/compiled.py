@@ -21,6 +21,7 @@ from adatsq.errors import ConfigError
 from adatsq.quant.scheme import activation_codes
 
 
+@functools.cache
 def available() -> bool:
     """Whether torch.compile's CPU backend can build here (it needs a C++ compiler on PATH)."""
     return any(shutil.which(cc) for cc in ("g++", "c++", "clang++"))

@@ -26,7 +26,7 @@ def int8_linear(x: Tensor, layer: torch.nn.Module, state: KernelState) -> Tensor
     (per-token codes), so they run in chunks of ROW_CHUNK with the same result.
     """
     lead = x.shape[:-1]
-    codes, sx = int8_codes(x, state.planar, state.compiled)
+    codes, sx = int8_codes(x, state.planar, state.compiled_codes)
     w = state.weight
     if w is None:  # weights stay packed: unpack to int8 now, O(N*K) against the O(M*N*K) matmul
         unpack = planar_int8_weight if state.planar > 1 else int8_weight

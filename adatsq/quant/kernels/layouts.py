@@ -79,7 +79,7 @@ class KernelState:
     key: tuple
     rules: IntMMRules
     planar: int = 1  # > 1: int8-unpack-per-call unpacks into planar column order (`planar_int8_weight`)
-    compiled: bool = False  # activations quantized by the compiled loop (KernelPolicy.compiled)
+    compiled: bool = False  # KernelPolicy.compiled on a CPU layer (see `compiled_codes`)
     weight: Tensor | None = None
     col_scale: Tensor | None = None
     zero_corr: Tensor | None = None
@@ -92,6 +92,12 @@ class KernelState:
     @property
     def integer(self) -> bool:
         return self.name in (INT8_CACHED, INT8_ONEDNN, INT8_PER_CALL)
+
+    @property
+    def compiled_codes(self) -> bool:
+        """Whether the int8 codes come from the compiled loop: column order only (planar codes stay
+        eager, where the division writes their order at no cost; inductor's gather ran 2x slower)."""
+        return self.compiled and self.integer and self.planar == 1
 
 
 def buffers_key(layer: torch.nn.Module) -> tuple:
@@ -112,11 +118,11 @@ def build_state(layer: torch.nn.Module, name: str, key: tuple, dtype: torch.dtyp
         col_scale = layer.scales[:, 0].float()
         zero_corr = zero_correction(layer.zeros, layer.bits)
         bias = cast(layer.bias, torch.float32)  # added in float32 before the one rounding to dtype
-        if name == INT8_ONEDNN:
-            weight = onednn.prepack(int8_weight(layer.qweight, layer.zeros, layer.bits, layer.in_features))
-            zero_corr = None if zero_corr is None else zero_corr * col_scale
-        elif name == INT8_CACHED:
-            weight = pad_weight(int8_weight(layer.qweight, layer.zeros, layer.bits, layer.in_features), rules)
+        if name in (INT8_CACHED, INT8_ONEDNN):
+            codes = int8_weight(layer.qweight, layer.zeros, layer.bits, layer.in_features)
+            weight = onednn.prepack(codes) if name == INT8_ONEDNN else pad_weight(codes, rules)
+        if name == INT8_ONEDNN and zero_corr is not None:
+            zero_corr = zero_corr * col_scale
     elif name.startswith(DEQUANT_CACHED):
         weight = layer.dequantized_weight(dtype)
     planar = codes_per_byte(layer.bits, layer.in_features) if name == INT8_PER_CALL else 1

@@ -39,9 +39,14 @@ def prepack(weight: Tensor) -> Tensor:
     return torch.ops.onednn.qlinear_prepack(weight, None)
 
 
+@functools.lru_cache(maxsize=64)
+def _zero_points(n: int) -> Tensor:
+    return torch.zeros(n, dtype=torch.int64)  # weight zero points: the codes are already q - z
+
+
 def matmul_scaled(a: Tensor, packed: Tensor, col_scale: Tensor) -> Tensor:
     """float32 [M, N] = (a @ w.T) * col_scale with a int8 [M, K], the int32 sum exact inside oneDNN."""
-    zero_points = torch.zeros(col_scale.shape[0], dtype=torch.int64)
     return torch.ops.onednn.qlinear_pointwise(
-        a, 1.0, 0, packed, col_scale, zero_points, None, 1.0, 0, torch.float32, "none", [], ""
-    )
+        a, 1.0, 0, packed, col_scale, _zero_points(col_scale.shape[0]), None, 1.0, 0, torch.float32,
+        "none", [], "",
+    )  # fmt: skip
