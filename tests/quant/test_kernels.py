@@ -259,16 +259,22 @@ def test_casting_a_model_keeps_the_quantization_grid():
 
 @pytest.mark.parametrize("bits, dtype", [(8, torch.float32), (4, torch.bfloat16)])
 def test_long_inputs_run_in_row_chunks_with_the_same_result(monkeypatch, bits, dtype):
-    """Rows are independent (per-token codes): chunking the int8 matmul changes no bit of the output."""
+    """Rows are independent (per-token codes): chunking the `_int_mm` matmul changes no bit of the output."""
     from adatsq.quant.kernels import forward
 
     layer = _layer(bits, None, False, 8)
+    set_kernel_policy(layer, KernelPolicy(onednn=False))  # the CPU `_int_mm` path is the one chunked
     x = torch.randn(3, 700, IN).to(dtype)  # 2100 rows: two full chunks of 1024 and a partial one
-    assert layer.kernel_for("cpu", dtype).startswith("int8")
+    assert layer.kernel_for("cpu", dtype) in ("int8-cached", "int8-unpack-per-call")
+    calls = []
+    original = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, w: calls.append(a.shape[0]) or original(a, w))
     chunked = layer(x)
+    assert calls == [1024, 1024, 52]
     monkeypatch.setattr(forward, "ROW_CHUNK", 10**9)
     layer.prepare(dtype)
     whole = layer(x)
+    assert calls[3:] == [2100]
     assert torch.equal(chunked, whole)
     assert _rel_diff(chunked, layer.reference_forward(x)) < TOL[dtype]
 

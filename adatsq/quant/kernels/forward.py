@@ -13,8 +13,10 @@ from adatsq.quant.kernels.intmm import int8_matmul, pad_weight
 from adatsq.quant.kernels.layouts import KernelState, int8_weight, planar_int8_weight
 from adatsq.quant.transforms import rotate
 
-# Rows per int8 matmul. Larger calls spill the int8 / int32 intermediates out of cache: 4096 tokens of a
-# 3072² layer in 4 calls of 1024 rows took 227-236 ms against 280-301 ms in one (bf16: 369-387 ms).
+# Rows per `torch._int_mm` call on the CPU: its int32 / float32 [M, N] intermediates spill out of
+# cache on long inputs (4096 tokens of a 3072^2 layer: 227-236 ms in 4 calls of 1024 rows against
+# 280-301 ms in one). oneDNN runs whole: its output is the only [M, N] tensor, and chunking it measured
+# slower at every shape (6400 x 128 -> 512: 1.6 against 3.9 ms; 4096 x 3072^2: 93 against 104 ms).
 ROW_CHUNK = 1024
 
 
@@ -23,7 +25,7 @@ def int8_linear(x: Tensor, layer: torch.nn.Module, state: KernelState) -> Tensor
 
     a are the same per-token codes the reference fake-quantizes (`activation_codes`), w = q - z, so this
     is the reference function; only the float rounding of the products differs. Rows are independent
-    (per-token codes), so they run in chunks of ROW_CHUNK with the same result.
+    (per-token codes), so the CPU `_int_mm` path runs them in chunks of ROW_CHUNK with the same result.
     """
     lead = x.shape[:-1]
     codes, sx = int8_codes(x, state.planar, state.compiled_codes)
@@ -31,7 +33,7 @@ def int8_linear(x: Tensor, layer: torch.nn.Module, state: KernelState) -> Tensor
     if w is None:  # weights stay packed: unpack to int8 now, O(N*K) against the O(M*N*K) matmul
         unpack = planar_int8_weight if state.planar > 1 else int8_weight
         w = pad_weight(unpack(layer.qweight, layer.zeros, layer.bits, layer.in_features), state.rules)
-    if codes.shape[0] <= ROW_CHUNK:
+    if codes.shape[0] <= ROW_CHUNK or state.name == INT8_ONEDNN or x.device.type != "cpu":
         return _int8_rows(codes, sx, w, layer, state).to(x.dtype).reshape(*lead, layer.out_features)
     y = torch.empty(codes.shape[0], layer.out_features, dtype=x.dtype, device=x.device)
     for start in range(0, codes.shape[0], ROW_CHUNK):
