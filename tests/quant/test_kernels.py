@@ -153,6 +153,51 @@ def test_onednn_probe_says_unavailable_when_the_op_fails_or_is_wrong(monkeypatch
     onednn.available.cache_clear()
 
 
+@needs_onednn
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_onednn_writes_half_outputs_directly_within_one_more_rounding(monkeypatch, dtype):
+    """Half-precision inputs: oneDNN writes dtype itself (no float32 [M, N]) unless a zero correction
+    must be subtracted first; the result stays within one more rounding of the float32 route."""
+    symmetric, asymmetric = _layer(8, None, True, 8), _layer(8, None, False, 8, seed=1)
+    x = torch.randn(300, IN).to(dtype)
+    for layer in (symmetric, asymmetric):
+        layer.to(dtype)
+        assert layer.prepare(dtype) == "int8-onednn"
+    assert symmetric._kernel_state.out_dtype == dtype
+    assert asymmetric._kernel_state.out_dtype == torch.float32  # the correction needs float32
+    direct = symmetric(x)
+    monkeypatch.setattr(onednn, "writes", lambda d: False)  # a oneDNN without half outputs
+    symmetric.to(dtype)  # layouts are rebuilt on the next call
+    assert symmetric.prepare(dtype) == "int8-onednn"
+    assert symmetric._kernel_state.out_dtype == torch.float32
+    via_float32 = symmetric(x)
+    assert direct.dtype == via_float32.dtype == dtype and not torch.equal(direct, via_float32)
+    step = torch.finfo(dtype).eps * float(via_float32.float().abs().max())  # one step at the largest
+    assert float((direct.float() - via_float32.float()).abs().max()) <= step
+    assert _rel_diff(direct, symmetric.reference_forward(x)) < TOL[torch.bfloat16]
+
+
+def test_onednn_half_output_probe_says_no_when_the_op_fails_or_rounds_wrong(monkeypatch):
+    original = onednn.matmul_scaled
+
+    def raises(a, w, s, out_dtype=torch.float32):
+        if out_dtype != torch.float32:
+            raise RuntimeError("onednn: bf16 dst unsupported")
+        return original(a, w, s)
+
+    def truncates(a, w, s, out_dtype=torch.float32):
+        y = original(a, w, s)
+        return y if out_dtype == torch.float32 else (y * 0.99).to(out_dtype)
+
+    for broken in (raises, truncates):
+        onednn.writes.cache_clear()
+        monkeypatch.setattr(onednn, "matmul_scaled", broken)
+        assert onednn.writes(torch.bfloat16) is False
+        monkeypatch.undo()
+    onednn.writes.cache_clear()
+    assert onednn.writes(torch.bfloat16) is onednn.available()
+
+
 @pytest.mark.parametrize(("m", "k", "n"), [(1, 13, 5), (16, 8, 8), (17, 100, 37), (40, 64, 24)])
 def test_int8_matmul_pads_to_cuda_rules(m, k, n):
     rules = int_mm_rules("cuda")

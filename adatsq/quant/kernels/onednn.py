@@ -3,7 +3,8 @@
 `torch._int_mm` on CPU multiplies plain row-major int8 and measured ~1.3x bf16 on an AMX Xeon, where
 oneDNN with its weight prepacked into the blocked AMX layout measured 1.7-2.7x (reports/kernels.md).
 oneDNN takes one activation scale per tensor only, so the matmul runs with scale 1 and the per-channel
-weight scales fused into its float32 output; the caller applies the per-token scale after.
+weight scales fused into its output (float32, or the bf16 / fp16 input dtype); the caller applies the
+per-token scale after.
 Prepacking costs about as much as 5 matmuls of 1024 rows, so only a cached int8 weight uses it.
 """
 
@@ -34,6 +35,24 @@ def available() -> bool:
     return torch.equal(y.double(), (a.long() @ w.long().T).double())
 
 
+@functools.cache
+def writes(dtype: torch.dtype) -> bool:
+    """True when oneDNN's int8 linear writes `dtype` output here within one rounding of the float32 one
+    (probed once per dtype, as `available`; False sends the output through float32)."""
+    if not available():
+        return False
+    g = torch.Generator().manual_seed(1)
+    a = torch.randint(-127, 128, (5, 40), generator=g, dtype=torch.int8)
+    packed = prepack(torch.randint(-127, 128, (24, 40), generator=g, dtype=torch.int8))
+    scale = torch.rand(24, generator=g) + 0.5
+    try:
+        y = matmul_scaled(a, packed, scale, dtype)
+    except RuntimeError:
+        return False
+    exact = matmul_scaled(a, packed, scale)
+    return y.dtype == dtype and torch.equal(y, exact.to(dtype))
+
+
 def prepack(weight: Tensor) -> Tensor:
     """int8 [N, K] -> oneDNN's blocked layout (an opaque tensor; rebuilt from the checkpoint, never saved)."""
     return torch.ops.onednn.qlinear_prepack(weight, None)
@@ -44,9 +63,11 @@ def _zero_points(n: int) -> Tensor:
     return torch.zeros(n, dtype=torch.int64)  # weight zero points: the codes are already q - z
 
 
-def matmul_scaled(a: Tensor, packed: Tensor, col_scale: Tensor) -> Tensor:
-    """float32 [M, N] = (a @ w.T) * col_scale with a int8 [M, K], the int32 sum exact inside oneDNN."""
+def matmul_scaled(
+    a: Tensor, packed: Tensor, col_scale: Tensor, out_dtype: torch.dtype = torch.float32
+) -> Tensor:
+    """[M, N] = (a @ w.T) * col_scale in out_dtype with a int8 [M, K], the int32 sum exact inside oneDNN."""
     return torch.ops.onednn.qlinear_pointwise(
-        a, 1.0, 0, packed, col_scale, _zero_points(col_scale.shape[0]), None, 1.0, 0, torch.float32,
+        a, 1.0, 0, packed, col_scale, _zero_points(col_scale.shape[0]), None, 1.0, 0, out_dtype,
         "none", [], "",
     )  # fmt: skip
