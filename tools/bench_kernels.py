@@ -55,6 +55,7 @@ from adatsq.quant.kernels import KernelPolicy
 from adatsq.quant.linear import QuantLinear, prepare_kernels, set_kernel_policy
 from adatsq.quant.rtn import rtn
 from adatsq.quant.scheme import ActScheme, WeightScheme
+from adatsq.quant.transforms import TransformScheme, build_transform
 
 SHAPES = (
     ("flux attn 3072->3072", 3072, 3072),
@@ -69,8 +70,8 @@ TOKENS = (256, 1024, 4096)
 SLOW = 4.0  # a method this many times slower than bf16 on its first call is timed once
 REPEATS = {256: 3, 1024: 3, 4096: 2}  # timed rounds per token count (interleaved)
 WARM_MACS = 2e10  # tokens x in x out above which no warm-up round is spent (the largest calls)
-# ours: (label, weight scheme, act bits, kernel policy)
-OURS = (
+# ours: (label, weight scheme, act bits, kernel policy[, outlier transforms])
+OURS: tuple[tuple[Any, ...], ...] = (
     ("ours W8A8", WeightScheme(8, None, True), 8, KernelPolicy()),
     ("ours W8A8 (_int_mm)", WeightScheme(8, None, True), 8, KernelPolicy(onednn=False)),
     ("ours W8A8 (compiled quant)", WeightScheme(8, None, True), 8, KernelPolicy(compiled=True)),
@@ -82,6 +83,13 @@ OURS = (
         KernelPolicy(cache_int8_low_bits=True),
     ),
     ("ours W4A8 (g64 asym, shipped)", WeightScheme(4, 64, False), 8, KernelPolicy()),
+    (
+        "ours W8A8 + smoothing + rotation",
+        WeightScheme(8, None, True),
+        8,
+        KernelPolicy(),
+        TransformScheme(smooth_alpha=0.5, rotate=True),
+    ),
     ("ours W4A16 (g64, dequant cached)", WeightScheme(4, 64, False), None, KernelPolicy()),
     ("ours W4A16 (g64, dequant/call)", WeightScheme(4, 64, False), None, KernelPolicy(cache_dequant=False)),
 )
@@ -256,8 +264,12 @@ def bench_shape(
         "fp32": (lin, tensor_bytes(lin.parameters()), "fp32"),
     }
     ours: dict[str, QuantLinear] = {}
-    for name, scheme, act_bits, policy in OURS:
-        layer = QuantLinear.from_quantized(rtn(lin.weight, scheme), lin.bias, ActScheme(act_bits))
+    act_absmax = torch.rand(K, generator=g) + 0.1  # what calibration would measure, for smoothing
+    for name, scheme, act_bits, policy, *transforms in OURS:
+        W, t = lin.weight.detach(), None
+        if transforms:
+            W, t = build_transform(W, transforms[0], act_absmax)
+        layer = QuantLinear.from_quantized(rtn(W, scheme), lin.bias, ActScheme(act_bits), transform=t)
         layer.kernel_policy = policy
         prepare_kernels(layer, torch.bfloat16)  # compiles now where the policy asks: never timed
         ours[name] = layer
@@ -536,6 +548,20 @@ def goals(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
                     "met_everywhere": wins == len(pairs),
                 }
             )
+    extra = [
+        s["tokens"][t]["ms"]["ours W8A8 + smoothing + rotation"] / s["tokens"][t]["ms"]["ours W8A8"] - 1
+        for s in layers
+        for t in s["tokens"]
+        if int(t) >= 1024 and "ours W8A8 + smoothing + rotation" in s["tokens"][t]["ms"]
+    ]
+    if extra:
+        out.append(
+            {
+                "goal": "cost of smoothing + Hadamard rotation over plain W8A8",
+                "overhead_median": statistics.median(extra),
+                "overhead_max": max(extra),
+            }
+        )
     return out
 
 
@@ -576,6 +602,11 @@ def markdown(report: dict[str, Any]) -> str:
             lines.append(
                 f"- {g['goal']}: min {g['min']:.2f}x, median {g['median']:.2f}x over shapes at >= 1024 "
                 f"tokens -> {verdict}"
+            )
+        elif "overhead_median" in g:
+            lines.append(
+                f"- {g['goal']}: +{g['overhead_median']:.0%} time at the median, +{g['overhead_max']:.0%} "
+                "at most over shapes at >= 1024 tokens"
             )
         else:
             lines.append(
