@@ -17,6 +17,7 @@ from adatsq.quant.transforms import (
     lowrank_split,
     random_signs,
     rotate,
+    scaled_walsh_hadamard,
     smooth_scales,
     transform_hessian,
 )
@@ -50,6 +51,26 @@ def test_rotation_is_orthonormal_and_matches_fast_transform(n):
         torch.testing.assert_close(rotate(x, signs), x @ R, rtol=0, atol=1e-12)
     assert hadamard_block_size(n) == {1: 1, 7: 1, 64: 64, 96: 32, 256: 256, 1152: 128}[n]
     assert rotate(torch.randn(2, n).bfloat16()).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("n", [7, 96, 768, 3 * 16384])  # b = 1; one, two and three WHT factors
+@pytest.mark.parametrize("smooth, rotated", [(True, True), (True, False), (False, True)])
+def test_kernel_form_is_the_same_map(n, smooth, rotated):
+    """walsh_hadamard(x * input_scale) equals (x / smooth) R: float64 exactly, bf16 as the reference."""
+    g = torch.Generator().manual_seed(n)
+    s = torch.rand(n, generator=g) + 0.5 if smooth else None
+    signs = random_signs(n, 3) if rotated else None
+    t = InputTransform(smooth=s, rotation_signs=signs)
+    x = torch.randn(5, n, dtype=torch.float64, generator=g)
+    exact = x / s.double() if smooth else x
+    exact = rotate(exact, signs) if rotated else exact  # the float64 butterfly
+    fast = scaled_walsh_hadamard(x, t.input_scale(), rotated)
+    torch.testing.assert_close(fast, exact, rtol=0, atol=1e-12)
+    assert torch.equal(t.apply(x), exact)
+    y = t.apply(x.bfloat16())  # half precisions: the kernels' form, within bf16 rounding of exact
+    assert y.dtype == torch.bfloat16
+    assert float((y.double() - exact).abs().max() / exact.abs().max()) < 0.02
+    assert InputTransform().input_scale() is None
 
 
 def test_hadamard_power_of_two_is_dense_and_flat():

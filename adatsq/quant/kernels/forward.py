@@ -11,7 +11,7 @@ from adatsq.quant.kernels.actquant import fake_quantized, int8_codes
 from adatsq.quant.kernels.dispatch import INT8_ONEDNN
 from adatsq.quant.kernels.intmm import int8_matmul, pad_weight
 from adatsq.quant.kernels.layouts import KernelState, int8_weight, planar_int8_weight
-from adatsq.quant.transforms import rotate
+from adatsq.quant.transforms import scaled_walsh_hadamard
 
 # Rows per `torch._int_mm` call on the CPU: its int32 / float32 [M, N] intermediates spill out of
 # cache on long inputs (4096 tokens of a 3072^2 layer: 227-236 ms in 4 calls of 1024 rows against
@@ -58,10 +58,7 @@ def _int8_rows(a: Tensor, sx: Tensor, w: Tensor, layer: torch.nn.Module, state: 
 
 def run(layer: torch.nn.Module, state: KernelState, x: Tensor) -> Tensor:
     """The layer's output with the kernel `state` describes (transforms and low-rank branch included)."""
-    if state.smooth is not None:
-        x = x / state.smooth
-    if state.rotation_signs is not None:
-        x = rotate(x, state.rotation_signs)
+    x = scaled_walsh_hadamard(x, state.input_scale, state.rotate)
     y_lowrank = None
     if state.lowrank_a is not None:  # full precision branch on the unquantized transformed input
         y_lowrank = F.linear(F.linear(x, state.lowrank_a), state.lowrank_b)

@@ -89,8 +89,8 @@ class KernelState:
     zero_corr: Tensor | None = None
     bias: Tensor | None = None
     out_dtype: torch.dtype = torch.float32
-    smooth: Tensor | None = None
-    rotation_signs: Tensor | None = None
+    input_scale: Tensor | None = None  # `InputTransform.input_scale` in the input dtype
+    rotate: bool = False  # then `walsh_hadamard`
     lowrank_a: Tensor | None = None
     lowrank_b: Tensor | None = None
 
@@ -140,5 +140,6 @@ def build_state(layer: torch.nn.Module, name: str, key: tuple, dtype: torch.dtyp
     compiled = layer.kernel_policy.compiled and layer.qweight.device.type == "cpu"
     return KernelState(
         name, key, rules, planar, compiled, weight, col_scale, zero_corr, bias, out_dtype,
-        cast(layer.smooth), cast(layer.rotation_signs), cast(layer.lowrank_a), cast(layer.lowrank_b),
+        cast(layer.transform.input_scale()), layer.rotation_signs is not None,
+        cast(layer.lowrank_a), cast(layer.lowrank_b),
     )  # fmt: skip
