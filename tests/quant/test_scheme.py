@@ -138,9 +138,11 @@ def test_activation_codes_need_no_clamp(dtype, bits):
     xf = x if dtype != torch.float64 else x.float()
     scale = xf.abs().amax(dim=-1, keepdim=True).float().clamp_(min=1e-12).div_(qmax)
     clamped = torch.div(xf, scale).round_().clamp_(-qmax, qmax)
+    before = x.clone()
     codes, got_scale = activation_codes(x, bits)
     assert torch.equal(got_scale, scale) and torch.equal(codes, clamped)
     assert int(codes.abs().max()) == qmax
+    assert torch.equal(x, before) and codes.data_ptr() != x.data_ptr()  # the input is never divided in place
 
 
 @pytest.mark.parametrize("magnitude", [1e-5, 1e-3, 1.0, 300.0])
