@@ -55,7 +55,7 @@ from adatsq.quant.linear import QuantLinear, TimestepQuantLinear, prepare_kernel
 # The versions whose loaders call the hooks used here the way they were tested (0.42.1, 5.24.0). Older
 # diffusers (0.35) do not tell a quantizer where the checkpoint files are (maybe_update_loaded_keys).
 SUPPORTED_DIFFUSERS = ">=0.42,<0.43"
-SUPPORTED_TRANSFORMERS = ">=5.24,<5.25"
+SUPPORTED_TRANSFORMERS = ">=5.24,<5.26"
 
 
 class AdatsqMethod(str, Enum):

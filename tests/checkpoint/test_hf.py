@@ -4,12 +4,16 @@ registration, into the very model adatsq.load builds (same samples bit for bit, 
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import diffusers
 import pytest
 import torch
 import transformers
 from diffusers.quantizers import auto as diffusers_auto
+from packaging.specifiers import SpecifierSet
+from packaging.version import Version
 
 import adatsq
 from adatsq.checkpoint import hf
@@ -126,9 +130,10 @@ def test_registration_is_idempotent_and_version_checked(monkeypatch):
     with pytest.raises(ConfigError) as err:
         adatsq.register_with_diffusers()
     text = str(err.value)
-    assert "\n" not in text and "diffusers >=0.42,<0.43, this is diffusers 0.30.0" in text
+    assert "\n" not in text and f"diffusers {hf.SUPPORTED_DIFFUSERS}, this is diffusers 0.30.0" in text
     monkeypatch.setattr(transformers, "__version__", "4.56.0")
-    with pytest.raises(ConfigError, match=r"transformers >=5\.24,<5\.25, this is transformers 4\.56\.0"):
+    expected = f"transformers {hf.SUPPORTED_TRANSFORMERS}, this is transformers 4.56.0"
+    with pytest.raises(ConfigError, match=re.escape(expected)):
         adatsq.register_with_transformers()
 
 
@@ -146,3 +151,16 @@ def test_a_quantized_transformers_model_loads_with_auto_model(tmp_path):
     ids = torch.randint(0, model.config.vocab_size, (2, 9), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, qmodel.adapter.model.lm(input_ids=ids).logits)
+
+
+def test_the_dev_install_stays_in_the_supported_ranges():
+    """`make setup` installs with constraints.txt: a fresh clone must get the versions the integration
+    accepts, not whatever was released last night."""
+    lines = (Path(__file__).parents[2] / "constraints.txt").read_text().splitlines()
+    pins = dict(line.split(">=", 1) for line in lines if line and not line.startswith("#"))
+    assert pins == {
+        "diffusers": hf.SUPPORTED_DIFFUSERS.removeprefix(">="),
+        "transformers": hf.SUPPORTED_TRANSFORMERS.removeprefix(">="),
+    }
+    assert Version(diffusers.__version__) in SpecifierSet(hf.SUPPORTED_DIFFUSERS)
+    assert Version(transformers.__version__) in SpecifierSet(hf.SUPPORTED_TRANSFORMERS)
