@@ -52,8 +52,9 @@ from adatsq.errors import CheckpointError, ConfigError
 from adatsq.models.diffusers.adapter import DiffusersPipelineAdapter
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear, prepare_kernels
 
-# The versions whose loaders call the hooks used here the way they were tested (0.42.1, 5.24.0). Older
-# diffusers (0.35) do not tell a quantizer where the checkpoint files are (maybe_update_loaded_keys).
+# The versions whose loaders call the hooks used here the way they were tested (diffusers 0.42.1;
+# transformers 5.24.0 and 5.25.0). Older diffusers (0.35) do not tell a quantizer where the checkpoint
+# files are (maybe_update_loaded_keys).
 SUPPORTED_DIFFUSERS = ">=0.42,<0.43"
 SUPPORTED_TRANSFORMERS = ">=5.24,<5.26"
 
