@@ -33,8 +33,8 @@ lint: setup
 # The kernel benchmark's own venv: peer libraries (torchao, optimum-quanto) never enter the project's.
 bench-venv: .bench-venv/.installed
 
-.bench-venv/.installed: pyproject.toml
+.bench-venv/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv .bench-venv
 	.bench-venv/bin/python -m pip install --quiet torch==2.13.0
-	.bench-venv/bin/python -m pip install --quiet torchao==0.18.0 optimum-quanto==0.2.7 -e .
+	.bench-venv/bin/python -m pip install --quiet torchao==0.18.0 optimum-quanto==0.2.7 -e . -c constraints.txt
 	touch .bench-venv/.installed
