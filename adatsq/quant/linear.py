@@ -290,7 +290,9 @@ def prepare_kernels(model: nn.Module, dtype: torch.dtype) -> dict[str, str]:
             out[name] = ", ".join(f"w{b}: {k}" for b, k in m.kernels.items())
         elif isinstance(m, QuantLinear) and not any(name.startswith(f"{p}.") for p in out):
             out[name] = m.prepare(dtype)
-    states = [m._kernel_state for m in model.modules() if isinstance(m, QuantLinear)]
-    if any(s is not None and s.compiled_codes for s in states):
-        compiled.warm_up(dtype)
+    layers = [(m, m._kernel_state) for m in model.modules() if isinstance(m, QuantLinear)]
+    codes = any(s is not None and s.compiled_codes for _, s in layers)
+    fake_bits = sorted({m.act.bits for m, s in layers if s is not None and s.compiled_fake})
+    if codes or fake_bits:
+        compiled.warm_up(dtype, codes, fake_bits)
     return out

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from adatsq.quant.kernels import (
     KERNELS,
     KernelPolicy,
+    actquant,
     choose_kernel,
     compiled,
     int8_matmul,
@@ -24,7 +25,7 @@ from adatsq.quant.kernels import (
 )
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear, prepare_kernels, set_kernel_policy
 from adatsq.quant.rtn import rtn
-from adatsq.quant.scheme import WEIGHT_BITS, ActScheme, WeightScheme, activation_codes
+from adatsq.quant.scheme import WEIGHT_BITS, ActScheme, WeightScheme, activation_codes, fake_quant_activation
 from adatsq.quant.transforms import TransformScheme, build_transform, hadamard, rotate
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
@@ -326,8 +327,6 @@ def test_long_inputs_run_in_row_chunks_with_the_same_result(monkeypatch, bits, d
 
 def test_layers_reading_one_tensor_share_its_activation_codes(monkeypatch):
     """q / k / v read the same tensor: quantized once; an in-place edit or a new tensor quantizes again."""
-    from adatsq.quant.kernels import actquant
-
     calls = []
     original = actquant.activation_codes
     monkeypatch.setattr(
@@ -416,3 +415,39 @@ def test_compiled_activation_codes_are_the_eager_codes_bit_for_bit():
         set_kernel_policy(layer, KernelPolicy(compiled=True))
         assert layer.prepare(torch.bfloat16).startswith("int8") and layer._kernel_state.compiled
         assert torch.equal(layer(x.clone()), eager)
+
+
+@pytest.mark.skipif(not compiled.available(), reason="torch.compile needs a C++ compiler")
+def test_compiled_fake_quantization_is_the_eager_one_bit_for_bit(monkeypatch):
+    """The simulated paths (group-wise A8, A4) under KernelPolicy(compiled=True): the same values as
+    `fake_quant_activation`, on edge rows and through layers (a compilation per dtype and bit-width)."""
+    g = torch.Generator().manual_seed(6)
+    rows = torch.cat(
+        [
+            torch.randn(300, 96, generator=g) * torch.logspace(-14, 4, 300)[:, None],
+            torch.randint(-127, 128, (100, 96), generator=g) * torch.rand(100, 1, generator=g),
+            torch.zeros(2, 96),
+        ]
+    )
+    for dtype, bits in ((torch.bfloat16, 8), (torch.float32, 8), (torch.bfloat16, 4)):
+        x = rows.to(dtype)
+        y = compiled.fake_quantized(x, bits)
+        assert y.dtype == dtype and torch.equal(y, fake_quant_activation(x, ActScheme(bits)))
+    calls = []
+    counted = lambda t, bits: calls.append(bits) or compiled.fake_quantized(t, bits)  # noqa: E731
+    monkeypatch.setattr(actquant, "compiled_fake", counted)
+    x = torch.randn(3, 50, IN).bfloat16()
+    for group_size, act_bits in ((32, 8), (None, 4)):
+        layer = _layer(4, group_size, False, act_bits)
+        eager = layer(x)
+        set_kernel_policy(layer, KernelPolicy(compiled=True))
+        assert layer.prepare(torch.bfloat16) == f"dequant-cached+fake-a{act_bits}"
+        assert layer._kernel_state.compiled_fake and not layer._kernel_state.compiled_codes
+        assert torch.equal(layer(x.clone()), eager) and calls[-1] == act_bits
+    assert calls == [8, 4]
+    warmed = []
+    monkeypatch.setattr(compiled, "warm_up", lambda *args: warmed.append(args))
+    model = torch.nn.Sequential(*(_layer(4, 32, False, a) for a in (8, 4, 8)), _layer(8, None, True, 8))
+    set_kernel_policy(model, KernelPolicy(compiled=True))
+    prepare_kernels(model, torch.bfloat16)  # at load: every graph the layers will call, once
+    assert warmed == [(torch.bfloat16, True, [4, 8])]

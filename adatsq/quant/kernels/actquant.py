@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from adatsq.quant.kernels.compiled import fake_quantized as compiled_fake
 from adatsq.quant.kernels.compiled import int8_codes as compiled_codes
 from adatsq.quant.scheme import ActScheme, activation_codes, fake_quant_activation
 
@@ -64,11 +65,19 @@ def int8_codes(x: Tensor, planar: int = 1, compiled: bool = False) -> tuple[Tens
     return _shared(x, ("int8", planar), lambda t: _int8_codes(t, planar))
 
 
-def fake_quantized(x: Tensor, act: ActScheme) -> Tensor:
-    """`fake_quant_activation(x, act)`, shared between the layers that read x."""
+def fake_quantized(x: Tensor, act: ActScheme, compiled: bool = False) -> Tensor:
+    """`fake_quant_activation(x, act)`, shared between the layers that read x; compiled: by the
+    torch.compile'd loop (compiled.py), the same values, so shared with eager results."""
     if act.bits is None:
         return x
-    return _shared(x, ("fake", act.bits), lambda t: fake_quant_activation(t, act))
+    bits = act.bits
+
+    def compute(t: Tensor) -> Tensor:
+        if compiled:
+            return compiled_fake(t.reshape(-1, t.shape[-1]), bits).view_as(t)
+        return fake_quant_activation(t, act)
+
+    return _shared(x, ("fake", bits), compute)
 
 
 def _int8_codes(x: Tensor, planar: int) -> tuple[Tensor, Tensor]:

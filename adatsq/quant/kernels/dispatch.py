@@ -52,8 +52,9 @@ class KernelPolicy:
     unpacking them every call; off by default so "W4A8" keeps 4-bit weights in memory.
     cache_dequant: keep the dequantized weights of A16 / group-wise / A4 layers between calls.
     onednn: run cached int8 weights through oneDNN on CPUs where it works (False: `torch._int_mm`).
-    compiled: quantize the integer kernels' CPU activations in one torch.compile'd loop (~12x faster
-    than eager, the same codes; needs a C++ compiler and ~40 s of compilation per process: compiled.py).
+    compiled: quantize CPU activations in torch.compile'd loops, the same values as eager: the integer
+    kernels' int8 codes (~2x faster) and the simulated paths' fake-quantization (group-wise A8, A4;
+    ~2x); needs a C++ compiler and 10-40 s of compilation per process (compiled.py).
     """
 
     enabled: bool = True

@@ -66,5 +66,5 @@ def run(layer: torch.nn.Module, state: KernelState, x: Tensor) -> Tensor:
         y = int8_linear(x, layer, state)
     else:
         w = state.weight if state.weight is not None else layer.dequantized_weight(x.dtype)
-        y = F.linear(fake_quantized(x, layer.act), w, state.bias)
+        y = F.linear(fake_quantized(x, layer.act, state.compiled_fake), w, state.bias)
     return y if y_lowrank is None else y + y_lowrank

@@ -83,7 +83,7 @@ class KernelState:
     key: tuple
     rules: IntMMRules
     planar: int = 1  # > 1: int8-unpack-per-call unpacks into planar column order (`planar_int8_weight`)
-    compiled: bool = False  # KernelPolicy.compiled on a CPU layer (see `compiled_codes`)
+    compiled: bool = False  # KernelPolicy.compiled on a CPU layer (`compiled_codes`, `compiled_fake`)
     weight: Tensor | None = None
     col_scale: Tensor | None = None
     zero_corr: Tensor | None = None
@@ -103,6 +103,11 @@ class KernelState:
         """Whether the int8 codes come from the compiled loop: column order only (planar codes stay
         eager, where the division writes their order at no cost; inductor's gather ran 2x slower)."""
         return self.compiled and self.integer and self.planar == 1
+
+    @property
+    def compiled_fake(self) -> bool:
+        """Whether the simulated activations (group-wise A8, A4) come from the compiled loop."""
+        return self.compiled and "+fake-a" in self.name
 
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
