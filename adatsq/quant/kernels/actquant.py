@@ -70,14 +70,10 @@ def fake_quantized(x: Tensor, act: ActScheme, compiled: bool = False) -> Tensor:
     torch.compile'd loop (compiled.py), the same values, so shared with eager results."""
     if act.bits is None:
         return x
-    bits = act.bits
-
-    def compute(t: Tensor) -> Tensor:
-        if compiled:
-            return compiled_fake(t.reshape(-1, t.shape[-1]), bits).view_as(t)
-        return fake_quant_activation(t, act)
-
-    return _shared(x, ("fake", bits), compute)
+    key = ("fake", act.bits)
+    if compiled:
+        return _shared(x, key, lambda t: compiled_fake(t.reshape(-1, t.shape[-1]), act.bits).view_as(t))
+    return _shared(x, key, lambda t: fake_quant_activation(t, act))
 
 
 def _int8_codes(x: Tensor, planar: int) -> tuple[Tensor, Tensor]:

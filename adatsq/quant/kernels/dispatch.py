@@ -30,6 +30,7 @@ INT8_ONEDNN = "int8-onednn"
 INT8_PER_CALL = "int8-unpack-per-call"
 DEQUANT_CACHED = "dequant-cached"
 DEQUANT_PER_CALL = "dequant-per-call"
+SIMULATED_ACT = "+fake-a"  # suffix (then the bits) of a kernel name whose activations are fake-quantized
 
 KERNELS = {
     REFERENCE: "unpack + dequantize every call, fake-quantized activations (the reference)",
@@ -97,4 +98,4 @@ def choose_kernel(
         onednn = device_type == "cpu" and policy.onednn and onednn_available
         return INT8_ONEDNN if onednn else INT8_CACHED
     name = DEQUANT_CACHED if policy.cache_dequant else DEQUANT_PER_CALL
-    return name if act_bits is None else f"{name}+fake-a{act_bits}"
+    return name if act_bits is None else f"{name}{SIMULATED_ACT}{act_bits}"

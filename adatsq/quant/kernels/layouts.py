@@ -13,7 +13,13 @@ import torch
 from torch import Tensor
 
 from adatsq.quant.kernels import onednn
-from adatsq.quant.kernels.dispatch import DEQUANT_CACHED, INT8_CACHED, INT8_ONEDNN, INT8_PER_CALL
+from adatsq.quant.kernels.dispatch import (
+    DEQUANT_CACHED,
+    INT8_CACHED,
+    INT8_ONEDNN,
+    INT8_PER_CALL,
+    SIMULATED_ACT,
+)
 from adatsq.quant.kernels.intmm import IntMMRules, int_mm_rules, pad_weight
 from adatsq.quant.pack import unpack
 
@@ -107,7 +113,7 @@ class KernelState:
     @property
     def compiled_fake(self) -> bool:
         """Whether the simulated activations (group-wise A8, A4) come from the compiled loop."""
-        return self.compiled and "+fake-a" in self.name
+        return self.compiled and SIMULATED_ACT in self.name
 
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)
