@@ -2,8 +2,9 @@
 
 Rules (measured on the CPU of tools/bench_kernels.py; reports/kernels.md has the numbers):
 * int8 activations (A8) with one scale per output channel -> the integer path (int32 accumulate, one
-  rescale). 8-bit weights keep a cached int8 copy, on x86 CPUs in oneDNN's prepacked layout (AMX /
-  VNNI; `torch._int_mm` where oneDNN is missing, on CUDA, or with `KernelPolicy(onednn=False)`);
+  rescale). 8-bit weights keep a cached int8 copy, on x86 CPUs for oneDNN (AMX / VNNI; prepacked
+  where that layout runs a JIT kernel, else plain [K, N]: onednn.py), `torch._int_mm` where oneDNN is
+  missing, on CUDA, or with `KernelPolicy(onednn=False)`;
   2-6-bit weights stay packed and are unpacked to int8 for `torch._int_mm` on every call (O(N*K),
   against the O(M*N*K) matmul; oneDNN's prepack costs as much as several matmuls, so not per call).
 * A8 with group-wise weights -> dequantized weights in the activation dtype with fake-quantized
@@ -35,7 +36,7 @@ SIMULATED_ACT = "+fake-a"  # suffix (then the bits) of a kernel name whose activ
 KERNELS = {
     REFERENCE: "unpack + dequantize every call, fake-quantized activations (the reference)",
     INT8_CACHED: "int8 activations x cached int8 weights via torch._int_mm, int32 accumulate",
-    INT8_ONEDNN: "int8 activations x cached int8 weights prepacked for oneDNN (AMX / VNNI), int32 accumulate",
+    INT8_ONEDNN: "int8 activations x cached int8 weights in oneDNN's layout (AMX / VNNI), int32 accumulate",
     INT8_PER_CALL: "int8 activations x weights unpacked to int8 per call (weights stay packed)",
     DEQUANT_CACHED: "weights dequantized once into the activation dtype and cached",
     DEQUANT_PER_CALL: "weights dequantized into the activation dtype every call (weights stay packed)",
