@@ -341,12 +341,13 @@ def test_long_inputs_run_in_row_chunks_with_the_same_result(monkeypatch, bits, d
     set_kernel_policy(layer, KernelPolicy(onednn=False))  # the CPU `_int_mm` path is the one chunked
     x = torch.randn(3, 700, IN).to(dtype)  # 2100 rows: two full chunks of 1024 and a partial one
     assert layer.kernel_for("cpu", dtype) in ("int8-cached", "int8-unpack-per-call")
+    monkeypatch.setattr(forward, "ACC_ELEMENTS", 1024 * OUT)  # 1024 rows per call at this width
     calls = []
     original = torch._int_mm
     monkeypatch.setattr(torch, "_int_mm", lambda a, w: calls.append(a.shape[0]) or original(a, w))
     chunked = layer(x)
     assert calls == [1024, 1024, 52]
-    monkeypatch.setattr(forward, "ROW_CHUNK", 10**9)
+    monkeypatch.setattr(forward, "ACC_ELEMENTS", 10**12)
     layer.prepare(dtype)
     whole = layer(x)
     assert calls[3:] == [2100]
@@ -480,3 +481,24 @@ def test_compiled_fake_quantization_is_the_eager_one_bit_for_bit(monkeypatch):
     set_kernel_policy(model, KernelPolicy(compiled=True))
     prepare_kernels(model, torch.bfloat16)  # at load: every graph the layers will call, once
     assert warmed == [(torch.bfloat16, True, [4, 8])]
+
+
+def test_per_call_unpacks_share_one_buffer_and_each_layer_gets_its_own_weight():
+    """4-bit per-call layers of different widths unpack into one reused buffer: each output is still
+    its own layer's (bit for bit as when it runs alone), and the buffer does not grow past the widest."""
+    from adatsq.quant.kernels import forward
+
+    wide, narrow = (
+        QuantLinear.from_quantized(rtn(torch.randn(n, IN), WeightScheme(4, None, True)), None, ActScheme(8))
+        for n in (64, 24)
+    )
+    x = torch.randn(30, IN)
+    assert wide.kernel_for("cpu", torch.float32) == "int8-unpack-per-call"
+    y_wide = wide(x)
+    buffer = forward._scratch.by_device[torch.device("cpu")]
+    y_narrow = narrow(x)
+    assert torch.equal(wide(x), y_wide)
+    assert torch.equal(narrow(x), y_narrow)
+    assert forward._scratch.by_device[torch.device("cpu")] is buffer and buffer.numel() >= 64 * IN
+    for layer, y in ((wide, y_wide), (narrow, y_narrow)):
+        assert _rel_diff(y, layer.reference_forward(x)) < TOL[torch.float32]

@@ -51,7 +51,8 @@ class KernelPolicy:
 
     enabled: False runs the reference path everywhere (for checks against it).
     cache_int8_low_bits: keep an int8 copy of 2-6-bit weights (1 byte/weight more) instead of
-    unpacking them every call; off by default so "W4A8" keeps 4-bit weights in memory.
+    unpacking them every call; off by default so "W4A8" keeps 4-bit weights in memory (plus one int8
+    buffer the size of the widest layer, reused by every layer's unpack).
     cache_dequant: keep the dequantized weights of A16 / group-wise / A4 layers between calls.
     onednn: run cached int8 weights through oneDNN on CPUs where it works (False: `torch._int_mm`).
     compiled: quantize CPU activations in torch.compile'd loops, the same values as eager: the integer

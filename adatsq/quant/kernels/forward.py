@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -13,11 +15,18 @@ from adatsq.quant.kernels.intmm import int8_matmul, pad_weight
 from adatsq.quant.kernels.layouts import KernelState, int8_weight, planar_int8_weight
 from adatsq.quant.transforms import scaled_walsh_hadamard
 
-# Rows per `torch._int_mm` call on the CPU: its int32 / float32 [M, N] intermediates spill out of
-# cache on long inputs (4096 tokens of a 3072^2 layer: 227-236 ms in 4 calls of 1024 rows against
-# 280-301 ms in one). oneDNN runs whole: its output is the only [M, N] tensor, and chunking it measured
-# slower at every shape (6400 x 128 -> 512: 1.6 against 3.9 ms; 4096 x 3072^2: 93 against 104 ms).
-ROW_CHUNK = 1024
+# Elements of the int32 / float32 [M, N] intermediates per `torch._int_mm` call on the CPU: past this
+# they spill out of cache (Xeon, 4096 tokens of a 3072^2 layer: 227-236 ms in 4 calls of 1024 rows
+# against 280-301 ms in one; EPYC Zen 5, 1024 tokens of 3072 -> 12288: 59 ms in calls of 256 rows
+# against 99 ms in one, 1536 -> 8960: 23 against 42 ms), so wide layers take fewer rows per call.
+# oneDNN runs whole: its output is the only [M, N] tensor, and chunking it measured slower at every
+# shape (6400 x 128 -> 512: 1.6 against 3.9 ms; 4096 x 3072^2: 93 against 104 ms).
+ACC_ELEMENTS = 1024 * 3072
+
+
+def row_chunk(out_features: int) -> int:
+    """Rows per CPU `_int_mm` call: ACC_ELEMENTS over the layer's width (1024 rows at N = 3072)."""
+    return max(16, ACC_ELEMENTS // out_features)
 
 
 def int8_linear(x: Tensor, layer: torch.nn.Module, state: KernelState) -> Tensor:
@@ -25,21 +34,46 @@ def int8_linear(x: Tensor, layer: torch.nn.Module, state: KernelState) -> Tensor
 
     a are the same per-token codes the reference fake-quantizes (`activation_codes`), w = q - z, so this
     is the reference function; only the float rounding of the products differs. Rows are independent
-    (per-token codes), so the CPU `_int_mm` path runs them in chunks of ROW_CHUNK with the same result.
+    (per-token codes), so the CPU `_int_mm` path runs them in chunks of `row_chunk` with the same result.
     """
     lead = x.shape[:-1]
     codes, sx = int8_codes(x, state.planar, state.compiled_codes)
     w = state.weight
     if w is None:  # weights stay packed: unpack to int8 now, O(N*K) against the O(M*N*K) matmul
-        unpack = planar_int8_weight if state.planar > 1 else int8_weight
-        w = pad_weight(unpack(layer.qweight, layer.zeros, layer.bits, layer.in_features), state.rules)
-    if codes.shape[0] <= ROW_CHUNK or state.name == INT8_ONEDNN or x.device.type != "cpu":
+        w = pad_weight(_unpacked_int8(layer, state), state.rules)
+    chunk = row_chunk(layer.out_features)
+    if codes.shape[0] <= chunk or state.name == INT8_ONEDNN or x.device.type != "cpu":
         return _int8_rows(codes, sx, w, layer, state).to(x.dtype).reshape(*lead, layer.out_features)
     y = torch.empty(codes.shape[0], layer.out_features, dtype=x.dtype, device=x.device)
-    for start in range(0, codes.shape[0], ROW_CHUNK):
-        rows = slice(start, start + ROW_CHUNK)
+    for start in range(0, codes.shape[0], chunk):
+        rows = slice(start, start + chunk)
         y[rows] = _int8_rows(codes[rows], sx[rows], w, layer, state)
     return y.reshape(*lead, layer.out_features)
+
+
+class _Scratch(threading.local):
+    def __init__(self) -> None:
+        self.by_device: dict[torch.device, Tensor] = {}
+
+
+_scratch = _Scratch()
+
+
+def _unpacked_int8(layer: torch.nn.Module, state: KernelState) -> Tensor:
+    """The layer's int8 weight, unpacked now; planar codes into one int8 buffer per thread and device,
+    grown to the widest layer and reused by every layer's call (used only until this call returns).
+
+    A fresh [N, K] allocation per call cost more than the unpack itself: 18 ms against 2.5 ms at
+    3072 -> 12288 on 2 threads (EPYC Zen 5), the page faults of first touching 38 MB every call.
+    """
+    if state.planar == 1:
+        return int8_weight(layer.qweight, layer.zeros, layer.bits, layer.in_features)
+    numel, device = layer.out_features * layer.in_features, layer.qweight.device
+    buffer = _scratch.by_device.get(device)
+    if buffer is None or buffer.numel() < numel:
+        buffer = _scratch.by_device[device] = torch.empty(numel, dtype=torch.int8, device=device)
+    out = buffer[:numel].view(layer.out_features, layer.in_features)
+    return planar_int8_weight(layer.qweight, layer.zeros, layer.bits, layer.in_features, out)
 
 
 def _int8_rows(a: Tensor, sx: Tensor, w: Tensor, layer: torch.nn.Module, state: KernelState) -> Tensor:
