@@ -7,6 +7,7 @@ import sys
 import pytest
 
 from adatsq.cli import main
+from adatsq.quant.kernels import onednn
 
 FAST_RECIPE = """
 method: gptq
@@ -62,6 +63,19 @@ def test_inspect_has_a_kernel_column(checkpoint, capsys):
     assert main(["inspect", str(checkpoint)]) == 0
     out = capsys.readouterr().out
     assert "kernel (cpu, float32)" in out and "fake-a8" in out
+
+
+@pytest.mark.skipif(not onednn.available(), reason="oneDNN int8 linear not usable here")
+def test_inspect_names_the_onednn_layout_this_cpu_runs(tmp_path, capsys):
+    recipe = tmp_path / "w8a8.yaml"
+    recipe.write_text(
+        "method: rtn\nweight: {bits: 8, group_size: null, symmetric: true}\nactivation: {bits: 8}\n"
+    )
+    assert main(["quantize", "reference", "--recipe", str(recipe), "--out", str(tmp_path / "ckpt")]) == 0
+    capsys.readouterr()
+    assert main(["inspect", str(tmp_path / "ckpt")]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert " int8-onednn " in "\n".join(out[:-1]) and out[-1].endswith(f"oneDNN's {onednn.layout()}")
 
 
 def test_eval_in_a_fresh_process(checkpoint):

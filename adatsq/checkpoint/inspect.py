@@ -17,6 +17,7 @@ from adatsq.models.layers import sensitive_layers
 from adatsq.models.resolve import adapter_for
 from adatsq.plan.inspect import inspect_plan_file
 from adatsq.quant.kernels import choose_kernel, onednn
+from adatsq.quant.kernels.dispatch import INT8_ONEDNN
 
 
 def layer_kernel(layer: dict[str, Any], act_bits: int | None) -> str:
@@ -61,6 +62,8 @@ def inspect_checkpoint(directory: Path, verify: bool = True) -> str:
         f"{len(config['segments'])} timestep segment(s) over {config['num_steps']} steps; "
         f"{quantized_bytes} bytes in quantized layers, {total - quantized_bytes} in the rest, {total} total"
     )
+    if any(INT8_ONEDNN in row[4] for row in rows):
+        summary += f"; its int8-onednn layers run oneDNN's {onednn.layout()}"
     header = ["layer", "bits/segment", "group", "scheme", "kernel (cpu, float32)", "bytes"]
     return table(header, rows) + "\n" + summary
 

@@ -65,6 +65,13 @@ def prepack(weight: Tensor) -> Tensor:
     return _plain(weight)
 
 
+def layout() -> str:
+    """The weight layout `prepack` writes on this CPU, in words (for `adatsq inspect`)."""
+    if blocked_layout_runs_jit():
+        return "prepacked blocked layout"
+    return "plain [K, N] layout (the prepacked one has no JIT kernel on this CPU)"
+
+
 def _plain(weight: Tensor) -> Tensor:
     return weight.t().contiguous().to_mkldnn()
 
