@@ -495,10 +495,21 @@ def test_per_call_unpacks_share_one_buffer_and_each_layer_gets_its_own_weight():
     x = torch.randn(30, IN)
     assert wide.kernel_for("cpu", torch.float32) == "int8-unpack-per-call"
     y_wide = wide(x)
-    buffer = forward._scratch.by_device[torch.device("cpu")]
+    buffer = forward._scratch.buffers[(torch.device("cpu"), torch.int8)]
     y_narrow = narrow(x)
     assert torch.equal(wide(x), y_wide)
     assert torch.equal(narrow(x), y_narrow)
-    assert forward._scratch.by_device[torch.device("cpu")] is buffer and buffer.numel() >= 64 * IN
+    assert forward._scratch.buffers[(torch.device("cpu"), torch.int8)] is buffer and buffer.numel() >= 64 * IN
     for layer, y in ((wide, y_wide), (narrow, y_narrow)):
         assert _rel_diff(y, layer.reference_forward(x)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_per_call_dequantization_is_the_reference_weight_bit_for_bit(dtype):
+    """dequant-per-call writes (q - z) * s in place into the shared buffer: the same bits as
+    `dequantized_weight` for every bit-width, per channel, exact and partial groups."""
+    from adatsq.quant.kernels import forward
+
+    for bits, group_size in itertools.product(WEIGHT_BITS, (None, 20, 32)):
+        layer = _layer(bits, group_size, False, None, seed=bits)
+        assert torch.equal(forward._dequantized_per_call(layer, dtype), layer.dequantized_weight(dtype))

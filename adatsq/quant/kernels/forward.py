@@ -12,7 +12,7 @@ from adatsq.quant.kernels import onednn
 from adatsq.quant.kernels.actquant import fake_quantized, int8_codes
 from adatsq.quant.kernels.dispatch import INT8_ONEDNN
 from adatsq.quant.kernels.intmm import int8_matmul, pad_weight
-from adatsq.quant.kernels.layouts import KernelState, int8_weight, planar_int8_weight
+from adatsq.quant.kernels.layouts import KernelState, codes_per_byte, int8_weight, planar_int8_weight
 from adatsq.quant.transforms import scaled_walsh_hadamard
 
 # Elements of the int32 / float32 [M, N] intermediates per `torch._int_mm` call on the CPU: past this
@@ -53,27 +53,53 @@ def int8_linear(x: Tensor, layer: torch.nn.Module, state: KernelState) -> Tensor
 
 class _Scratch(threading.local):
     def __init__(self) -> None:
-        self.by_device: dict[torch.device, Tensor] = {}
+        self.buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
 
 _scratch = _Scratch()
 
 
-def _unpacked_int8(layer: torch.nn.Module, state: KernelState) -> Tensor:
-    """The layer's int8 weight, unpacked now; planar codes into one int8 buffer per thread and device,
-    grown to the widest layer and reused by every layer's call (used only until this call returns).
+def _scratch_matrix(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """A [rows, cols] tensor from one buffer per thread, device and dtype, grown to the widest layer and
+    reused by every layer's call (so valid only until the call that asked for it returns).
 
-    A fresh [N, K] allocation per call cost more than the unpack itself: 18 ms against 2.5 ms at
-    3072 -> 12288 on 2 threads (EPYC Zen 5), the page faults of first touching 38 MB every call.
+    A fresh [N, K] weight per call cost more than computing it: 18 ms against 2.5 ms of unpacking at
+    3072 -> 12288 on 2 threads (EPYC Zen 5), the page faults of first touching 38 MB every call
+    (allocations past glibc's 32 MB mmap threshold are never reused).
     """
+    buffer = _scratch.buffers.get((device, dtype))
+    if buffer is None or buffer.numel() < rows * cols:
+        buffer = _scratch.buffers[(device, dtype)] = torch.empty(rows * cols, dtype=dtype, device=device)
+    return buffer[: rows * cols].view(rows, cols)
+
+
+def _unpacked_int8(layer: torch.nn.Module, state: KernelState) -> Tensor:
+    """The layer's int8 weight, unpacked now (planar codes into the shared buffer)."""
     if state.planar == 1:
         return int8_weight(layer.qweight, layer.zeros, layer.bits, layer.in_features)
-    numel, device = layer.out_features * layer.in_features, layer.qweight.device
-    buffer = _scratch.by_device.get(device)
-    if buffer is None or buffer.numel() < numel:
-        buffer = _scratch.by_device[device] = torch.empty(numel, dtype=torch.int8, device=device)
-    out = buffer[:numel].view(layer.out_features, layer.in_features)
+    out = _scratch_matrix(layer.out_features, layer.in_features, torch.int8, layer.qweight.device)
     return planar_int8_weight(layer.qweight, layer.zeros, layer.bits, layer.in_features, out)
+
+
+def _dequantized_per_call(layer: torch.nn.Module, dtype: torch.dtype) -> Tensor:
+    """`layer.dequantized_weight(dtype)` bit for bit ((q - z) * s, the same ops in dtype, in place), in the
+    shared buffer, every temporary at most one code slot (N * K / k bytes) instead of four [N, K] ones."""
+    n, cols, bits = layer.out_features, layer.in_features, layer.bits
+    k = codes_per_byte(bits, cols)
+    exact_groups = layer.group_size is None or cols % layer.group_size == 0
+    if not exact_groups or (k == 1 and bits != 8):  # partial group, 3 / 6 bits: the reference's way
+        return layer.dequantized_weight(dtype)
+    w = _scratch_matrix(n, cols, dtype, layer.qweight.device)
+    if bits == 8:
+        w.copy_(layer.qweight)
+    else:
+        slots = w.view(n, cols // k, k)
+        for slot in range(k):  # code slot i of every byte is column i of every run of k (pack.unpack)
+            field = layer.qweight >> (slot * bits)
+            slots[:, :, slot].copy_(field if slot == k - 1 else field.bitwise_and_(2**bits - 1))
+    groups = w.view(n, layer.scales.shape[1], -1)
+    groups.sub_(layer.zeros.to(dtype)[:, :, None]).mul_(layer.scales.to(dtype)[:, :, None])
+    return w
 
 
 def _int8_rows(a: Tensor, sx: Tensor, w: Tensor, layer: torch.nn.Module, state: KernelState) -> Tensor:
@@ -99,6 +125,6 @@ def run(layer: torch.nn.Module, state: KernelState, x: Tensor) -> Tensor:
     if state.integer:
         y = int8_linear(x, layer, state)
     else:
-        w = state.weight if state.weight is not None else layer.dequantized_weight(x.dtype)
+        w = state.weight if state.weight is not None else _dequantized_per_call(layer, x.dtype)
         y = F.linear(fake_quantized(x, layer.act, state.compiled_fake), w, state.bias)
     return y if y_lowrank is None else y + y_lowrank
