@@ -53,7 +53,8 @@ class KernelPolicy:
     cache_int8_low_bits: keep an int8 copy of 2-6-bit weights (1 byte/weight more) instead of
     unpacking them every call; off by default so "W4A8" keeps 4-bit weights in memory (plus one int8
     buffer the size of the widest layer, reused by every layer's unpack).
-    cache_dequant: keep the dequantized weights of A16 / group-wise / A4 layers between calls.
+    cache_dequant: keep the dequantized weights of A16 / group-wise / A4 layers between calls (False:
+    dequantize every call into one buffer the size of the widest layer, reused by every layer).
     onednn: run cached int8 weights through oneDNN on CPUs where it works (False: `torch._int_mm`).
     compiled: quantize CPU activations in torch.compile'd loops, the same values as eager: the integer
     kernels' int8 codes (~2x faster) and the simulated paths' fake-quantization (group-wise A8, A4;
