@@ -513,3 +513,32 @@ def test_per_call_dequantization_is_the_reference_weight_bit_for_bit(dtype):
     for bits, group_size in itertools.product(WEIGHT_BITS, (None, 20, 32)):
         layer = _layer(bits, group_size, False, None, seed=bits)
         assert torch.equal(forward._dequantized_per_call(layer, dtype), layer.dequantized_weight(dtype))
+
+
+def test_shared_buffers_work_in_and_out_of_inference_mode_and_under_autograd():
+    """A buffer first made under inference mode stays writable outside it; with a gradient to compute,
+    dequant-per-call gives the weight a tensor of its own (the shared one would be overwritten before
+    backward)."""
+    from adatsq.quant.kernels import forward
+
+    forward._scratch.buffers.clear()  # this test makes them
+    layers = [_layer(4, 20, False, None, seed=1), _layer(4, None, True, 8, seed=2)]
+    for layer in layers:
+        set_kernel_policy(layer, KernelPolicy(cache_dequant=False))
+    assert [layer.kernel_for("cpu", torch.float32) for layer in layers] == [
+        "dequant-per-call",
+        "int8-unpack-per-call",
+    ]
+    x = torch.randn(20, IN)
+    with torch.inference_mode():
+        first = [layer(x) for layer in layers]
+    with torch.no_grad():
+        assert all(torch.equal(layer(x), y) for layer, y in zip(layers, first, strict=True))
+    xg = x.clone().requires_grad_()
+    dequant = layers[0]
+    y = dequant(xg)
+    layers[0](torch.randn(5, IN))  # another call rewrites the shared buffer before backward
+    y.square().sum().backward()
+    xr = x.clone().requires_grad_()
+    dequant.reference_forward(xr).square().sum().backward()
+    assert torch.allclose(xg.grad, xr.grad, rtol=1e-5, atol=1e-6)

@@ -69,7 +69,9 @@ def _scratch_matrix(rows: int, cols: int, dtype: torch.dtype, device: torch.devi
     """
     buffer = _scratch.buffers.get((device, dtype))
     if buffer is None or buffer.numel() < rows * cols:
-        buffer = _scratch.buffers[(device, dtype)] = torch.empty(rows * cols, dtype=dtype, device=device)
+        with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
+            buffer = torch.empty(rows * cols, dtype=dtype, device=device)
+        _scratch.buffers[(device, dtype)] = buffer
     return buffer[: rows * cols].view(rows, cols)
 
 
@@ -125,6 +127,9 @@ def run(layer: torch.nn.Module, state: KernelState, x: Tensor) -> Tensor:
     if state.integer:
         y = int8_linear(x, layer, state)
     else:
-        w = state.weight if state.weight is not None else _dequantized_per_call(layer, x.dtype)
+        w = state.weight
+        if w is None:  # autograd keeps the weight for x's gradient: then a tensor of its own
+            keep = torch.is_grad_enabled() and x.requires_grad
+            w = layer.dequantized_weight(x.dtype) if keep else _dequantized_per_call(layer, x.dtype)
         y = F.linear(fake_quantized(x, layer.act, state.compiled_fake), w, state.bias)
     return y if y_lowrank is None else y + y_lowrank
