@@ -53,8 +53,13 @@ def pack(codes: Tensor, bits: int) -> Tensor:
     return packed.reshape(rows, n_chunks * nb)[:, : packed_cols(cols, bits)].contiguous()
 
 
-def unpack(packed: Tensor, bits: int, cols: int) -> Tensor:
-    """uint8 [R, ceil(cols*bits/8)] -> uint8 codes [R, cols]; the inverse of `pack`."""
+def unpack(packed: Tensor, bits: int, cols: int, out: Tensor | None = None) -> Tensor:
+    """uint8 [R, ceil(cols*bits/8)] -> uint8 codes [R, cols]; the inverse of `pack`.
+
+    out: a [R, cols] tensor of any dtype to write the codes into instead (returned). 2/4-bit codes
+    whose rows fill whole bytes go in one code slot at a time, no temporary larger than one slot
+    (R * cols / k bytes): the per-call kernels dequantize into a shared buffer this way.
+    """
     k, nb = _chunk(bits)
     rows = packed.shape[0]
     if packed.dtype != torch.uint8 or tuple(packed.shape) != (rows, packed_cols(cols, bits)):
@@ -62,9 +67,20 @@ def unpack(packed: Tensor, bits: int, cols: int) -> Tensor:
             f"unpack expects uint8 [rows, {packed_cols(cols, bits)}] for {cols} {bits}-bit codes; "
             f"got {packed.dtype} {tuple(packed.shape)}"
         )
+    if out is not None and nb == 1 and k > 1 and cols % k == 0:
+        slots = out.view(rows, cols // k, k)  # code slot i of byte j is column j * k + i
+        for i in range(k):
+            field = packed >> (i * bits)
+            slots[:, :, i].copy_(field if i == k - 1 else field.bitwise_and_(2**bits - 1))
+        return out
+    codes = _unpacked(packed, bits, cols, k, nb)
+    return codes if out is None else out.copy_(codes)
+
+
+def _unpacked(packed: Tensor, bits: int, cols: int, k: int, nb: int) -> Tensor:
     if bits == 8:
         return packed
-    n_chunks = -(-cols // k)
+    rows, n_chunks = packed.shape[0], -(-cols // k)
     p = packed
     if n_chunks * nb != p.shape[1]:
         p = torch.zeros(rows, n_chunks * nb, dtype=torch.uint8, device=packed.device)

@@ -7,7 +7,7 @@ rounds x_fq and W to bf16 before its matmul, the int8 path rounds only its outpu
 
 import copy
 import itertools
-import time
+import timeit
 
 import pytest
 import torch
@@ -145,12 +145,7 @@ def test_onednn_matmul_is_the_exact_integer_product_times_the_scale(layout, m, k
 
 def _fastest_ms(fn):
     fn()
-    times = []
-    for _ in range(5):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
+    return 1e3 * min(timeit.repeat(fn, number=1, repeat=5))
 
 
 @needs_onednn

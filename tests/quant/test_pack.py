@@ -39,3 +39,20 @@ def test_pack_rejects_bad_input():
         pack(torch.full((2, 2), 16, dtype=torch.uint8), 4)
     with pytest.raises(ConfigError, match="unpack expects"):
         unpack(torch.zeros(2, 3, dtype=torch.uint8), 4, 8)
+
+
+@pytest.mark.parametrize("bits", WEIGHT_BITS)
+@pytest.mark.parametrize("cols", [7, 8, 24])
+def test_unpack_into_out_writes_the_same_codes_in_its_dtype(bits, cols):
+    """`out=` (slot by slot for 2/4 bits on whole bytes, else a copy) holds exactly the unpacked codes."""
+    codes = torch.randint(
+        0, 2**bits, (5, cols), generator=torch.Generator().manual_seed(bits), dtype=torch.uint8
+    )
+    packed = pack(codes, bits)
+    for dtype in (torch.uint8, torch.bfloat16, torch.float32):
+        out = (
+            torch.full((5, cols), -1.0).to(dtype)
+            if dtype.is_floating_point
+            else torch.zeros(5, cols, dtype=dtype)
+        )
+        assert unpack(packed, bits, cols, out=out) is out and torch.equal(out, codes.to(dtype))

@@ -12,7 +12,8 @@ from adatsq.quant.kernels import onednn
 from adatsq.quant.kernels.actquant import fake_quantized, int8_codes
 from adatsq.quant.kernels.dispatch import INT8_ONEDNN
 from adatsq.quant.kernels.intmm import int8_matmul, pad_weight
-from adatsq.quant.kernels.layouts import KernelState, codes_per_byte, int8_weight, planar_int8_weight
+from adatsq.quant.kernels.layouts import KernelState, int8_weight, planar_int8_weight
+from adatsq.quant.pack import unpack
 from adatsq.quant.transforms import scaled_walsh_hadamard
 
 # Elements of the int32 / float32 [M, N] intermediates per `torch._int_mm` call on the CPU: past this
@@ -84,21 +85,12 @@ def _unpacked_int8(layer: torch.nn.Module, state: KernelState) -> Tensor:
 
 
 def _dequantized_per_call(layer: torch.nn.Module, dtype: torch.dtype) -> Tensor:
-    """`layer.dequantized_weight(dtype)` bit for bit ((q - z) * s, the same ops in dtype, in place), in the
-    shared buffer, every temporary at most one code slot (N * K / k bytes) instead of four [N, K] ones."""
-    n, cols, bits = layer.out_features, layer.in_features, layer.bits
-    k = codes_per_byte(bits, cols)
-    exact_groups = layer.group_size is None or cols % layer.group_size == 0
-    if not exact_groups or (k == 1 and bits != 8):  # partial group, 3 / 6 bits: the reference's way
+    """`layer.dequantized_weight(dtype)` bit for bit ((q - z) * s, the same ops in dtype, in place) in the
+    shared buffer: codes unpacked slot by slot into it (`unpack(out=)`), no [N, K] temporaries."""
+    n, cols = layer.out_features, layer.in_features
+    if layer.group_size is not None and cols % layer.group_size:  # partial last group: the reference's way
         return layer.dequantized_weight(dtype)
-    w = _scratch_matrix(n, cols, dtype, layer.qweight.device)
-    if bits == 8:
-        w.copy_(layer.qweight)
-    else:
-        slots = w.view(n, cols // k, k)
-        for slot in range(k):  # code slot i of every byte is column i of every run of k (pack.unpack)
-            field = layer.qweight >> (slot * bits)
-            slots[:, :, slot].copy_(field if slot == k - 1 else field.bitwise_and_(2**bits - 1))
+    w = unpack(layer.qweight, layer.bits, cols, out=_scratch_matrix(n, cols, dtype, layer.qweight.device))
     groups = w.view(n, layer.scales.shape[1], -1)
     groups.sub_(layer.zeros.to(dtype)[:, :, None]).mul_(layer.scales.to(dtype)[:, :, None])
     return w

@@ -13,7 +13,7 @@ and the plain [K, N] layout runs its VNNI kernel instead: `prepack` picks per CP
 from __future__ import annotations
 
 import functools
-import time
+import timeit
 
 import torch
 from torch import Tensor
@@ -98,13 +98,8 @@ def blocked_layout_runs_jit() -> bool:
 
 
 def _fastest_call(a: Tensor, packed: Tensor, scale: Tensor) -> float:
-    matmul_scaled(a, packed, scale)
-    times = []
-    for _ in range(3):
-        start = time.perf_counter()
-        matmul_scaled(a, packed, scale)
-        times.append(time.perf_counter() - start)
-    return min(times)
+    matmul_scaled(a, packed, scale)  # warm-up: oneDNN builds the kernel
+    return min(timeit.repeat(lambda: matmul_scaled(a, packed, scale), number=1, repeat=3))
 
 
 @functools.lru_cache(maxsize=64)
