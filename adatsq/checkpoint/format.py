@@ -67,9 +67,10 @@ class LayerSpec:
     bits: tuple[int, ...]  # weight bits at each segment
     group_size: int | None
     symmetric: bool
+    integer_group_scales: bool = False
 
     def scheme(self, bits: int) -> WeightScheme:
-        return WeightScheme(bits=bits, group_size=self.group_size, symmetric=self.symmetric)
+        return WeightScheme(bits, self.group_size, self.symmetric, self.integer_group_scales)
 
 
 def variant_prefix(name: str, bits: int) -> str:

@@ -33,12 +33,19 @@ def layer_kernel(layer: dict[str, Any], act_bits: int | None) -> str:
             "cpu",
             torch.float32,
             onednn_available=onednn.available(),
+            integer_groups=layer.get("integer_group_scales", False),
         )
         for b in bits
     ]
     pairs = zip(bits, kernels, strict=True)
     text = kernels[0] if len(bits) == 1 else ", ".join(f"w{b}: {k}" for b, k in pairs)
     return f"{text} (A4 simulated)" if act_bits == 4 else text
+
+
+def group_text(layer: dict[str, Any]) -> str:
+    """The group column: its size ("channel" for one per row), "int" marking integer group scales."""
+    text = str(layer["group_size"] or "channel")
+    return f"{text} int" if layer.get("integer_group_scales") else text
 
 
 def inspect_checkpoint(directory: Path, verify: bool = True) -> str:
@@ -54,7 +61,7 @@ def inspect_checkpoint(directory: Path, verify: bool = True) -> str:
         scheme = f"{'sym' if layer['symmetric'] else 'asym'} W{'/'.join(map(str, layer['bits']))}" + (
             f" A{act}" if act else ""
         )
-        rows.append([name, "/".join(map(str, layer["bits"])), str(layer["group_size"] or "channel"), scheme,
+        rows.append([name, "/".join(map(str, layer["bits"])), group_text(layer), scheme,
                      layer_kernel(layer, act), str(nbytes)])  # fmt: skip
     total = sum(sizes.values())
     summary = (

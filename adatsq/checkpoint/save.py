@@ -95,6 +95,8 @@ def checkpoint_config(qmodel: QuantizedModel) -> dict[str, Any]:
             "in_features": variant.in_features,
             "out_features": variant.out_features,
         }
+        if spec.integer_group_scales:  # written only when set: older readers and configs stay as they were
+            layers[name]["integer_group_scales"] = True
     return {
         "format_version": FORMAT_VERSION,
         "adatsq_version": __version__,

@@ -28,8 +28,12 @@ from adatsq.quant.scheme import ACT_BITS, WEIGHT_BITS, n_groups
 _VARIANT_KEY = re.compile(r"(?P<layer>.+)\.w(?P<bits>\d+)\.(?P<buffer>[a-z_]+)")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 LAYER_KEYS = {"bits", "group_size", "symmetric", "in_features", "out_features"}
+OPTIONAL_LAYER_KEYS = {"integer_group_scales"}  # absent = false
 FLOATS = ("F16", "BF16", "F32", "F64")
-BUFFERS = {"qweight", "scales", "zeros", "bias", "smooth", "rotation_signs", "lowrank_a", "lowrank_b"}
+BUFFERS = {
+    "qweight", "scales", "zeros", "channel_scales", "bias", "smooth", "rotation_signs", "lowrank_a",
+    "lowrank_b",
+}  # fmt: skip
 FIX = "re-run quantize (the checkpoint was edited, damaged or written by another tool)"
 
 Specs = dict[str, tuple[str, tuple[int, ...]]]  # tensor key -> (safetensors dtype, shape)
@@ -126,8 +130,9 @@ def _check_schedule(path: Path, config: dict[str, Any]) -> None:
 
 def _check_layer(path: Path, name: str, layer: Any, segments: int) -> None:
     field = f"layers[{name!r}]"
-    if not isinstance(layer, dict) or set(layer) != LAYER_KEYS:
-        raise _bad(path, field, layer, f"an object with exactly the keys {sorted(LAYER_KEYS)}")
+    if not isinstance(layer, dict) or not LAYER_KEYS <= set(layer) <= LAYER_KEYS | OPTIONAL_LAYER_KEYS:
+        keys = f"the keys {sorted(LAYER_KEYS)} and optionally {sorted(OPTIONAL_LAYER_KEYS)}"
+        raise _bad(path, field, layer, f"an object with exactly {keys}")
     bits = layer["bits"]
     if not isinstance(bits, list) or len(bits) != segments or not all(_is_int(b) for b in bits):
         raise _bad(path, f"{field}.bits", bits, f"a list of {segments} ints (one per timestep segment)")
@@ -139,6 +144,11 @@ def _check_layer(path: Path, name: str, layer: Any, segments: int) -> None:
         raise _bad(path, f"{field}.group_size", group, "null (per channel) or a positive integer")
     if not isinstance(layer["symmetric"], bool):
         raise _bad(path, f"{field}.symmetric", layer["symmetric"], "true or false")
+    integer = layer.get("integer_group_scales", False)
+    if not isinstance(integer, bool) or (integer and (group is None or 8 in bits)):
+        raise _bad(
+            path, f"{field}.integer_group_scales", integer, "false, or true with a group_size and bits <= 6"
+        )
     for key in ("in_features", "out_features"):
         if not _is_int(layer[key]) or layer[key] <= 0:
             raise _bad(path, f"{field}.{key}", layer[key], "a positive integer")
@@ -186,6 +196,7 @@ def _expected_buffers(layer: dict[str, Any], bits: int, buffers: dict[str, str],
         "bias": (FLOATS, (out,)),
         "smooth": (FLOATS, (inp,)),
         "rotation_signs": (FLOATS, (inp,)),
+        "channel_scales": (("F16",), (out,)),
     }
     if "lowrank_a" in buffers:
         shape = specs[buffers["lowrank_a"]][1]
@@ -210,6 +221,14 @@ def _check_variant(
             raise _tensor_error(
                 files, prefix + required, "is missing", f"every {bits}-bit variant the config lists stores it"
             )
+    if ("channel_scales" in buffers) != layer.get("integer_group_scales", False):
+        problem = "is present" if "channel_scales" in buffers else "is missing"
+        raise _tensor_error(
+            files,
+            prefix + "channel_scales",
+            problem,
+            "exactly in the layers whose config sets integer_group_scales",
+        )
     if ("lowrank_a" in buffers) != ("lowrank_b" in buffers):
         raise _tensor_error(
             files, prefix + "lowrank_a", "and lowrank_b are not both present", "both or neither"

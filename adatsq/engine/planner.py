@@ -89,7 +89,8 @@ def solve_candidates(
     variants: dict[str, dict[int, Variant]] = {}
     errors: dict[str, np.ndarray] = {}
     tokens: dict[str, float] = {}
-    spec = LayerSpec((bits[0],), recipe.weight.group_size, recipe.weight.symmetric)
+    weight = recipe.weight
+    spec = LayerSpec((bits[0],), weight.group_size, weight.symmetric, weight.integer_group_scales)
 
     def solve(group: dict[str, LayerStats]) -> ShareResult:
         solved = {}

@@ -75,6 +75,8 @@ class ShareStore:
                 tensors.update(
                     {prefix + "qweight": w.qweight, prefix + "scales": w.scales, prefix + "zeros": w.zeros}
                 )
+                if w.channel_scales is not None:
+                    tensors[prefix + "channel_scales"] = w.channel_scales
                 for f in TRANSFORM_FIELDS:
                     if getattr(t, f) is not None:
                         tensors[prefix + f] = getattr(t, f)
@@ -127,6 +129,7 @@ def _layer(f: Any, name: str, entry: dict[str, Any]) -> LayerResult:
             bits,
             v["group_size"],
             v["in_features"],
+            f.get_tensor(prefix + "channel_scales") if prefix + "channel_scales" in keys else None,
         )
         transform = InputTransform(
             **{t: f.get_tensor(prefix + t) if prefix + t in keys else None for t in TRANSFORM_FIELDS}

@@ -64,6 +64,7 @@ def quantize(
             bits=tuple(layer_bits[name]) if layer_bits else (recipe.weight.bits,) * groups,
             group_size=recipe.weight.group_size,
             symmetric=recipe.weight.symmetric,
+            integer_group_scales=recipe.weight.integer_group_scales,
         )
         for name in layers
     }

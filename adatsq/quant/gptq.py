@@ -25,7 +25,7 @@ from torch import Tensor
 
 from adatsq.errors import CalibrationError, ConfigError
 from adatsq.quant.gptq_factor import damped_inverse_factor_, objective, permute_rows_, permute_symmetric_
-from adatsq.quant.scheme import QuantizedWeight, WeightScheme, compute_qparams, n_groups
+from adatsq.quant.scheme import QuantizedWeight, WeightScheme, channel_scales, compute_qparams, n_groups
 
 GRID_GROUPS = 4  # groups per compute_qparams call in _grids
 CODE_COLUMNS = 8  # columns per step of _codes
@@ -53,9 +53,10 @@ def _check_inputs(W: Tensor, H: Tensor, damp: float, block_size: int, max_damp: 
         raise CalibrationError("the Hessian has NaN/inf entries; check the calibration activations")
 
 
-def _grids(Wt: Tensor, scheme: WeightScheme, out: tuple[Tensor, ...]) -> None:
+def _grids(Wt: Tensor, scheme: WeightScheme, out: tuple[Tensor, ...], channel: Tensor | None) -> None:
     """Min-max grids of the groups of Wt [cols, rows] (from a group boundary on; one group per channel)
-    into out = (scale, lo, hi), each [groups, rows], with lo = -zero and hi = maxq - zero.
+    into out = (scale, lo, hi), each [groups, rows], with lo = -zero and hi = maxq - zero; channel: the
+    rows' per-channel scales of an integer-group-scale grid (fixed from the original W), else None.
 
     compute_qparams sees each group as its (min, max) pair: the same grid (it is a min-max grid), from
     reductions over strided views instead of a float64 copy of the weights; GRID_GROUPS at a time."""
@@ -70,7 +71,10 @@ def _grids(Wt: Tensor, scheme: WeightScheme, out: tuple[Tensor, ...]) -> None:
             lows.append(part[full * gs :].amin(0, keepdim=True))
             highs.append(part[full * gs :].amax(0, keepdim=True))
         pairs = torch.stack([torch.cat(lows).view(-1), torch.cat(highs).view(-1)], dim=1)  # [k * rows, 2]
-        scale, zero = (t.view(k, rows) for t in compute_qparams(pairs, scheme))
+        scale, zero = (
+            t.view(k, rows)
+            for t in compute_qparams(pairs, scheme, None if channel is None else channel.repeat(k))
+        )
         out[0][g0 : g0 + k] = scale
         out[1][g0 : g0 + k] = -zero
         out[2][g0 : g0 + k] = (2**scheme.bits - 1) - zero
@@ -97,6 +101,7 @@ def _column_loop(
     group_of: list[int],
     block: int,
     lazy: int | None,
+    channel: Tensor | None,
 ) -> None:
     """Quantize Wt [cols, rows] (processing order) in place, row i ending as column i dequantized.
 
@@ -111,7 +116,7 @@ def _column_loop(
         i2 = min(i1 + block, cols)
         if lazy is not None and -(-i1 // lazy) < -(-i2 // lazy):  # groups starting in [i1, i2)
             g0, g1 = -(-i1 // lazy), -(-i2 // lazy)
-            _grids(Wt[g0 * lazy : g1 * lazy], scheme, tuple(t[g0:g1] for t in grids))
+            _grids(Wt[g0 * lazy : g1 * lazy], scheme, tuple(t[g0:g1] for t in grids), channel)
         Hinv1 = Hinv_rows[: i2 - i1, : cols - i1].copy_(A[i1:i2, i1:])  # read above the diagonal only
         inv_d = (1.0 / A.diagonal()[i1:i2]).tolist()
         for i in range(i2 - i1):
@@ -175,15 +180,17 @@ def gptq(
     Wt[dead] = 0.0
     gs = scheme.group_size
     grids = tuple(torch.zeros(n_groups(cols, gs), rows, device=W.device) for _ in range(3))
+    channel = channel_scales(Wt.t(), scheme) if scheme.integer_group_scales else None
     if gs is None or perm is not None:  # per channel, or static groups: settled before the loop
-        _grids(Wt, scheme, grids)
+        _grids(Wt, scheme, grids, channel)
     if perm is not None:
         permute_rows_(Wt, perm)
     if gs is None:
         group_of = [0] * cols
     else:
         group_of = ((torch.arange(cols) if perm is None else perm.cpu()) // gs).tolist()
-    _column_loop(Wt, A, scheme, grids, group_of, block_size, gs if gs is not None and perm is None else None)
+    lazy = gs if gs is not None and perm is None else None
+    _column_loop(Wt, A, scheme, grids, group_of, block_size, lazy, channel)
     loss = objective(A, diagonal, W, Wt, perm)
     del A
     weight = QuantizedWeight(
@@ -192,6 +199,7 @@ def gptq(
         zeros=grids[1].t().neg().to(torch.uint8),
         bits=scheme.bits,
         group_size=gs,
+        channel_scales=channel,
     )
     return GPTQResult(
         weight=weight, loss=loss, damp=ratio, damp_escalations=escalations, dead_columns=int(dead.sum())

@@ -3,7 +3,9 @@
 QuantLinear buffers (all saved by `state_dict`, so checkpoints round-trip through the constructor):
   qweight uint8 [out, ceil(in*bits/8)] (pack.py layout), scales float16 [out, n_groups],
   zeros uint8 [out, n_groups] (group = column // group_size), bias [out],
-  smooth [in], rotation_signs [in], lowrank_a [rank, in], lowrank_b [out, rank] (transforms.py; optional).
+  smooth [in], rotation_signs [in], lowrank_a [rank, in], lowrank_b [out, rank] (transforms.py; optional),
+  channel_scales float16 [out] (optional: integer group scales, scheme.py; every scale of row r is an
+  integer multiple s2 of channel_scales[r] with s2 * (q - z) inside int8, checked here).
 Optional buffers that are absent are registered as None and do not appear in the state dict.
 
 `forward` runs the kernel that `kernels.choose_kernel` picks for the input's device and dtype (int8
@@ -27,6 +29,7 @@ from adatsq.quant.kernels.forward import run
 from adatsq.quant.kernels.layouts import KernelState, buffers_key, build_state
 from adatsq.quant.pack import PackedWeight, packed_cols, unpack
 from adatsq.quant.scheme import (
+    INT8_MAX,
     WEIGHT_BITS,
     ActScheme,
     QuantizedWeight,
@@ -42,6 +45,18 @@ def _check_shape(name: str, t: Tensor | None, shape: tuple[int, ...]) -> None:
         raise CheckpointError(
             f"quantized layer tensor {name!r} has shape {tuple(t.shape)}, expected {shape}; "
             f"the checkpoint does not match its config (re-export it)"
+        )
+
+
+def _check_integer_group_scales(scales: Tensor, channel: Tensor, zeros: Tensor, bits: int) -> None:
+    """Integer group scales must be what the int8 kernels assume: s2 = scale / s1 a whole number >= 1
+    with s2 * |q - z| <= 127 for every code q of the row's grid (else those kernels would wrap)."""
+    s2 = scales.float() / channel.float()[:, None]
+    reach = torch.maximum(zeros.float(), (2**bits - 1) - zeros.float())
+    if not bool(((s2 == s2.round()) & (s2 >= 1) & (s2 * reach <= INT8_MAX)).all()):
+        raise CheckpointError(
+            "quantized layer's scales are not small integer multiples of its channel_scales (with "
+            "s2 * (q - z) inside int8); the checkpoint was edited or written by another tool: re-run quantize"
         )
 
 
@@ -63,6 +78,7 @@ class QuantLinear(nn.Module):
         rotation_signs: Tensor | None = None,
         lowrank_a: Tensor | None = None,
         lowrank_b: Tensor | None = None,
+        channel_scales: Tensor | None = None,
     ) -> None:
         super().__init__()
         if bits not in WEIGHT_BITS:
@@ -75,6 +91,7 @@ class QuantLinear(nn.Module):
         _check_shape("bias", bias, (out_features,))
         _check_shape("smooth", smooth, (in_features,))
         _check_shape("rotation_signs", rotation_signs, (in_features,))
+        _check_shape("channel_scales", channel_scales, (out_features,))
         if (lowrank_a is None) != (lowrank_b is None):
             raise CheckpointError("lowrank_a and lowrank_b must both be present or both absent")
         if lowrank_a is not None:
@@ -90,6 +107,11 @@ class QuantLinear(nn.Module):
         self.register_buffer("rotation_signs", rotation_signs)
         self.register_buffer("lowrank_a", lowrank_a)
         self.register_buffer("lowrank_b", lowrank_b)
+        self.register_buffer(
+            "channel_scales", None if channel_scales is None else channel_scales.to(torch.float16)
+        )
+        if self.channel_scales is not None:
+            _check_integer_group_scales(self.scales, self.channel_scales, self.zeros, bits)
         self.kernel_policy = KernelPolicy()
         self._kernel_state: KernelState | None = None
         self._last_kernel: str | None = None
@@ -123,6 +145,7 @@ class QuantLinear(nn.Module):
             rotation_signs=cast(t.rotation_signs),
             lowrank_a=cast(t.lowrank_a),
             lowrank_b=cast(t.lowrank_b),
+            channel_scales=packed.channel_scales,
         )
 
     @property
@@ -149,7 +172,15 @@ class QuantLinear(nn.Module):
         """The kernel an input on `device_type` in `dtype` would run (a pure function of the scheme)."""
         scheme = (self.bits, self.group_size, self.in_features, self.act.bits)
         fast = device_type == "cpu" and onednn.available()
-        return choose_kernel(*scheme, device_type, dtype, self.kernel_policy, onednn_available=fast)
+        integer_groups = self.channel_scales is not None
+        return choose_kernel(
+            *scheme,
+            device_type,
+            dtype,
+            self.kernel_policy,
+            onednn_available=fast,
+            integer_groups=integer_groups,
+        )
 
     @property
     def kernel(self) -> str:
@@ -188,17 +219,20 @@ class QuantLinear(nn.Module):
         (the checkpoint's float16 scales) stays exact: re-rounding scales to bf16 would change the weights.
         """
         self._kernel_state = None
-        scales = self.scales
+        grid = {name: getattr(self, name) for name in ("scales", "channel_scales")}
         out = super()._apply(fn, recurse)
-        if self.scales.dtype != torch.float16:
-            self.scales = scales.to(device=self.scales.device)
+        for name, before in grid.items():
+            after = getattr(self, name)
+            if after is not None and after.dtype != torch.float16:
+                setattr(self, name, before.to(device=after.device))
         return out
 
     def extra_repr(self) -> str:
         extras = [n for n in ("smooth", "rotation_signs", "lowrank_a") if getattr(self, n) is not None]
+        integer = ", integer_group_scales=True" if self.channel_scales is not None else ""
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-            f"group_size={self.group_size}, act_bits={self.act.bits}"
+            f"group_size={self.group_size}{integer}, act_bits={self.act.bits}"
             + (f", transforms={extras}" if extras else "")
         )
 

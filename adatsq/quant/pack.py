@@ -108,6 +108,7 @@ class PackedWeight:
     bits: int
     group_size: int | None
     in_features: int
+    channel_scales: Tensor | None = None
 
     @classmethod
     def of(cls, weight: QuantizedWeight) -> PackedWeight:
@@ -118,11 +119,14 @@ class PackedWeight:
             weight.bits,
             weight.group_size,
             weight.codes.shape[1],
+            weight.channel_scales,
         )
 
     def unpacked(self) -> QuantizedWeight:
         codes = unpack(self.qweight, self.bits, self.in_features)
-        return QuantizedWeight(codes, self.scales, self.zeros, self.bits, self.group_size)
+        return QuantizedWeight(
+            codes, self.scales, self.zeros, self.bits, self.group_size, self.channel_scales
+        )
 
     def dequantize(self, rows: slice = slice(None)) -> Tensor:
         """The float32 [out, in] matrix the codes stand for (only `rows` of it: a bounded part)."""
@@ -130,4 +134,5 @@ class PackedWeight:
         return dequantize_codes(codes, self.scales[rows], self.zeros[rows], self.group_size)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.qweight, self.scales, self.zeros))
+        tensors = (self.qweight, self.scales, self.zeros, self.channel_scales)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from adatsq.errors import ConfigError
-from adatsq.quant.scheme import QuantizedWeight, WeightScheme, compute_qparams, quantize_codes
+from adatsq.quant.scheme import QuantizedWeight, WeightScheme, channel_scales, compute_qparams, quantize_codes
 
 
 def rtn(W: Tensor, scheme: WeightScheme) -> QuantizedWeight:
@@ -16,10 +16,11 @@ def rtn(W: Tensor, scheme: WeightScheme) -> QuantizedWeight:
     W = W.detach().to(torch.float64)
     cols = W.shape[1]
     gs = scheme.group_size or cols
+    channel = channel_scales(W, scheme) if scheme.integer_group_scales else None
     codes, scales, zeros = [], [], []
     for g0 in range(0, cols, gs):
         Wg = W[:, g0 : g0 + gs]
-        scale, zero = compute_qparams(Wg, scheme)
+        scale, zero = compute_qparams(Wg, scheme, channel)
         codes.append(quantize_codes(Wg, scale[:, None], zero[:, None], scheme.bits))
         scales.append(scale)
         zeros.append(zero)
@@ -29,4 +30,5 @@ def rtn(W: Tensor, scheme: WeightScheme) -> QuantizedWeight:
         zeros=torch.stack(zeros, dim=1).to(torch.uint8),
         bits=scheme.bits,
         group_size=scheme.group_size,
+        channel_scales=channel,
     )

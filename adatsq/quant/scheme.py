@@ -16,6 +16,13 @@ Grid conventions (one place, so RTN, GPTQ, checkpoints and QuantLinear agree bit
   fall into float16 subnormals and get a relatively coarser scale.
 * Groups run along the input dimension: column ``j`` belongs to group ``j // group_size``; when
   ``in_features`` is not a multiple of ``group_size`` the last group is partial (no error).
+* Integer group scales (``WeightScheme(integer_group_scales=True)``, QServe's progressive grid): every
+  group scale of a row is ``s1 * s2``, one per-channel ``s1`` times a small integer ``s2`` in
+  ``[1, group_scale_limit]``, chosen so that ``s2 * (q - zero)`` always fits int8. The group-wise
+  weight is then an int8 matrix with one scale per output channel, which the integer kernels multiply
+  at int8 speed; the float path sees ordinary group scales. ``s1`` keeps few enough significant bits
+  (``channel_scale_bits``) that ``s1 * s2`` is exact in float16, so the stored group scales are the
+  exact products and every path computes the same weights.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ SCALE_MIN = 2.0**-24  # smallest (subnormal) float16; a scale is never 0, so w /
 _SCALE_MAX = 65504.0  # largest float16
 
 MAX_GROUP_SIZE = 2**20  # columns: a group wider than this is per-channel quantization spelled oddly
+INT8_MAX = 127
+MAX_GROUP_SCALE = 15  # integer group scales take 4 bits, so the per-channel scale keeps 11 - 4 of fp16's
 
 
 @dataclass(frozen=True)
@@ -46,6 +55,7 @@ class WeightScheme:
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = True
+    integer_group_scales: bool = False  # group scales = per-channel scale x small integer (see above)
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in WEIGHT_BITS:
@@ -63,6 +73,18 @@ class WeightScheme:
             )
         if not isinstance(self.symmetric, bool):
             raise ConfigError(f"symmetric={self.symmetric!r} must be True or False")
+        if not isinstance(self.integer_group_scales, bool):
+            raise ConfigError(f"integer_group_scales={self.integer_group_scales!r} must be True or False")
+        if self.integer_group_scales and gs is None:
+            raise ConfigError(
+                "integer_group_scales needs a group_size: per-channel scales are already one per row "
+                "(drop integer_group_scales, or set group_size: 64)"
+            )
+        if self.integer_group_scales and self.bits == 8:
+            raise ConfigError(
+                "integer_group_scales needs bits <= 6: an integer multiple of an 8-bit code does not fit "
+                "int8 (use group_size: null for 8-bit integer kernels)"
+            )
 
 
 @dataclass(frozen=True)
@@ -83,6 +105,53 @@ def n_groups(in_features: int, group_size: int | None) -> int:
     return 1 if group_size is None else -(-in_features // group_size)
 
 
+def group_scale_limit(bits: int, symmetric: bool) -> int:
+    """The largest integer group scale s2 with s2 * (q - zero) inside int8 for every code of the grid.
+
+    |q - zero| reaches 2**(bits-1) on the symmetric grid and 2**bits - 1 on an asymmetric one (a group
+    of one sign has its zero at an end), so 4-bit allows 15 and 8 levels; capped at MAX_GROUP_SCALE."""
+    reach = 2 ** (bits - 1) if symmetric else 2**bits - 1
+    return max(1, min(MAX_GROUP_SCALE, INT8_MAX // reach))
+
+
+def channel_scale_bits() -> int:
+    """Significant bits a per-channel scale keeps, so s1 * s2 (s2 <= MAX_GROUP_SCALE) is float16-exact."""
+    return 11 - MAX_GROUP_SCALE.bit_length()
+
+
+def _round_up_to_bits(scale: Tensor, bits: int) -> Tensor:
+    """The smallest number >= scale with `bits` significant bits and no bit below 2**-24 (float64).
+
+    Such a number times an integer of 11 - bits bits has at most 11 significant bits, none below fp16's
+    smallest subnormal: an exact float16 whenever it is in range."""
+    exponent = torch.floor(torch.log2(scale))
+    step = torch.exp2(torch.clamp(exponent - (bits - 1), min=-24.0))
+    return torch.ceil(scale / step) * step
+
+
+def channel_scales(W: Tensor, scheme: WeightScheme) -> Tensor:
+    """Per-row s1 of the integer-group-scale grid, float32 [rows]: the row's widest min-max group scale
+    over the group-scale limit, rounded up to `channel_scale_bits`, so every group of W fits s2 <= limit."""
+    rows, cols = W.shape
+    gs = scheme.group_size or cols
+    widest = torch.zeros(rows, dtype=torch.float64, device=W.device)
+    for g0 in range(0, cols, gs):
+        scale, _ = _minmax_scale(W[:, g0 : g0 + gs].detach().to(torch.float64), scheme)
+        widest = torch.maximum(widest, scale)
+    limit = group_scale_limit(scheme.bits, scheme.symmetric)
+    s1 = (widest / limit).clamp(SCALE_MIN, 2.0**11)  # s1 * 15 stays far inside float16
+    return _round_up_to_bits(s1, channel_scale_bits()).float()
+
+
+def _minmax_scale(W: Tensor, scheme: WeightScheme) -> tuple[Tensor, Tensor | None]:
+    """(unrounded min-max scale, xmin or None when symmetric) per row of a float64 W."""
+    maxq = 2**scheme.bits - 1
+    if scheme.symmetric:
+        return 2.0 * W.abs().amax(dim=1) / maxq, None
+    xmin = W.amin(dim=1).clamp(max=0.0)
+    return (W.amax(dim=1).clamp(min=0.0) - xmin) / maxq, xmin
+
+
 def _round_up_to_float16(scale: Tensor) -> Tensor:
     """Smallest float16 >= scale (as float64): the stored grid always covers the group's range."""
     half = scale.to(torch.float16)
@@ -90,16 +159,20 @@ def _round_up_to_float16(scale: Tensor) -> Tensor:
     return torch.where(half.double() < scale, torch.nextafter(half, inf), half).double()
 
 
-def compute_qparams(W: Tensor, scheme: WeightScheme) -> tuple[Tensor, Tensor]:
-    """Min-max scale and integer zero point per row of `W` [rows, cols] -> (scale, zero), float32 [rows]."""
+def compute_qparams(W: Tensor, scheme: WeightScheme, channel: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Min-max scale and integer zero point per row of `W` [rows, cols] -> (scale, zero), float32 [rows].
+
+    channel: the rows' per-channel scales s1 (`channel_scales`) when the scheme has integer group
+    scales: the scale is then s1 * s2, the smallest integer multiple covering the range (capped at
+    `group_scale_limit`: a range GPTQ's updates widened past it clips, as a per-channel grid would)."""
     maxq = 2**scheme.bits - 1
-    W = W.detach().to(torch.float64)
-    if scheme.symmetric:
-        scale = 2.0 * W.abs().amax(dim=1) / maxq
+    scale, xmin = _minmax_scale(W.detach().to(torch.float64), scheme)
+    if channel is None:
+        scale = _round_up_to_float16(scale.clamp(SCALE_MIN, _SCALE_MAX))
     else:
-        xmin = W.amin(dim=1).clamp(max=0.0)
-        scale = (W.amax(dim=1).clamp(min=0.0) - xmin) / maxq
-    scale = _round_up_to_float16(scale.clamp(SCALE_MIN, _SCALE_MAX))
+        s1 = channel.to(torch.float64)
+        limit = group_scale_limit(scheme.bits, scheme.symmetric)
+        scale = torch.ceil(scale / s1).clamp(1, limit) * s1
     if scheme.symmetric:
         zero = torch.full_like(scale, float(2 ** (scheme.bits - 1)))
     else:
@@ -138,6 +211,7 @@ class QuantizedWeight:
     codes: uint8 [out, in] in ORIGINAL column order; scales float32 [out, n_groups] (float16-exact);
     zeros uint8 [out, n_groups] (mid code 2**(bits-1) when symmetric). Groups are always contiguous
     (group = column // group_size; GPTQ act-order uses static groups), so no column index is stored.
+    channel_scales float32 [out]: with integer group scales, the s1 every row's scales are multiples of.
     """
 
     codes: Tensor
@@ -145,6 +219,7 @@ class QuantizedWeight:
     zeros: Tensor
     bits: int
     group_size: int | None
+    channel_scales: Tensor | None = None
 
     def __post_init__(self) -> None:
         rows, cols = self.codes.shape
@@ -157,6 +232,8 @@ class QuantizedWeight:
             )
         if self.zeros.shape != self.scales.shape:
             raise ConfigError(f"zeros {tuple(self.zeros.shape)} must match scales {tuple(self.scales.shape)}")
+        if self.channel_scales is not None and tuple(self.channel_scales.shape) != (rows,):
+            raise ConfigError(f"channel_scales {tuple(self.channel_scales.shape)} must be [out] = ({rows},)")
 
     @property
     def shape(self) -> tuple[int, int]:

@@ -404,10 +404,8 @@ def test_planar_weights_and_codes_are_one_permutation_of_the_columns(bits, k_in,
     x = torch.randn(9, k_in)
     if planar > 1:
         order = torch.arange(k_in).view(k_in // planar, planar).T.reshape(-1)  # planar column j <- order[j]
-        natural = layouts.int8_weight(layer.qweight, layer.zeros, bits, k_in)
-        assert torch.equal(
-            layouts.planar_int8_weight(layer.qweight, layer.zeros, bits, k_in), natural[:, order]
-        )
+        natural = layouts.int8_weight(layer)
+        assert torch.equal(layouts.planar_int8_weight(layer), natural[:, order])
         codes, scale = activation_codes(x, 8, planar)
         assert torch.equal(codes, activation_codes(x, 8)[0][:, order]) and torch.equal(
             scale, activation_codes(x, 8)[1]

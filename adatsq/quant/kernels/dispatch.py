@@ -7,7 +7,9 @@ Rules (measured on the CPU of tools/bench_kernels.py; reports/kernels.md has the
   missing, on CUDA, or with `KernelPolicy(onednn=False)`;
   2-6-bit weights stay packed and are unpacked to int8 for `torch._int_mm` on every call (O(N*K),
   against the O(M*N*K) matmul; oneDNN's prepack costs as much as several matmuls, so not per call).
-* A8 with group-wise weights -> dequantized weights in the activation dtype with fake-quantized
+* A8 with group-wise weights on integer group scales (`WeightScheme(integer_group_scales=True)`) ->
+  the same integer paths: s2 * (q - z) is an int8 weight with one scale per output channel.
+* A8 with other group-wise weights -> dequantized weights in the activation dtype with fake-quantized
   activations: torch has no int8 matmul that rescales partial sums per K-group, and one `_int_mm`
   per group measured ~6x slower than a single bf16 matmul.
 * weight-only (A16) -> weights dequantized once into the activation dtype and cached (the fastest of
@@ -87,15 +89,17 @@ def choose_kernel(
     dtype: torch.dtype,
     policy: KernelPolicy = KernelPolicy(),
     onednn_available: bool = False,
+    integer_groups: bool = False,
 ) -> str:
     """The kernel name (a key of KERNELS, plus "+fake-a{bits}" when activations are simulated).
 
     `onednn_available`: whether this machine runs oneDNN's int8 linear (`onednn.available()`); passed
-    in so the choice stays a function of its arguments.
+    in so the choice stays a function of its arguments. `integer_groups`: the layer's group scales are
+    integer multiples of per-channel ones (its `channel_scales`).
     """
     if not policy.enabled or device_type not in DEVICES or dtype not in FLOAT_DTYPES:
         return REFERENCE
-    if act_bits == 8 and per_channel(group_size, in_features):
+    if act_bits == 8 and (integer_groups or per_channel(group_size, in_features)):
         if not (bits == 8 or policy.cache_int8_low_bits):
             return INT8_PER_CALL
         onednn = device_type == "cpu" and policy.onednn and onednn_available

@@ -79,9 +79,9 @@ def _scratch_matrix(rows: int, cols: int, dtype: torch.dtype, device: torch.devi
 def _unpacked_int8(layer: torch.nn.Module, state: KernelState) -> Tensor:
     """The layer's int8 weight, unpacked now (planar codes into the shared buffer)."""
     if state.planar == 1:
-        return int8_weight(layer.qweight, layer.zeros, layer.bits, layer.in_features)
+        return int8_weight(layer, state.group_scale)
     out = _scratch_matrix(layer.out_features, layer.in_features, torch.int8, layer.qweight.device)
-    return planar_int8_weight(layer.qweight, layer.zeros, layer.bits, layer.in_features, out)
+    return planar_int8_weight(layer, state.group_scale, out)
 
 
 def _dequantized_per_call(layer: torch.nn.Module, dtype: torch.dtype) -> Tensor:

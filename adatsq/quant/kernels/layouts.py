@@ -24,35 +24,40 @@ from adatsq.quant.kernels.intmm import IntMMRules, int_mm_rules, pad_weight
 from adatsq.quant.pack import unpack
 
 
-def int8_weight(qweight: Tensor, zeros: Tensor, bits: int, in_features: int) -> Tensor:
-    """int8 [out, in] weight codes, zero point folded where it fits: q - z (bits < 8) or q - 128 (8 bits).
+def int8_weight(layer: torch.nn.Module, group_scale: Tensor | None = None) -> Tensor:
+    """int8 [out, in] weight codes, zero point folded where it fits: q - z (bits < 8) or q - 128 (8 bits),
+    times the integer group scale s2 (`integer_group_scale`) when the layer has one: s2 * (q - z).
 
-    For bits < 8 both q and z are below 128, so q - z lies in [-127, 127]; 8-bit codes need the fixed
-    offset 128 (see `zero_correction` for asymmetric ones).
+    For bits < 8 both q and z are below 128, so q - z lies in [-127, 127] (and s2 * (q - z) too, as
+    QuantLinear checks); 8-bit codes need the fixed offset 128 (see `zero_correction` for asymmetric ones).
     """
-    codes = unpack(qweight, bits, in_features)
-    if bits == 8:
+    codes = unpack(layer.qweight, layer.bits, layer.in_features)
+    if layer.bits == 8:
         return torch.bitwise_xor(codes, 128).view(torch.int8)
-    return torch.sub(codes.view(torch.int8), zeros.view(torch.int8))
+    return _fold_groups_(codes.view(torch.int8).clone(), layer, group_scale, 1)
 
 
-def codes_per_byte(bits: int, in_features: int) -> int:
-    """k > 1 when `planar_int8_weight` applies (k codes in every byte, K a multiple of k), else 1."""
+def codes_per_byte(bits: int, in_features: int, group_size: int | None = None) -> int:
+    """k > 1 when `planar_int8_weight` applies (k codes in every byte, K a multiple of k, and for more
+    than one group whole groups that are multiples of k), else 1."""
     k = 8 // bits if bits in (2, 4) else 1
-    return k if in_features % k == 0 else 1
+    grouped = group_size is not None and group_size < in_features
+    whole = not grouped or (in_features % group_size == 0 and group_size % k == 0)
+    return k if in_features % k == 0 and whole else 1
 
 
 def planar_int8_weight(
-    qweight: Tensor, zeros: Tensor, bits: int, in_features: int, out: Tensor | None = None
+    layer: torch.nn.Module, group_scale: Tensor | None = None, out: Tensor | None = None
 ) -> Tensor:
-    """int8 [out, in] q - z with the columns in planar order: every k-th column, k runs (k = 8 / bits).
+    """`int8_weight` with the columns in planar order: every k-th column, k runs (k = 8 / bits).
 
     Code slot i of every byte is one contiguous shift-and-mask into its own block of columns, ~6x faster
     than interleaving the slots back into column order (2.2 vs 13.9 ms at 3072² on one thread). The
     activations take the same column order (`actquant.int8_codes(x, planar=k)`), so the sum over K is
     the same integer. `out`: an int8 [out, in] tensor to write into (every element is written).
     """
-    k = codes_per_byte(bits, in_features)
+    qweight, bits, in_features = layer.qweight, layer.bits, layer.in_features
+    k = codes_per_byte(bits, in_features, layer.group_size)
     w = out
     if w is None:
         w = torch.empty(qweight.shape[0], in_features, dtype=torch.int8, device=qweight.device)
@@ -62,7 +67,37 @@ def planar_int8_weight(
         torch.bitwise_right_shift(qweight, slot * bits, out=columns)
         if slot < k - 1:
             columns.bitwise_and_(2**bits - 1)
-    return w.sub_(zeros.view(torch.int8))
+    return _fold_groups_(w, layer, group_scale, k)
+
+
+def _fold_groups_(w: Tensor, layer: torch.nn.Module, group_scale: Tensor | None, k: int) -> Tensor:
+    """w [out, in] int8 codes (column order, k = 1, or planar in k slots) -> (q - z) * s2 in place.
+
+    In planar order slot i holds columns j * k + i, so each group's gs columns are gs / k adjacent ones
+    in every slot (`codes_per_byte` allows k > 1 only for whole groups that are multiples of k)."""
+    zeros = layer.zeros.view(torch.int8)
+    rows, cols = w.shape
+    if zeros.shape[1] == 1:  # per channel
+        w.sub_(zeros)
+        return w if group_scale is None else w.mul_(group_scale)
+    gs = layer.group_size
+    whole = cols // gs
+    body = w.view(rows, k, whole, gs // k) if k > 1 else w[:, : whole * gs].view(rows, 1, whole, gs)
+    body.sub_(zeros[:, None, :whole, None])
+    if group_scale is not None:
+        body.mul_(group_scale[:, None, :whole, None])
+    if whole < zeros.shape[1]:  # a partial last group (column order only)
+        tail = w[:, whole * gs :].sub_(zeros[:, whole:])
+        if group_scale is not None:
+            tail.mul_(group_scale[:, whole:])
+    return w
+
+
+def integer_group_scale(layer: torch.nn.Module) -> Tensor | None:
+    """int8 [out, n_groups] s2 = scales / channel_scales of a layer with integer group scales, else None."""
+    if layer.channel_scales is None:
+        return None
+    return (layer.scales.float() / layer.channel_scales.float()[:, None]).round_().to(torch.int8)
 
 
 def zero_correction(zeros: Tensor, bits: int) -> Tensor | None:
@@ -97,6 +132,7 @@ class KernelState:
     weight: Tensor | None = None
     col_scale: Tensor | None = None
     zero_corr: Tensor | None = None
+    group_scale: Tensor | None = None  # int8 [N, n_groups] s2 of integer group scales (`int8_weight`)
     bias: Tensor | None = None
     out_dtype: torch.dtype = torch.float32
     input_scale: Tensor | None = None  # `InputTransform.input_scale` in the input dtype
@@ -138,11 +174,13 @@ def build_state(layer: torch.nn.Module, name: str, key: tuple, dtype: torch.dtyp
     weight = col_scale = zero_corr = None
     bias = cast(layer.bias)
     out_dtype = torch.float32
+    group_scale = None
     if name in (INT8_CACHED, INT8_ONEDNN, INT8_PER_CALL):
-        col_scale = layer.scales[:, 0].float()
+        group_scale = integer_group_scale(layer)
+        col_scale = (layer.scales[:, 0] if group_scale is None else layer.channel_scales).float()
         zero_corr = zero_correction(layer.zeros, layer.bits)
         if name in (INT8_CACHED, INT8_ONEDNN):
-            codes = int8_weight(layer.qweight, layer.zeros, layer.bits, layer.in_features)
+            codes = int8_weight(layer, group_scale)
             weight = onednn.prepack(codes) if name == INT8_ONEDNN else pad_weight(codes, rules)
         if name == INT8_ONEDNN and zero_corr is not None:
             zero_corr = zero_corr * col_scale
@@ -151,10 +189,10 @@ def build_state(layer: torch.nn.Module, name: str, key: tuple, dtype: torch.dtyp
         bias = cast(layer.bias, out_dtype)  # added before the one rounding to dtype
     elif name.startswith(DEQUANT_CACHED):
         weight = layer.dequantized_weight(dtype)
-    planar = codes_per_byte(layer.bits, layer.in_features) if name == INT8_PER_CALL else 1
+    planar = codes_per_byte(layer.bits, layer.in_features, layer.group_size) if name == INT8_PER_CALL else 1
     compiled = layer.kernel_policy.compiled and layer.qweight.device.type == "cpu"
     return KernelState(
-        name, key, rules, planar, compiled, weight, col_scale, zero_corr, bias, out_dtype,
+        name, key, rules, planar, compiled, weight, col_scale, zero_corr, group_scale, bias, out_dtype,
         cast(layer.transform.input_scale()), layer.rotation_signs is not None,
         cast(layer.lowrank_a), cast(layer.lowrank_b),
     )  # fmt: skip
