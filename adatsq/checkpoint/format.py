@@ -23,7 +23,7 @@ from torch import nn
 
 from adatsq.errors import CheckpointError
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear
-from adatsq.quant.scheme import WeightScheme
+from adatsq.quant.scheme import INTEGER_GROUP_BITS, WeightScheme
 
 FORMAT_VERSION = 2
 READ_VERSIONS = (1, 2)
@@ -70,7 +70,11 @@ class LayerSpec:
     integer_group_scales: bool = False
 
     def scheme(self, bits: int) -> WeightScheme:
-        return WeightScheme(bits, self.group_size, self.symmetric, self.integer_group_scales)
+        """The scheme of the `bits` variant: integer group scales only where the width allows them."""
+        return WeightScheme(bits, self.group_size, self.symmetric, self.integer_scales(bits))
+
+    def integer_scales(self, bits: int) -> bool:
+        return self.integer_group_scales and bits in INTEGER_GROUP_BITS
 
 
 def variant_prefix(name: str, bits: int) -> str:

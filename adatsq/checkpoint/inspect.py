@@ -18,6 +18,7 @@ from adatsq.models.resolve import adapter_for
 from adatsq.plan.inspect import inspect_plan_file
 from adatsq.quant.kernels import choose_kernel, onednn
 from adatsq.quant.kernels.dispatch import INT8_ONEDNN
+from adatsq.quant.scheme import INTEGER_GROUP_BITS
 
 
 def layer_kernel(layer: dict[str, Any], act_bits: int | None) -> str:
@@ -33,7 +34,7 @@ def layer_kernel(layer: dict[str, Any], act_bits: int | None) -> str:
             "cpu",
             torch.float32,
             onednn_available=onednn.available(),
-            integer_groups=layer.get("integer_group_scales", False),
+            integer_groups=layer.get("integer_group_scales", False) and b in INTEGER_GROUP_BITS,
         )
         for b in bits
     ]

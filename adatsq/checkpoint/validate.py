@@ -23,7 +23,7 @@ from adatsq.errors import CheckpointError, ConfigError
 from adatsq.models.base import ModelAdapter
 from adatsq.models.resolve import adapter_class
 from adatsq.quant.pack import packed_cols
-from adatsq.quant.scheme import ACT_BITS, WEIGHT_BITS, n_groups
+from adatsq.quant.scheme import ACT_BITS, INTEGER_GROUP_BITS, WEIGHT_BITS, n_groups
 
 _VARIANT_KEY = re.compile(r"(?P<layer>.+)\.w(?P<bits>\d+)\.(?P<buffer>[a-z_]+)")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -145,10 +145,8 @@ def _check_layer(path: Path, name: str, layer: Any, segments: int) -> None:
     if not isinstance(layer["symmetric"], bool):
         raise _bad(path, f"{field}.symmetric", layer["symmetric"], "true or false")
     integer = layer.get("integer_group_scales", False)
-    if not isinstance(integer, bool) or (integer and (group is None or 8 in bits)):
-        raise _bad(
-            path, f"{field}.integer_group_scales", integer, "false, or true with a group_size and bits <= 6"
-        )
+    if not isinstance(integer, bool) or (integer and group is None):
+        raise _bad(path, f"{field}.integer_group_scales", integer, "false, or true with a group_size")
     for key in ("in_features", "out_features"):
         if not _is_int(layer[key]) or layer[key] <= 0:
             raise _bad(path, f"{field}.{key}", layer[key], "a positive integer")
@@ -221,14 +219,11 @@ def _check_variant(
             raise _tensor_error(
                 files, prefix + required, "is missing", f"every {bits}-bit variant the config lists stores it"
             )
-    if ("channel_scales" in buffers) != layer.get("integer_group_scales", False):
+    integer = layer.get("integer_group_scales", False) and bits in INTEGER_GROUP_BITS
+    if ("channel_scales" in buffers) != integer:
         problem = "is present" if "channel_scales" in buffers else "is missing"
-        raise _tensor_error(
-            files,
-            prefix + "channel_scales",
-            problem,
-            "exactly in the layers whose config sets integer_group_scales",
-        )
+        where = "in the 2-6-bit variants of layers whose config sets integer_group_scales, nowhere else"
+        raise _tensor_error(files, prefix + "channel_scales", problem, where)
     if ("lowrank_a" in buffers) != ("lowrank_b" in buffers):
         raise _tensor_error(
             files, prefix + "lowrank_a", "and lowrank_b are not both present", "both or neither"

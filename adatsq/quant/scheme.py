@@ -41,6 +41,7 @@ _SCALE_MAX = 65504.0  # largest float16
 
 MAX_GROUP_SIZE = 2**20  # columns: a group wider than this is per-channel quantization spelled oddly
 INT8_MAX = 127
+INTEGER_GROUP_BITS = (2, 3, 4, 6)  # widths whose codes times an integer group scale fit int8
 MAX_GROUP_SCALE = 15  # integer group scales take 4 bits, so the per-channel scale keeps 11 - 4 of fp16's
 
 
@@ -55,7 +56,9 @@ class WeightScheme:
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = True
-    integer_group_scales: bool = False  # group scales = per-channel scale x small integer (see above)
+    # group scales = per-channel scale x small integer (module docstring); a plan's 8-bit variants keep
+    # float group scales (LayerSpec.scheme), as no integer multiple of an 8-bit code fits int8
+    integer_group_scales: bool = False
 
     def __post_init__(self) -> None:
         if isinstance(self.bits, bool) or self.bits not in WEIGHT_BITS:
@@ -80,7 +83,7 @@ class WeightScheme:
                 "integer_group_scales needs a group_size: per-channel scales are already one per row "
                 "(drop integer_group_scales, or set group_size: 64)"
             )
-        if self.integer_group_scales and self.bits == 8:
+        if self.integer_group_scales and self.bits not in INTEGER_GROUP_BITS:
             raise ConfigError(
                 "integer_group_scales needs bits <= 6: an integer multiple of an 8-bit code does not fit "
                 "int8 (use group_size: null for 8-bit integer kernels)"

@@ -1,0 +1,107 @@
+"""Checkpoints on integer group scales: saved, validated, loaded and inspected, and a plan with 8-bit
+variants (which keep float group scales) beside 4-bit ones."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import adatsq
+from adatsq.checkpoint.inspect import inspect_checkpoint
+from adatsq.checkpoint.load import load_checkpoint
+from adatsq.errors import CheckpointError
+from adatsq.quant.linear import QuantLinear, TimestepQuantLinear
+
+LAYER = "transformer_blocks.0.attn1.to_q"
+CONFIG, WEIGHTS = "transformer/config.json", "transformer/diffusion_pytorch_model.safetensors"
+INTEGER = {"bits": 4, "group_size": 32, "symmetric": False, "integer_group_scales": True}
+
+
+@pytest.fixture(scope="module")
+def saved(make_recipe, tmp_path_factory):
+    qmodel = adatsq.quantize("reference", make_recipe("rtn", 4, weight=INTEGER), progress=False)
+    directory = tmp_path_factory.mktemp("intgroups") / "ckpt"
+    qmodel.save(directory)
+    return qmodel, directory
+
+
+def test_round_trip_samples_identically_on_the_int8_kernels(saved):
+    qmodel, directory = saved
+    layers = json.loads((directory / CONFIG).read_text())["quantization_config"]["layers"]
+    assert all(layer["integer_group_scales"] is True for layer in layers.values())
+    pipe = adatsq.load(directory)
+    noise = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    before = qmodel.model([1, 4], num_inference_steps=3, latents=noise.clone()).images
+    after = pipe([1, 4], num_inference_steps=3, latents=noise.clone()).images
+    torch.testing.assert_close(after, before)
+    layer = pipe.transformer.get_submodule(LAYER)
+    assert isinstance(layer, QuantLinear) and layer.channel_scales is not None
+    assert layer.kernel == "int8-unpack-per-call"  # group 32 on the int8 path
+    row = next(line for line in inspect_checkpoint(directory).splitlines() if line.startswith(LAYER))
+    assert "32 int" in row and "int8-unpack-per-call" in row
+
+
+def _broken(saved, tmp_path, edit_config=None, edit_tensors=None):
+    target = shutil.copytree(saved[1], tmp_path / "broken")
+    if edit_config:
+        data = json.loads((target / CONFIG).read_text())
+        edit_config(data["quantization_config"]["layers"][LAYER])
+        (target / CONFIG).write_text(json.dumps(data))
+    if edit_tensors:
+        tensors = load_file(str(target / WEIGHTS))
+        edit_tensors(tensors)
+        save_file(tensors, str(target / WEIGHTS), metadata={"format": "pt"})
+    return target
+
+
+@pytest.mark.parametrize(
+    ("edit_config", "edit_tensors", "match"),
+    [
+        (lambda layer: layer.pop("integer_group_scales"), None, "channel_scales' is present"),
+        (None, lambda t: t.pop(f"{LAYER}.w4.channel_scales"), "channel_scales' is missing"),
+        (lambda layer: layer.update(integer_group_scales="yes"), None, "integer_group_scales is 'yes'"),
+        (lambda layer: layer.update(group_size=None), None, "integer_group_scales is True"),
+        (None, lambda t: t.update({f"{LAYER}.w4.channel_scales": torch.ones(3).half()}), r"F16 \[128\]"),
+    ],
+    ids=["key-missing", "tensor-missing", "not-a-bool", "per-channel", "wrong-shape"],
+)
+def test_a_broken_integer_grid_is_one_line(saved, tmp_path, edit_config, edit_tensors, match):
+    broken = _broken(saved, tmp_path, edit_config, edit_tensors)
+    for entry in (adatsq.load, inspect_checkpoint):
+        with pytest.raises(CheckpointError, match=match) as err:
+            entry(broken, verify=False)
+        assert "\n" not in str(err.value)
+
+
+def test_channel_scales_that_break_the_grid_are_refused_at_load(saved, tmp_path):
+    key = f"{LAYER}.w4.channel_scales"
+    broken = _broken(saved, tmp_path, None, lambda t: t.update({key: t[key] * 0.75}))
+    with pytest.raises(CheckpointError, match="damaged"):  # the recorded checksum notices first
+        load_checkpoint(broken)
+    with pytest.raises(CheckpointError, match="integer multiples"):
+        load_checkpoint(broken, verify=False)
+
+
+def test_a_plan_keeps_float_group_scales_on_its_8_bit_variants(tiny_adapter):
+    recipe = {
+        "method": "adatsq",
+        "weight": INTEGER,
+        "activation": {"bits": 8},
+        "calibration": {"samples": 4, "steps": 4, "batch_size": 4, "segments": 2},
+        "planner": {"candidates": [4, 8], "budget": "avg_bits=6", "fisher_samples": 2, "measure_samples": 2,
+                    "beam_width": 2},
+    }  # fmt: skip
+    qmodel = adatsq.quantize(tiny_adapter(), adatsq.recipe.recipe_from_dict(recipe), progress=False)
+    variants = [
+        v
+        for m in qmodel.adapter.denoiser().modules()
+        if isinstance(m, (QuantLinear, TimestepQuantLinear))
+        for v in (m.variants.values() if isinstance(m, TimestepQuantLinear) else [m])
+    ]
+    assert {v.bits for v in variants} == {4, 8}
+    assert all((v.channel_scales is not None) == (v.bits == 4) for v in variants)
+    assert {v.kernel_for("cpu", torch.float32).split("+")[0] for v in variants if v.bits == 4} == {
+        "int8-unpack-per-call"
+    }
