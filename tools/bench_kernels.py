@@ -6,13 +6,13 @@ The peers live in the benchmark's own venv (python3 -m venv .bench-venv; pip ins
 torchao==0.18.0 optimum-quanto==0.2.7 diffusers transformers ... and -e .); a missing peer is skipped
 with the reason. What it measures, every number from one process with pinned threads:
 1. Linear layers at Flux / Wan-1.3B / Z-Image shapes x 256/1024/4096 tokens: fp32, bf16, ours
-   (W8A8, W4A8 per channel with weights unpacked per call or cached, W4A8 group 64 as shipped, W4A16
-   group 64 cached or per call), the aten 4-bit CPU ops, torchao and quanto. Repeats are interleaved
-   (round r times every method once), the fastest reported (medians too, in the JSON); a method
+   (W8A8, W4A8 per channel with weights unpacked per call or cached, W4A8 group 64 on integer group
+   scales as shipped and on float ones, W4A16 group 64 cached or per call), the aten 4-bit CPU ops,
+   torchao and quanto. Repeats are interleaved (round r times every method once), the fastest reported (medians too, in the JSON); a method
    slower than 4x bf16 on its first call is timed once. Resident weight bytes include the kernel
    layouts our layers derive.
 2. ours vs the reference dequantize path on every format at 256 tokens: max |difference|.
-3. end to end: the shipped reference DiT (gptq-w8a8 / gptq-w4a8 recipes, quantized through
+3. end to end: the shipped reference DiT (gptq-w8a8 / gptq-w4a8 / -float-groups / -channel recipes, through
    adatsq.quantize) sampled in fp32 and bf16 with the kernels and with the reference path, at a small
    batch and one with >= 1024 tokens per call; and a full-width one-block Flux model (diffusers
    FluxTransformer2DModel, width 3072, 1 double + 1 single block, random weights, RTN via quant/).
@@ -71,6 +71,7 @@ TOKENS = (256, 1024, 4096)
 SLOW = 4.0  # a method this many times slower than bf16 on its first call is timed once
 REPEATS = {256: 3, 1024: 3, 4096: 2}  # timed rounds per token count (interleaved)
 WARM_MACS = 2e10  # tokens x in x out above which no warm-up round is spent (the largest calls)
+INT_GROUPS = WeightScheme(4, 64, False, integer_group_scales=True)  # the shipped gptq-w4a8 grid
 # ours: (label, weight scheme, act bits, kernel policy[, outlier transforms])
 OURS: tuple[tuple[Any, ...], ...] = (
     ("ours W8A8", WeightScheme(8, None, True), 8, KernelPolicy()),
@@ -83,8 +84,9 @@ OURS: tuple[tuple[Any, ...], ...] = (
         8,
         KernelPolicy(cache_int8_low_bits=True),
     ),
-    ("ours W4A8 (g64 asym, shipped)", WeightScheme(4, 64, False), 8, KernelPolicy()),
-    ("ours W4A8 (g64 asym, compiled quant)", WeightScheme(4, 64, False), 8, KernelPolicy(compiled=True)),
+    ("ours W4A8 (g64 asym int scales, shipped)", INT_GROUPS, 8, KernelPolicy()),
+    ("ours W4A8 (g64 asym int scales, compiled quant)", INT_GROUPS, 8, KernelPolicy(compiled=True)),
+    ("ours W4A8 (g64 asym float scales)", WeightScheme(4, 64, False), 8, KernelPolicy()),
     (
         "ours W8A8 + smoothing + rotation",
         WeightScheme(8, None, True),
@@ -352,7 +354,7 @@ def reference_dit(batches: tuple[int, ...], reps: int) -> dict[str, Any]:
     steps = fp.sampling.num_steps
     formats: dict[str, Any] = {"fp32": fp}
     quantize_s = {}
-    for recipe in ("gptq-w8a8", "gptq-w4a8", "gptq-w4a8-channel"):
+    for recipe in ("gptq-w8a8", "gptq-w4a8", "gptq-w4a8-float-groups", "gptq-w4a8-channel"):
         start = time.perf_counter()
         formats[recipe] = adatsq.quantize(
             "reference", str(ROOT / "recipes/reference" / f"{recipe}.yaml"), progress=False
@@ -442,8 +444,9 @@ def flux_block(img_tokens: int, txt_tokens: int, reps: int) -> dict[str, Any]:
         "W8A8": (WeightScheme(8, None, True), 8, KernelPolicy()),
         "W8A8 compiled quant": (WeightScheme(8, None, True), 8, compiled),
         "W4A8 per-channel": (WeightScheme(4, None, True), 8, KernelPolicy()),
-        "W4A8 g64 asym": (WeightScheme(4, 64, False), 8, KernelPolicy()),
-        "W4A8 g64 asym compiled quant": (WeightScheme(4, 64, False), 8, compiled),
+        "W4A8 g64 asym int scales": (INT_GROUPS, 8, KernelPolicy()),
+        "W4A8 g64 asym int scales compiled quant": (INT_GROUPS, 8, compiled),
+        "W4A8 g64 asym float scales": (WeightScheme(4, 64, False), 8, KernelPolicy()),
         "W4A16 g64 asym": (WeightScheme(4, 64, False), None, KernelPolicy()),
     }
     results: dict[str, Any] = {}
@@ -511,8 +514,17 @@ def goals(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ("W8A8 >= 1.5x bf16", "ours W8A8", 1.5),
         ("W8A8 >= 1.5x bf16, compiled activation quantization", "ours W8A8 (compiled quant)", 1.5),
         ("W4A8 >= 1.3x bf16 (per-channel, weights packed)", "ours W4A8 (per-ch, unpack/call)", 1.3),
-        ("W4A8 >= 1.3x bf16 (g64 asym, shipped recipe)", "ours W4A8 (g64 asym, shipped)", 1.3),
-        ("W4A8 >= 1.3x bf16 (g64 asym, compiled quant)", "ours W4A8 (g64 asym, compiled quant)", 1.3),
+        (
+            "W4A8 >= 1.3x bf16 (g64 int scales, shipped recipe)",
+            "ours W4A8 (g64 asym int scales, shipped)",
+            1.3,
+        ),
+        (
+            "W4A8 >= 1.3x bf16 (g64 int scales, compiled quant)",
+            "ours W4A8 (g64 asym int scales, compiled quant)",
+            1.3,
+        ),
+        ("W4A8 >= 1.3x bf16 (g64 float scales)", "ours W4A8 (g64 asym float scales)", 1.3),
     )
     for goal, name, target in checks:
         ratios = [
@@ -537,6 +549,7 @@ def goals(layers: list[dict[str, Any]]) -> list[dict[str, Any]]:
         ("ours W8A8 (compiled quant)", "quanto qint8 W8A8 (static)"),
         ("ours W4A16 (g64, dequant cached)", "quanto qint4 W4A16 (g128)"),
         ("ours W4A16 (g64, dequant cached)", "torchao Int8WeightOnly"),
+        ("ours W4A8 (g64 asym int scales, shipped)", "aten _dyn_quant_matmul_4bit W4A8dyn g64"),
     ):
         pairs = [
             (s["tokens"][t]["ms"][ours], s["tokens"][t]["ms"].get(peer)) for s in layers for t in s["tokens"]

@@ -479,7 +479,7 @@ def test_compiled_fake_quantization_is_the_eager_one_bit_for_bit(monkeypatch):
 def test_per_call_unpacks_share_one_buffer_and_each_layer_gets_its_own_weight():
     """4-bit per-call layers of different widths unpack into one reused buffer: each output is still
     its own layer's (bit for bit as when it runs alone), and the buffer does not grow past the widest."""
-    from adatsq.quant.kernels import forward
+    from adatsq.quant.kernels import scratch
 
     wide, narrow = (
         QuantLinear.from_quantized(rtn(torch.randn(n, IN), WeightScheme(4, None, True)), None, ActScheme(8))
@@ -488,11 +488,11 @@ def test_per_call_unpacks_share_one_buffer_and_each_layer_gets_its_own_weight():
     x = torch.randn(30, IN)
     assert wide.kernel_for("cpu", torch.float32) == "int8-unpack-per-call"
     y_wide = wide(x)
-    buffer = forward._scratch.buffers[(torch.device("cpu"), torch.int8)]
+    buffer = scratch.buffer(torch.device("cpu"), torch.int8)
     y_narrow = narrow(x)
     assert torch.equal(wide(x), y_wide)
     assert torch.equal(narrow(x), y_narrow)
-    assert forward._scratch.buffers[(torch.device("cpu"), torch.int8)] is buffer and buffer.numel() >= 64 * IN
+    assert scratch.buffer(torch.device("cpu"), torch.int8) is buffer and buffer.numel() >= 64 * IN
     for layer, y in ((wide, y_wide), (narrow, y_narrow)):
         assert _rel_diff(y, layer.reference_forward(x)) < TOL[torch.float32]
 
@@ -512,9 +512,9 @@ def test_shared_buffers_work_in_and_out_of_inference_mode_and_under_autograd():
     """A buffer first made under inference mode stays writable outside it; with a gradient to compute,
     dequant-per-call gives the weight a tensor of its own (the shared one would be overwritten before
     backward)."""
-    from adatsq.quant.kernels import forward
+    from adatsq.quant.kernels import scratch
 
-    forward._scratch.buffers.clear()  # this test makes them
+    scratch.clear()  # this test makes them
     layers = [_layer(4, 20, False, None, seed=1), _layer(4, None, True, 8, seed=2)]
     for layer in layers:
         set_kernel_policy(layer, KernelPolicy(cache_dequant=False))

@@ -54,7 +54,8 @@ class KernelPolicy:
     enabled: False runs the reference path everywhere (for checks against it).
     cache_int8_low_bits: keep an int8 copy of 2-6-bit weights (1 byte/weight more) instead of
     unpacking them every call; off by default so "W4A8" keeps 4-bit weights in memory (plus one int8
-    buffer the size of the widest layer, reused by every layer's unpack).
+    buffer the size of the widest layer, reused by every layer's unpack, and for integer group scales
+    one uint8 buffer at most that size).
     cache_dequant: keep the dequantized weights of A16 / group-wise / A4 layers between calls (False:
     dequantize every call into one buffer the size of the widest layer, reused by every layer).
     onednn: run cached int8 weights through oneDNN on CPUs where it works (False: `torch._int_mm`).

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import threading
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -13,6 +11,7 @@ from adatsq.quant.kernels.actquant import fake_quantized, int8_codes
 from adatsq.quant.kernels.dispatch import INT8_ONEDNN
 from adatsq.quant.kernels.intmm import int8_matmul, pad_weight
 from adatsq.quant.kernels.layouts import KernelState, int8_weight, planar_int8_weight
+from adatsq.quant.kernels.scratch import scratch_matrix
 from adatsq.quant.pack import unpack
 from adatsq.quant.transforms import scaled_walsh_hadamard
 
@@ -52,35 +51,11 @@ def int8_linear(x: Tensor, layer: torch.nn.Module, state: KernelState) -> Tensor
     return y.reshape(*lead, layer.out_features)
 
 
-class _Scratch(threading.local):
-    def __init__(self) -> None:
-        self.buffers: dict[tuple[torch.device, torch.dtype], Tensor] = {}
-
-
-_scratch = _Scratch()
-
-
-def _scratch_matrix(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A [rows, cols] tensor from one buffer per thread, device and dtype, grown to the widest layer and
-    reused by every layer's call (so valid only until the call that asked for it returns).
-
-    A fresh [N, K] weight per call cost more than computing it: 18 ms against 2.5 ms of unpacking at
-    3072 -> 12288 on 2 threads (EPYC Zen 5), the page faults of first touching 38 MB every call
-    (allocations past glibc's 32 MB mmap threshold are never reused).
-    """
-    buffer = _scratch.buffers.get((device, dtype))
-    if buffer is None or buffer.numel() < rows * cols:
-        with torch.inference_mode(False):  # a normal tensor: writable in and out of inference mode
-            buffer = torch.empty(rows * cols, dtype=dtype, device=device)
-        _scratch.buffers[(device, dtype)] = buffer
-    return buffer[: rows * cols].view(rows, cols)
-
-
 def _unpacked_int8(layer: torch.nn.Module, state: KernelState) -> Tensor:
     """The layer's int8 weight, unpacked now (planar codes into the shared buffer)."""
     if state.planar == 1:
         return int8_weight(layer, state.group_scale)
-    out = _scratch_matrix(layer.out_features, layer.in_features, torch.int8, layer.qweight.device)
+    out = scratch_matrix(layer.out_features, layer.in_features, torch.int8, layer.qweight.device)
     return planar_int8_weight(layer, state.group_scale, out)
 
 
@@ -90,7 +65,7 @@ def _dequantized_per_call(layer: torch.nn.Module, dtype: torch.dtype) -> Tensor:
     n, cols = layer.out_features, layer.in_features
     if layer.group_size is not None and cols % layer.group_size:  # partial last group: the reference's way
         return layer.dequantized_weight(dtype)
-    w = unpack(layer.qweight, layer.bits, cols, out=_scratch_matrix(n, cols, dtype, layer.qweight.device))
+    w = unpack(layer.qweight, layer.bits, cols, out=scratch_matrix(n, cols, dtype, layer.qweight.device))
     groups = w.view(n, layer.scales.shape[1], -1)
     groups.sub_(layer.zeros.to(dtype)[:, :, None]).mul_(layer.scales.to(dtype)[:, :, None])
     return w
