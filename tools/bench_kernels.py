@@ -8,11 +8,11 @@ with the reason. What it measures, every number from one process with pinned thr
 1. Linear layers at Flux / Wan-1.3B / Z-Image shapes x 256/1024/4096 tokens: fp32, bf16, ours
    (W8A8, W4A8 per channel with weights unpacked per call or cached, W4A8 group 64 on integer group
    scales as shipped and on float ones, W4A16 group 64 cached or per call), the aten 4-bit CPU ops,
-   torchao and quanto. Repeats are interleaved (round r times every method once), the fastest reported (medians too, in the JSON); a method
-   slower than 4x bf16 on its first call is timed once. Resident weight bytes include the kernel
-   layouts our layers derive.
+   torchao and quanto. Repeats are interleaved (round r times every method once), the fastest
+   reported (medians too, in the JSON); a method slower than 4x bf16 on its first call is timed once.
+   Resident weight bytes include the kernel layouts our layers derive.
 2. ours vs the reference dequantize path on every format at 256 tokens: max |difference|.
-3. end to end: the shipped reference DiT (gptq-w8a8 / gptq-w4a8 / -float-groups / -channel recipes, through
+3. end to end: the shipped reference DiT (recipes gptq-w8a8, gptq-w4a8, -float-groups, -channel; via
    adatsq.quantize) sampled in fp32 and bf16 with the kernels and with the reference path, at a small
    batch and one with >= 1024 tokens per call; and a full-width one-block Flux model (diffusers
    FluxTransformer2DModel, width 3072, 1 double + 1 single block, random weights, RTN via quant/).
