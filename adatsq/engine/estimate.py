@@ -135,9 +135,13 @@ def _candidates(layers: list[LayerShape], recipe: Recipe) -> int:
     if not QUANT_METHODS.get(recipe.method).plans:
         return 0
     gs, bits = recipe.weight.group_size, set(recipe.planner.candidates) | {recipe.planner.pin_bits}
+    integer = recipe.weight.integer_group_scales
     return sum(
         variant_bytes(
-            LayerInfo(la.name, la.in_features * la.out_features, la.in_features, la.out_features, 1, gs), b
+            LayerInfo(
+                la.name, la.in_features * la.out_features, la.in_features, la.out_features, 1, gs, integer
+            ),
+            b,
         )
         for la in layers
         for b in bits
@@ -145,9 +149,9 @@ def _candidates(layers: list[LayerShape], recipe: Recipe) -> int:
 
 
 def _checkpoint(layers: list[LayerShape], recipe: Recipe, params: int, dtype_bytes: int) -> tuple[int, int]:
-    gs = recipe.weight.group_size
+    gs, integer = recipe.weight.group_size, recipe.weight.integer_group_scales
     infos = [
-        LayerInfo(la.name, la.in_features * la.out_features, la.in_features, la.out_features, 1, gs)
+        LayerInfo(la.name, la.in_features * la.out_features, la.in_features, la.out_features, 1, gs, integer)
         for la in layers
     ]
     kept = (params - sum(i.n_params for i in infos)) * dtype_bytes  # float tensors (biases included)

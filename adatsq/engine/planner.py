@@ -53,6 +53,7 @@ def layer_infos(
                 1, round((tokens_per_step or {}).get(name, 1.0) * linear.in_features * linear.out_features)
             ),
             group_size=recipe.weight.group_size,
+            integer_group_scales=recipe.weight.integer_group_scales,
         )
         for name, linear in layers.items()
     ]

@@ -13,6 +13,7 @@ import numpy as np
 
 from adatsq.errors import PlanError
 from adatsq.plan.schema import ACT_BITS, BUDGET_KINDS, SUPPORTED_BITS, Budget, LayerInfo
+from adatsq.quant.scheme import INTEGER_GROUP_BITS
 
 SCALE_BYTES = 2  # one fp16 scale per (group, output channel)
 ZERO_BYTES = 1  # one uint8 zero point per (group, output channel)
@@ -24,10 +25,13 @@ def variant_bytes(layer: LayerInfo, bits: int) -> int:
     """Bytes of ONE quantized copy of `layer` in a checkpoint: packed weights + scales + zeros.
 
     The single place the stored-size formula lives. Rows pack separately (quant/pack.py layout
-    uint8 [out, ceil(in·bits/8)]), scales are fp16 and zeros uint8 [out, n_groups]; bias is not counted.
+    uint8 [out, ceil(in·bits/8)]), scales are fp16 and zeros uint8 [out, n_groups], plus the fp16
+    per-row scale of integer group scales; bias is not counted.
     """
     packed = layer.out_features * -(-layer.in_features * int(bits) // 8)
     overhead = layer.n_groups * layer.out_features * (SCALE_BYTES + ZERO_BYTES)
+    if layer.integer_group_scales and int(bits) in INTEGER_GROUP_BITS:
+        overhead += layer.out_features * SCALE_BYTES
     return packed + overhead
 
 

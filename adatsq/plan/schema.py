@@ -85,6 +85,7 @@ class LayerInfo:
     out_features: int
     macs_per_step: int  # multiply-accumulates of this layer in one denoiser step (all tokens, CFG batch)
     group_size: int | None = None  # None = one scale per output channel
+    integer_group_scales: bool = False  # its 2-6-bit variants store one more fp16 scale per row
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:

@@ -21,7 +21,7 @@ Grid conventions (one place, so RTN, GPTQ, checkpoints and QuantLinear agree bit
   ``[1, group_scale_limit]``, chosen so that ``s2 * (q - zero)`` always fits int8. The group-wise
   weight is then an int8 matrix with one scale per output channel, which the integer kernels multiply
   at int8 speed; the float path sees ordinary group scales. ``s1`` keeps few enough significant bits
-  (``channel_scale_bits``) that ``s1 * s2`` is exact in float16, so the stored group scales are the
+  (``CHANNEL_SCALE_BITS``) that ``s1 * s2`` is exact in float16, so the stored group scales are the
   exact products and every path computes the same weights.
 """
 
@@ -43,6 +43,7 @@ MAX_GROUP_SIZE = 2**20  # columns: a group wider than this is per-channel quanti
 INT8_MAX = 127
 INTEGER_GROUP_BITS = (2, 3, 4, 6)  # widths whose codes times an integer group scale fit int8
 MAX_GROUP_SCALE = 15  # integer group scales take 4 bits, so the per-channel scale keeps 11 - 4 of fp16's
+CHANNEL_SCALE_BITS = 11 - MAX_GROUP_SCALE.bit_length()  # 11 significant bits in float16
 
 
 @dataclass(frozen=True)
@@ -117,11 +118,6 @@ def group_scale_limit(bits: int, symmetric: bool) -> int:
     return max(1, min(MAX_GROUP_SCALE, INT8_MAX // reach))
 
 
-def channel_scale_bits() -> int:
-    """Significant bits a per-channel scale keeps, so s1 * s2 (s2 <= MAX_GROUP_SCALE) is float16-exact."""
-    return 11 - MAX_GROUP_SCALE.bit_length()
-
-
 def _round_up_to_bits(scale: Tensor, bits: int) -> Tensor:
     """The smallest number >= scale with `bits` significant bits and no bit below 2**-24 (float64).
 
@@ -134,7 +130,7 @@ def _round_up_to_bits(scale: Tensor, bits: int) -> Tensor:
 
 def channel_scales(W: Tensor, scheme: WeightScheme) -> Tensor:
     """Per-row s1 of the integer-group-scale grid, float32 [rows]: the row's widest min-max group scale
-    over the group-scale limit, rounded up to `channel_scale_bits`, so every group of W fits s2 <= limit."""
+    over the group-scale limit, rounded up to CHANNEL_SCALE_BITS, so every group of W fits s2 <= limit."""
     rows, cols = W.shape
     gs = scheme.group_size or cols
     widest = torch.zeros(rows, dtype=torch.float64, device=W.device)
@@ -143,7 +139,7 @@ def channel_scales(W: Tensor, scheme: WeightScheme) -> Tensor:
         widest = torch.maximum(widest, scale)
     limit = group_scale_limit(scheme.bits, scheme.symmetric)
     s1 = (widest / limit).clamp(SCALE_MIN, 2.0**11)  # s1 * 15 stays far inside float16
-    return _round_up_to_bits(s1, channel_scale_bits()).float()
+    return _round_up_to_bits(s1, CHANNEL_SCALE_BITS).float()
 
 
 def _minmax_scale(W: Tensor, scheme: WeightScheme) -> tuple[Tensor, Tensor | None]:

@@ -12,6 +12,8 @@ import adatsq
 from adatsq.checkpoint.inspect import inspect_checkpoint
 from adatsq.checkpoint.load import load_checkpoint
 from adatsq.errors import CheckpointError
+from adatsq.plan.cost import variant_bytes
+from adatsq.plan.schema import LayerInfo
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear
 
 LAYER = "transformer_blocks.0.attn1.to_q"
@@ -105,3 +107,18 @@ def test_a_plan_keeps_float_group_scales_on_its_8_bit_variants(tiny_adapter):
     assert {v.kernel_for("cpu", torch.float32).split("+")[0] for v in variants if v.bits == 4} == {
         "int8-unpack-per-call"
     }
+
+
+def test_the_planners_byte_count_is_the_stored_one(saved):
+    """plan/cost.variant_bytes counts the per-row channel scale: what the planner budgets is what is saved."""
+    _, directory = saved
+    tensors = load_file(str(directory / WEIGHTS))
+    layers = json.loads((directory / CONFIG).read_text())["quantization_config"]["layers"]
+    for name, layer in layers.items():
+        inp, out = layer["in_features"], layer["out_features"]
+        info = LayerInfo(name, inp * out, inp, out, 1, layer["group_size"], integer_group_scales=True)
+        buffers = ("qweight", "scales", "zeros", "channel_scales")
+        stored = sum(
+            tensors[f"{name}.w4.{b}"].numel() * tensors[f"{name}.w4.{b}"].element_size() for b in buffers
+        )
+        assert variant_bytes(info, 4) == stored, name

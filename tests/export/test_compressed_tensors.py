@@ -76,6 +76,9 @@ CASES = {
     "per-channel": {"group": None},
     "group128-sym": {"group": 128, "sym": True},  # one group (channel) for in=64, two groups for in=256
     "mixed-bits": {"mixed": True},
+    "integer-group-scales": {
+        "weight": {"bits": 4, "group_size": 32, "symmetric": False, "integer_group_scales": True}
+    },
 }
 
 
