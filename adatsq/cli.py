@@ -609,6 +609,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from adatsq.core.progress import bars_wanted
 
     args.progress = bars_wanted(not args.quiet)
+    from adatsq.core.allocator import retain_freed_memory
+
+    retain_freed_memory()
     try:
         with library_bars(args.progress and sys.stderr.isatty()), library_records(args.verbose):
             return args.handler(args)

@@ -54,6 +54,7 @@ class LayerExport:
     in_features: int | None = None  # None when the source is a plan (it stores no shapes)
     out_features: int | None = None
     transforms: tuple[str, ...] = ()  # input-transform buffers stored with the variant
+    integer_group_scales: bool = False  # the variant's group scales are per-channel scale x integer
 
 
 @dataclass
@@ -134,6 +135,12 @@ def refuse_transforms(source: ExportSource, target: str) -> None:
                 "cannot represent; export a checkpoint quantized without `outliers` (smoothing, rotation, "
                 "low-rank)"
             )
+
+
+def integer_scales_lost(source: ExportSource, what_happens: str) -> list[str]:
+    """The `loses` line for integer group scales (no peer format has that two-level grid), if used."""
+    used = any(layer.integer_group_scales for layer in source.layers.values())
+    return [f"integer group scales: {what_happens}"] if used else []
 
 
 def bits_summary(layers: dict[str, LayerExport]) -> str:

@@ -39,6 +39,7 @@ from adatsq.export.base import (
     LayerExport,
     Written,
     bits_summary,
+    integer_scales_lost,
 )
 from adatsq.quant.pack import pack, unpack
 from adatsq.quant.scheme import n_groups
@@ -185,6 +186,8 @@ class CompressedTensorsExporter(Exporter):
         loses = ["the timestep axis: one variant per layer (" + source.selection_text + ")"]
         if any(layer.act_bits and layer.bits < 8 for layer in source.layers.values()):
             loses.append("packing: int-quantized (A8) layers store each sub-8-bit code in a whole int8")
+        loses += integer_scales_lost(source, "stored as their float16 products (the same weights), "
+                                     "which compressed-tensors runs as free group scales")  # fmt: skip
         return Written(
             description=f"compressed-tensors {qconfig['format']}, {n_groups_} config group(s), "
             f"{written} bytes",

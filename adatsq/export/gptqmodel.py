@@ -16,7 +16,15 @@ from typing import Any
 from adatsq.core.io import write_json
 from adatsq.core.version import __version__
 from adatsq.errors import ExportError
-from adatsq.export.base import EXPORTERS, Exporter, ExportOptions, ExportSource, LayerExport, Written
+from adatsq.export.base import (
+    EXPORTERS,
+    Exporter,
+    ExportOptions,
+    ExportSource,
+    LayerExport,
+    Written,
+    integer_scales_lost,
+)
 
 FILE = "quantize_config.json"
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)  # what GPTQModel's QuantizeConfig accepts
@@ -76,6 +84,7 @@ class GPTQModelExporter(Exporter):
             loses.append(
                 "activation quantization: GPTQModel's config here is weight-only (activations float)"
             )
+        loses += integer_scales_lost(source, "the re-quantization solves free group scales")
         overrides = sum(key.startswith("+:") for key in config.get("dynamic", {}))
         return Written(
             description=f"GPTQModel re-quantization config (format {config['format']}, {overrides} "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from adatsq.core.io import write_json
 from adatsq.errors import ExportError
-from adatsq.export.base import EXPORTERS, Exporter, ExportOptions, ExportSource, Written
+from adatsq.export.base import EXPORTERS, Exporter, ExportOptions, ExportSource, Written, integer_scales_lost
 
 FILE = "quanto_qmap.json"
 QTYPES = {2: "qint2", 4: "qint4", 8: "qint8"}  # quanto's integer weight types
@@ -48,6 +48,7 @@ class QuantoExporter(Exporter):
         ]
         if any(layer.act_bits for layer in source.layers.values()):
             loses.append("activation quantization: quanto has only static calibrated activation scales")
+        loses += integer_scales_lost(source, "the re-quantization solves free group scales")
         return Written(
             description="optimum-quanto qmap (re-quantization recipe)",
             files=(FILE,),

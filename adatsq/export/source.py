@@ -18,7 +18,7 @@ from adatsq.checkpoint.validate import open_checkpoint
 from adatsq.errors import CheckpointError, ConfigError
 from adatsq.export.base import TRANSFORM_BUFFERS, ExportSource, LayerExport, Selection
 from adatsq.plan.schema import UNQUANTIZED_ACT_BITS, load_plan
-from adatsq.quant.scheme import WeightScheme
+from adatsq.quant.scheme import INTEGER_GROUP_BITS, WeightScheme
 
 
 def _selection(rows: dict[str, tuple[int, ...]], selection: Selection | None, num_segments: int, what: str):
@@ -56,6 +56,7 @@ def read_checkpoint(directory: Path, selection: Selection | None, verify: bool =
         layers[name] = LayerExport(
             name, bits, rows[name], layer["group_size"], layer["symmetric"], config["activation"]["bits"],
             layer["in_features"], layer["out_features"], tuple(b for b in TRANSFORM_BUFFERS if b in buffers),
+            "channel_scales" in buffers,
         )  # fmt: skip
     denoiser = opened.adapter.denoiser()
     linears = [n for n, m in denoiser.named_modules() if isinstance(m, nn.Linear) and n not in layers]
@@ -83,9 +84,11 @@ def read_plan(path: Path, selection: Selection | None, weight: WeightScheme | No
     layers = {}
     for name, row in plan.layers.items():
         act = plan.act_bits_of(name)
+        bits = chosen.pick(row)
         layers[name] = LayerExport(
-            name, chosen.pick(row), row, weight.group_size, weight.symmetric,
+            name, bits, row, weight.group_size, weight.symmetric,
             None if act == UNQUANTIZED_ACT_BITS else act,
+            integer_group_scales=weight.integer_group_scales and bits in INTEGER_GROUP_BITS,
         )  # fmt: skip
     return ExportSource(
         kind="plan",

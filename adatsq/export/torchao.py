@@ -15,7 +15,15 @@ from typing import Any
 
 from adatsq.core.io import write_json
 from adatsq.errors import ExportError
-from adatsq.export.base import EXPORTERS, Exporter, ExportOptions, ExportSource, LayerExport, Written
+from adatsq.export.base import (
+    EXPORTERS,
+    Exporter,
+    ExportOptions,
+    ExportSource,
+    LayerExport,
+    Written,
+    integer_scales_lost,
+)
 from adatsq.quant.scheme import n_groups
 
 FILE = "torchao_config.json"
@@ -101,6 +109,7 @@ class TorchAOExporter(Exporter):
             )
         if source.kind == "plan":
             loses.append("group size / symmetry come from --recipe (or the defaults), not from the plan")
+        loses += integer_scales_lost(source, "the re-quantization solves free group scales")
         keeps = ["bits, grouping and symmetry of every layer"]
         if any(layer.act_bits for layer in source.layers.values()):
             keeps.append("int8 dynamic per-token activations")

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from adatsq.core.allocator import retain_freed_memory
 from adatsq.errors import CheckpointError, PlanError
 from adatsq.quant.kernels import compiled, onednn
 from adatsq.quant.kernels.dispatch import REFERENCE, KernelPolicy, choose_kernel
@@ -316,7 +317,11 @@ def set_kernel_policy(model: nn.Module, policy: KernelPolicy) -> int:
 
 def prepare_kernels(model: nn.Module, dtype: torch.dtype) -> dict[str, str]:
     """Derive every quantized layer's kernel layout for `dtype` inputs now (at load), and compile the
-    activation quantization where a layer's policy asks for it; name -> kernel."""
+    activation quantization where a layer's policy asks for it; name -> kernel.
+
+    Also keeps glibc from returning freed memory to the OS (`core/allocator.py`; the kernels' per-call
+    tensors otherwise fault their pages in again every call; ADATSQ_ALLOCATOR=system opts out)."""
+    retain_freed_memory()
     out: dict[str, str] = {}
     for name, m in model.named_modules():
         if isinstance(m, TimestepQuantLinear):

@@ -196,3 +196,14 @@ def test_what_compressed_tensors_cannot_hold_is_refused(make_checkpoint, tmp_pat
     with pytest.raises(ExportError, match=message.replace("(", r"\(").replace(")", r"\)")):
         export(checkpoint, "compressed-tensors", tmp_path / "ct")
     assert not (tmp_path / "ct").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_integer_group_scales_are_named_in_what_the_export_loses(make_checkpoint, tmp_path):
+    """Their products export bit for bit (CASES above); the record says the two-level grid is gone."""
+    checkpoint = make_checkpoint(**CASES["integer-group-scales"])
+    export(checkpoint, "compressed-tensors", tmp_path / "ct", None)
+    record = json.loads((tmp_path / "ct" / "adatsq_export.json").read_text())
+    assert any(line.startswith("integer group scales: stored as their float16") for line in record["loses"])
+    export(make_checkpoint(), "compressed-tensors", tmp_path / "plain", None)
+    record = json.loads((tmp_path / "plain" / "adatsq_export.json").read_text())
+    assert not any(line.startswith("integer group scales") for line in record["loses"])

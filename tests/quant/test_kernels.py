@@ -339,7 +339,9 @@ def test_long_inputs_run_in_row_chunks_with_the_same_result(monkeypatch, bits, d
     monkeypatch.setattr(forward, "ACC_ELEMENTS", 1024 * OUT)  # 1024 rows per call at this width
     calls = []
     original = torch._int_mm
-    monkeypatch.setattr(torch, "_int_mm", lambda a, w: calls.append(a.shape[0]) or original(a, w))
+    monkeypatch.setattr(
+        torch, "_int_mm", lambda a, w, **out: calls.append(a.shape[0]) or original(a, w, **out)
+    )
     chunked = layer(x)
     assert calls == [1024, 1024, 52]
     monkeypatch.setattr(forward, "ACC_ELEMENTS", 10**12)

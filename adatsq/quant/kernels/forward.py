@@ -41,14 +41,18 @@ def int8_linear(x: Tensor, layer: torch.nn.Module, state: KernelState) -> Tensor
     w = state.weight
     if w is None:  # weights stay packed: unpack to int8 now, O(N*K) against the O(M*N*K) matmul
         w = pad_weight(_unpacked_int8(layer, state), state.rules)
-    chunk = row_chunk(layer.out_features)
-    if codes.shape[0] <= chunk or state.name == INT8_ONEDNN or x.device.type != "cpu":
-        return _int8_rows(codes, sx, w, layer, state).to(x.dtype).reshape(*lead, layer.out_features)
-    y = torch.empty(codes.shape[0], layer.out_features, dtype=x.dtype, device=x.device)
-    for start in range(0, codes.shape[0], chunk):
-        rows = slice(start, start + chunk)
-        y[rows] = _int8_rows(codes[rows], sx[rows], w, layer, state)
-    return y.reshape(*lead, layer.out_features)
+    rows, n = codes.shape[0], layer.out_features
+    if state.name == INT8_ONEDNN or x.device.type != "cpu":
+        return _int8_rows(codes, sx, w, layer, state).to(x.dtype).reshape(*lead, n)
+    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    chunk = row_chunk(n)
+    for start in range(0, rows, chunk):
+        part = slice(start, start + chunk)
+        out = y[part] if x.dtype == torch.float32 else None  # else the rescale goes via scratch
+        rescaled = _int8_rows(codes[part], sx[part], w, layer, state, out)
+        if out is None:
+            y[part] = rescaled
+    return y.reshape(*lead, n)
 
 
 def _unpacked_int8(layer: torch.nn.Module, state: KernelState) -> Tensor:
@@ -71,17 +75,33 @@ def _dequantized_per_call(layer: torch.nn.Module, dtype: torch.dtype) -> Tensor:
     return w
 
 
-def _int8_rows(a: Tensor, sx: Tensor, w: Tensor, layer: torch.nn.Module, state: KernelState) -> Tensor:
+def _int8_rows(
+    a: Tensor, sx: Tensor, w: Tensor, layer: torch.nn.Module, state: KernelState, out: Tensor | None = None
+) -> Tensor:
+    """The rescaled float rows of one integer matmul (oneDNN's in its out_dtype).
+
+    `_int_mm` on the CPU accumulates into a scratch buffer and rescales into `out` (float32 [rows, N],
+    e.g. rows of the layer's output) or a second scratch buffer: fresh [M, N] intermediates each call
+    made glibc return and re-fault their pages (3040 page faults, 4.1 against 0.45 ms a call for 4096
+    tokens of 128 -> 384, intermittently, as the heap top was trimmed or not)."""
     if state.name == INT8_ONEDNN:  # oneDNN's output already carries the per-channel scale
         y = onednn.matmul_scaled(a, w, state.col_scale, state.out_dtype)
         if state.zero_corr is not None:
             y.sub_(a.sum(dim=1, dtype=torch.int32)[:, None] * state.zero_corr)
         sx = sx.to(y.dtype)  # [M, 1]: a mixed-dtype [M, N] pass measured 7x slower than this cast
         return y.mul_(sx) if state.bias is None else torch.addcmul(state.bias, y, sx, out=y)  # one pass
-    acc = int8_matmul(a, w, layer.out_features, state.rules)
+    rows, n = a.shape[0], layer.out_features
+    cpu = a.device.type == "cpu"
+    acc = int8_matmul(a, w, n, state.rules, scratch_matrix(rows, n, torch.int32, a.device) if cpu else None)
     if state.zero_corr is not None:
-        acc = acc - a.sum(dim=1, dtype=torch.int32)[:, None] * state.zero_corr
-    y = acc.float().mul_(sx).mul_(state.col_scale)  # in place: fewer passes than addcmul (measured)
+        acc.sub_(a.sum(dim=1, dtype=torch.int32)[:, None] * state.zero_corr)
+    if out is None:
+        out = (
+            scratch_matrix(rows, n, torch.float32, a.device, "rescaled")
+            if cpu
+            else torch.empty_like(acc, dtype=torch.float32)
+        )
+    y = out.copy_(acc).mul_(sx).mul_(state.col_scale)  # in place: fewer passes than addcmul (measured)
     return y if state.bias is None else y.add_(state.bias)
 
 

@@ -39,11 +39,14 @@ def pad_weight(w: Tensor, rules: IntMMRules) -> Tensor:
     return F.pad(w, (0, dk, 0, dn)) if dn or dk else w
 
 
-def int8_matmul(a: Tensor, w: Tensor, n_out: int, rules: IntMMRules) -> Tensor:
-    """int8 a [M, K] @ padded int8 w [N', K'].T -> exact int32 [M, n_out]."""
+def int8_matmul(a: Tensor, w: Tensor, n_out: int, rules: IntMMRules, out: Tensor | None = None) -> Tensor:
+    """int8 a [M, K] @ padded int8 w [N', K'].T -> exact int32 [M, n_out]; into `out` (int32 [M, n_out])
+    when no padding is needed."""
     m, k = a.shape
     dm, dk = max(rules.min_rows - m, 0), w.shape[1] - k
     if dm or dk:
         a = F.pad(a, (0, dk, 0, dm))
+    if out is not None and not (dm or w.shape[0] != n_out):
+        return torch._int_mm(a, w.t(), out=out)
     acc = torch._int_mm(a, w.t())
     return acc[:m, :n_out] if dm or acc.shape[1] != n_out else acc
