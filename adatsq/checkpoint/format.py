@@ -23,7 +23,7 @@ from torch import nn
 
 from adatsq.errors import CheckpointError
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear
-from adatsq.quant.scheme import INTEGER_GROUP_BITS, WeightScheme
+from adatsq.quant.scheme import WeightScheme, variant_scheme
 
 FORMAT_VERSION = 2
 READ_VERSIONS = (1, 2)
@@ -70,11 +70,8 @@ class LayerSpec:
     integer_group_scales: bool = False
 
     def scheme(self, bits: int) -> WeightScheme:
-        """The scheme of the `bits` variant: integer group scales only where the width allows them."""
-        return WeightScheme(bits, self.group_size, self.symmetric, self.integer_scales(bits))
-
-    def integer_scales(self, bits: int) -> bool:
-        return self.integer_group_scales and bits in INTEGER_GROUP_BITS
+        """The scheme of the `bits` variant (`variant_scheme`: 8-bit per channel under integer scales)."""
+        return variant_scheme(bits, self.group_size, self.symmetric, self.integer_group_scales)
 
 
 def variant_prefix(name: str, bits: int) -> str:

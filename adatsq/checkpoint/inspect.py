@@ -18,7 +18,7 @@ from adatsq.models.resolve import adapter_for
 from adatsq.plan.inspect import inspect_plan_file
 from adatsq.quant.kernels import choose_kernel, onednn
 from adatsq.quant.kernels.dispatch import INT8_ONEDNN
-from adatsq.quant.scheme import INTEGER_GROUP_BITS
+from adatsq.quant.scheme import INTEGER_GROUP_BITS, variant_group_size
 
 
 def layer_kernel(layer: dict[str, Any], act_bits: int | None) -> str:
@@ -28,7 +28,7 @@ def layer_kernel(layer: dict[str, Any], act_bits: int | None) -> str:
     kernels = [
         choose_kernel(
             b,
-            layer["group_size"],
+            variant_group_size(layer["group_size"], layer.get("integer_group_scales", False), b),
             layer["in_features"],
             act_bits,
             "cpu",
@@ -44,9 +44,12 @@ def layer_kernel(layer: dict[str, Any], act_bits: int | None) -> str:
 
 
 def group_text(layer: dict[str, Any]) -> str:
-    """The group column: its size ("channel" for one per row), "int" marking integer group scales."""
+    """The group column: its size ("channel" for one per row), "int" marking integer group scales (whose
+    8-bit variants are per channel)."""
     text = str(layer["group_size"] or "channel")
-    return f"{text} int" if layer.get("integer_group_scales") else text
+    if not layer.get("integer_group_scales"):
+        return text
+    return f"{text} int" + (", w8 channel" if 8 in layer["bits"] else "")
 
 
 def inspect_checkpoint(directory: Path, verify: bool = True) -> str:

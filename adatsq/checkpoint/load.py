@@ -22,19 +22,20 @@ from adatsq.models.base import ModelAdapter
 from adatsq.models.resolve import parse_dtype
 from adatsq.quant.kernels import KernelPolicy
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear, prepare_kernels, set_kernel_policy
-from adatsq.quant.scheme import ActScheme
+from adatsq.quant.scheme import ActScheme, variant_group_size
 
 
 def quantized_layer(
     name: str, layer: dict[str, Any], keys: dict[int, list[str]], files: TensorFiles, act: ActScheme
 ) -> nn.Module:
-    variants = {}
+    variants, integer = {}, layer.get("integer_group_scales", False)
     for bits in sorted(set(layer["bits"])):
         state = {key.rsplit(".", 1)[1]: files.get(key) for key in keys[bits]}
+        group = variant_group_size(layer["group_size"], integer, bits)
         try:
             variants[bits] = QuantLinear(
                 state.pop("qweight"), state.pop("scales"), state.pop("zeros"), state.pop("bias", None),
-                bits, layer["group_size"], layer["in_features"], act, **state,
+                bits, group, layer["in_features"], act, **state,
             )  # fmt: skip
         except (KeyError, ValueError, RuntimeError, TypeError) as err:
             raise CheckpointError(

@@ -23,7 +23,7 @@ from adatsq.errors import CheckpointError, ConfigError
 from adatsq.models.base import ModelAdapter
 from adatsq.models.resolve import adapter_class
 from adatsq.quant.pack import packed_cols
-from adatsq.quant.scheme import ACT_BITS, INTEGER_GROUP_BITS, WEIGHT_BITS, n_groups
+from adatsq.quant.scheme import ACT_BITS, INTEGER_GROUP_BITS, WEIGHT_BITS, n_groups, variant_group_size
 
 _VARIANT_KEY = re.compile(r"(?P<layer>.+)\.w(?P<bits>\d+)\.(?P<buffer>[a-z_]+)")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -186,7 +186,9 @@ def _tensor_error(files: TensorFiles, key: str, problem: str, allowed: str) -> C
 def _expected_buffers(layer: dict[str, Any], bits: int, buffers: dict[str, str], specs: Specs) -> dict:
     """buffer -> (allowed dtypes, shape) for one variant of a layer (lowrank rank read from lowrank_a)."""
     out, inp = layer["out_features"], layer["in_features"]
-    groups = n_groups(inp, layer["group_size"])
+    groups = n_groups(
+        inp, variant_group_size(layer["group_size"], layer.get("integer_group_scales", False), bits)
+    )
     expected = {
         "qweight": (("U8",), (out, packed_cols(inp, bits))),
         "scales": (("F16",), (out, groups)),
@@ -232,6 +234,8 @@ def _check_variant(
         f"for layer {name!r} with in_features={layer['in_features']}, out_features={layer['out_features']}, "
     )
     geometry += f"{bits} bits, group_size={layer['group_size']}"
+    if layer.get("integer_group_scales"):
+        geometry += " on integer group scales (8-bit variants per channel)"
     for buffer, (dtypes, shape) in _expected_buffers(layer, bits, buffers, specs).items():
         if buffer in buffers:
             dtype, stored = specs[buffers[buffer]]

@@ -57,8 +57,8 @@ class WeightScheme:
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = True
-    # group scales = per-channel scale x small integer (module docstring); a plan's 8-bit variants keep
-    # float group scales (LayerSpec.scheme), as no integer multiple of an 8-bit code fits int8
+    # group scales = per-channel scale x small integer (module docstring); a plan's 8-bit variants are
+    # then per channel (`variant_group_size`)
     integer_group_scales: bool = False
 
     def __post_init__(self) -> None:
@@ -107,6 +107,21 @@ class ActScheme:
 def n_groups(in_features: int, group_size: int | None) -> int:
     """Number of scale/zero columns for a weight with `in_features` inputs (last group may be partial)."""
     return 1 if group_size is None else -(-in_features // group_size)
+
+
+def variant_group_size(group_size: int | None, integer_group_scales: bool, bits: int) -> int | None:
+    """The group size of one bit-width's variant. Under integer group scales an 8-bit variant has one
+    scale per row, the integer grid with s2 = 1 (no larger multiple of an 8-bit code fits int8), so
+    every variant of a plan runs the int8 kernels."""
+    return None if integer_group_scales and bits not in INTEGER_GROUP_BITS else group_size
+
+
+def variant_scheme(
+    bits: int, group_size: int | None, symmetric: bool, integer_group_scales: bool
+) -> WeightScheme:
+    """The WeightScheme of one bit-width's variant of a layer quantized with these settings."""
+    integer = integer_group_scales and bits in INTEGER_GROUP_BITS
+    return WeightScheme(bits, variant_group_size(group_size, integer_group_scales, bits), symmetric, integer)
 
 
 def group_scale_limit(bits: int, symmetric: bool) -> int:

@@ -1,5 +1,5 @@
 """Checkpoints on integer group scales: saved, validated, loaded and inspected, and a plan with 8-bit
-variants (which keep float group scales) beside 4-bit ones."""
+variants (per channel) beside 4-bit ones."""
 
 import json
 import shutil
@@ -86,7 +86,8 @@ def test_channel_scales_that_break_the_grid_are_refused_at_load(saved, tmp_path)
         load_checkpoint(broken, verify=False)
 
 
-def test_a_plan_keeps_float_group_scales_on_its_8_bit_variants(tiny_adapter):
+def test_a_plans_8_bit_variants_are_per_channel_and_every_variant_runs_int8(tiny_adapter, tmp_path):
+    """Under integer group scales an 8-bit variant has one scale per row (s2 = 1): int8 kernels too."""
     recipe = {
         "method": "adatsq",
         "weight": INTEGER,
@@ -96,17 +97,21 @@ def test_a_plan_keeps_float_group_scales_on_its_8_bit_variants(tiny_adapter):
                     "beam_width": 2},
     }  # fmt: skip
     qmodel = adatsq.quantize(tiny_adapter(), adatsq.recipe.recipe_from_dict(recipe), progress=False)
+    qmodel.save(tmp_path / "plan-ckpt")
+    pipe = adatsq.load(tmp_path / "plan-ckpt")
     variants = [
         v
-        for m in qmodel.adapter.denoiser().modules()
+        for m in pipe.transformer.modules()
         if isinstance(m, (QuantLinear, TimestepQuantLinear))
         for v in (m.variants.values() if isinstance(m, TimestepQuantLinear) else [m])
     ]
     assert {v.bits for v in variants} == {4, 8}
-    assert all((v.channel_scales is not None) == (v.bits == 4) for v in variants)
-    assert {v.kernel_for("cpu", torch.float32).split("+")[0] for v in variants if v.bits == 4} == {
-        "int8-unpack-per-call"
-    }
+    for v in variants:
+        assert (v.channel_scales is not None, v.group_size) == ((True, 32) if v.bits == 4 else (False, None))
+        assert v.kernel_for("cpu", torch.float32).startswith("int8-")
+    table = inspect_checkpoint(tmp_path / "plan-ckpt")
+    assert "32 int, w8 channel" in table
+    assert "dequant" not in table  # no variant falls back to the float path
 
 
 def test_the_planners_byte_count_is_the_stored_one(saved):
@@ -122,3 +127,4 @@ def test_the_planners_byte_count_is_the_stored_one(saved):
             tensors[f"{name}.w4.{b}"].numel() * tensors[f"{name}.w4.{b}"].element_size() for b in buffers
         )
         assert variant_bytes(info, 4) == stored, name
+        assert variant_bytes(info, 8) == out * inp + out * 3  # an 8-bit variant: per channel, no s1
