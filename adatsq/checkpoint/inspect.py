@@ -46,10 +46,12 @@ def layer_kernel(layer: dict[str, Any], act_bits: int | None) -> str:
 def group_text(layer: dict[str, Any]) -> str:
     """The group column: its size ("channel" for one per row), "int" marking integer group scales (whose
     8-bit variants are per channel)."""
-    text = str(layer["group_size"] or "channel")
     if not layer.get("integer_group_scales"):
-        return text
-    return f"{text} int" + (", w8 channel" if 8 in layer["bits"] else "")
+        return str(layer["group_size"] or "channel")
+    parts = [f"{layer['group_size']} int"] if set(layer["bits"]) & set(INTEGER_GROUP_BITS) else []
+    if 8 in layer["bits"]:
+        parts.append("w8 channel" if parts else "channel")
+    return ", ".join(parts)
 
 
 def inspect_checkpoint(directory: Path, verify: bool = True) -> str:

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import adatsq
-from adatsq.checkpoint.inspect import inspect_checkpoint
+from adatsq.checkpoint.inspect import group_text, inspect_checkpoint
 from adatsq.checkpoint.load import load_checkpoint
 from adatsq.errors import CheckpointError
 from adatsq.plan.cost import variant_bytes
@@ -86,6 +86,16 @@ def test_channel_scales_that_break_the_grid_are_refused_at_load(saved, tmp_path)
         load_checkpoint(broken, verify=False)
 
 
+def _variants_by_layer(pipe):
+    out = {}
+    for name, m in pipe.transformer.named_modules():
+        if isinstance(m, TimestepQuantLinear):
+            out[name] = list(m.variants.values())
+        elif isinstance(m, QuantLinear) and not any(name.startswith(f"{p}.") for p in out):
+            out[name] = [m]
+    return out
+
+
 def test_a_plans_8_bit_variants_are_per_channel_and_every_variant_runs_int8(tiny_adapter, tmp_path):
     """Under integer group scales an 8-bit variant has one scale per row (s2 = 1): int8 kernels too."""
     recipe = {
@@ -110,7 +120,14 @@ def test_a_plans_8_bit_variants_are_per_channel_and_every_variant_runs_int8(tiny
         assert (v.channel_scales is not None, v.group_size) == ((True, 32) if v.bits == 4 else (False, None))
         assert v.kernel_for("cpu", torch.float32).startswith("int8-")
     table = inspect_checkpoint(tmp_path / "plan-ckpt")
-    assert "32 int, w8 channel" in table
+    groups = {line.split("  ")[0]: line for line in table.splitlines()}
+    for module_name, bits in ((n, {v.bits for v in vs}) for n, vs in _variants_by_layer(pipe).items()):
+        expected = {
+            frozenset({4}): "32 int",
+            frozenset({8}): "channel",
+            frozenset({4, 8}): "32 int, w8 channel",
+        }
+        assert f"  {expected[frozenset(bits)]}  " in groups[module_name], module_name
     assert "dequant" not in table  # no variant falls back to the float path
 
 
@@ -128,3 +145,16 @@ def test_the_planners_byte_count_is_the_stored_one(saved):
         )
         assert variant_bytes(info, 4) == stored, name
         assert variant_bytes(info, 8) == out * inp + out * 3  # an 8-bit variant: per channel, no s1
+
+
+@pytest.mark.parametrize(
+    ("bits", "integer", "text"),
+    [
+        ([4, 8], True, "64 int, w8 channel"),
+        ([4, 4], True, "64 int"),
+        ([8], True, "channel"),
+        ([4, 8], False, "64"),
+    ],
+)
+def test_the_group_column_names_each_variants_grid(bits, integer, text):
+    assert group_text({"bits": bits, "group_size": 64, "integer_group_scales": integer}) == text
