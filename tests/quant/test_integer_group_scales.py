@@ -200,3 +200,18 @@ def test_casting_keeps_both_levels_of_the_grid_in_float16():
     x = torch.randn(9, 128, dtype=torch.bfloat16)
     ref = layer.reference_forward(x).float()
     assert float((layer(x).float() - ref).abs().max() / ref.abs().max()) < 2e-2
+
+
+def test_integer_groups_under_cuda_padding_rules_match_the_reference(monkeypatch):
+    """CUDA's `_int_mm` needs M > 16 and K, N multiples of 8: padded inputs, fresh accumulators."""
+    from adatsq.quant.kernels import int_mm_rules
+
+    monkeypatch.setattr(layouts, "int_mm_rules", lambda device_type: int_mm_rules("cuda"))
+    for policy in POLICIES:
+        layer = _layer(4, 32, False, 100)  # K = 100, N = 37: both padded
+        layer.kernel_policy = policy
+        for m in (1, 16, 33):
+            x = torch.randn(m, 100)
+            ref = layer.reference_forward(x)
+            assert float((layer(x) - ref).abs().max() / ref.abs().max()) < 1e-5
+        assert layer._kernel_state.rules.min_rows == 17 and layer.kernel.startswith("int8")
