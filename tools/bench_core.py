@@ -572,7 +572,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for act_order in (True, False):
                     recipe = replace(
                         base,
-                        weight=replace(base.weight, bits=bits, group_size=group),
+                        weight=replace(  # integer group scales need groups: per channel is their s2 = 1
+                            base.weight,
+                            bits=bits,
+                            group_size=group,
+                            integer_group_scales=base.weight.integer_group_scales and group is not None,
+                        ),
                         gptq=replace(base.gptq, act_order=act_order),
                     )
                     out = work / f"extra-w{bits}-g{group or 'ch'}-{'ao' if act_order else 'noao'}"
