@@ -111,6 +111,8 @@ def size_bound(adapter: ModelAdapter, recipe: Recipe) -> dict[str, Any]:
     bits, gs = recipe.weight.bits, recipe.weight.group_size
     quant_params = sum(m.in_features * m.out_features for m in layers.values())
     qparam_bytes = sum(m.out_features * n_groups(m.in_features, gs) * (2 + 1) for m in layers.values())
+    if recipe.weight.integer_group_scales:  # one float16 channel scale per row
+        qparam_bytes += sum(2 * m.out_features for m in layers.values())
     quantized_weight_keys = {f"{name}.weight" for name in layers}
     state = float_denoiser.state_dict()
     unquantized = sum(
@@ -132,7 +134,14 @@ def size_bound(adapter: ModelAdapter, recipe: Recipe) -> dict[str, Any]:
 
 def checkpoint_breakdown(path: Path, quantized: set[str]) -> dict[str, int]:
     """Bytes of the denoiser's safetensors file by tensor kind, plus the header (size minus tensor bytes)."""
-    parts = {"qweight": 0, "scales": 0, "zeros": 0, "quantized_layer_bias": 0, "other": 0}
+    parts = {
+        "qweight": 0,
+        "scales": 0,
+        "zeros": 0,
+        "channel_scales": 0,
+        "quantized_layer_bias": 0,
+        "other": 0,
+    }
     with safe_open(str(path), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
             t = f.get_tensor(key)
@@ -158,7 +167,7 @@ def quantize_and_save(
     """Wall time of load + quantize + save (what `adatsq quantize` does), and the engine's own split."""
     start = time.perf_counter()
     adapter = source.adapter()
-    qmodel = engine_quantize(adapter, recipe, stats=stats, progress=False)
+    qmodel = engine_quantize(adapter, recipe, statistics=None if stats is None else [stats], progress=False)
     qmodel.save(out, overwrite=True)
     wall = time.perf_counter() - start
     layers = qmodel.report["layers"].values()
@@ -353,7 +362,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         "Quantize s = wall seconds of loading the float model, calibrating, solving and saving, in this",
         f"process. Sampling {s['samples']} images: float {rec[RECIPES[0]]['eval']['fp_seconds']:.1f} s,",
-        f"quantized {sampling} (fake-quant: weights are dequantized on every call).",
+        f'quantized {sampling} (the kernels `adatsq.load` picks; README "Fast inference").',
     ]
     cli = report.get("cli")
     if cli:
@@ -391,18 +400,28 @@ def markdown(report: dict[str, Any]) -> str:
         b = size["breakdown"]
         rows.append(
             [name, f"{e['checkpoint_bytes']:,}", f"{size['bound_bytes']:,.0f}", size["within_bound"],
-             fmt(size["ratio_to_fp32"], ".3f"), f"{b['qweight']:,}", f"{b['scales'] + b['zeros']:,}",
+             fmt(size["ratio_to_fp32"], ".3f"), f"{b['qweight']:,}",
+             f"{b['scales'] + b['zeros'] + b.get('channel_scales', 0):,}",
              f"{b['other'] + b['quantized_layer_bias']:,}", f"{b['header']:,}",
              f"{e['denoiser_state_bytes']:,}",
              fmt(e["denoiser_state_bytes"] / e["fp_denoiser_state_bytes"], ".3f")]
         )  # fmt: skip
-    header = ["recipe", "checkpoint bytes", "bound bytes", "≤ bound", "/ fp32", "qweight", "scales+zeros"]
+    header = [
+        "recipe",
+        "checkpoint bytes",
+        "bound bytes",
+        "≤ bound",
+        "/ fp32",
+        "qweight",
+        "scales+zeros (+s1)",
+    ]
     lines += table([*header, "other", "header", "in-memory bytes", "memory / float"], rows)
     lines += [
         "",
         f"Terms for W4 / group {rec['gptq-w4a8']['recipe']['weight']['group_size']}: {w4['quantized_layers']}"
         f" quantized layers, {w4['quantized_params']:,} quantized params → {w4['packed_weight_bytes']:,.0f}",
-        f"packed bytes; scales/zeros {w4['scales_zeros_bytes']:,} bytes; unquantized tensors",
+        f"packed bytes; scales/zeros (+ integer grids' channel scales) {w4['scales_zeros_bytes']:,}",
+        "bytes; unquantized tensors",
         f"{w4['unquantized_bytes']:,} bytes; fp32 {w4['fp32_bytes']:,} bytes ({w4['fp32_file_bytes']:,} as a",
         'safetensors file). "other" = biases and unquantized tensors. GPTQ act-order uses static groups',
         "(grids of the original contiguous column groups), so no column permutation is stored.",
