@@ -23,7 +23,7 @@ from torch import nn
 
 from adatsq.errors import CheckpointError
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear
-from adatsq.quant.scheme import WeightScheme, variant_scheme
+from adatsq.quant.scheme import WeightScheme, variant_grid, variant_scheme
 
 FORMAT_VERSION = 2
 READ_VERSIONS = (1, 2)
@@ -72,6 +72,11 @@ class LayerSpec:
     def scheme(self, bits: int) -> WeightScheme:
         """The scheme of the `bits` variant (`variant_scheme`: 8-bit per channel under integer scales)."""
         return variant_scheme(bits, self.group_size, self.symmetric, self.integer_group_scales)
+
+
+def config_variant_grid(layer: dict[str, Any], bits: int) -> tuple[int | None, bool]:
+    """(group size, integer group scales) of the `bits` variant of a config's layer entry (`variant_grid`)."""
+    return variant_grid(layer["group_size"], layer.get("integer_group_scales", False), bits)
 
 
 def variant_prefix(name: str, bits: int) -> str:

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from adatsq.checkpoint.format import is_checkpoint, variant_prefix
+from adatsq.checkpoint.format import config_variant_grid, is_checkpoint, variant_prefix
 from adatsq.checkpoint.validate import open_checkpoint
 from adatsq.core.tables import table
 from adatsq.errors import CheckpointError
@@ -18,23 +18,23 @@ from adatsq.models.resolve import adapter_for
 from adatsq.plan.inspect import inspect_plan_file
 from adatsq.quant.kernels import choose_kernel, onednn
 from adatsq.quant.kernels.dispatch import INT8_ONEDNN
-from adatsq.quant.scheme import INTEGER_GROUP_BITS, variant_group_size
 
 
 def layer_kernel(layer: dict[str, Any], act_bits: int | None) -> str:
     """The kernel a float32 CPU input runs (what QuantLinear.kernel_for("cpu", float32) says), one
     entry per variant of a timestep-adaptive layer; A4 layers are flagged as simulated."""
     bits = sorted(set(layer["bits"]))
+    grids = {b: config_variant_grid(layer, b) for b in bits}
     kernels = [
         choose_kernel(
             b,
-            variant_group_size(layer["group_size"], layer.get("integer_group_scales", False), b),
+            grids[b][0],
             layer["in_features"],
             act_bits,
             "cpu",
             torch.float32,
             onednn_available=onednn.available(),
-            integer_groups=layer.get("integer_group_scales", False) and b in INTEGER_GROUP_BITS,
+            integer_groups=grids[b][1],
         )
         for b in bits
     ]
@@ -48,7 +48,8 @@ def group_text(layer: dict[str, Any]) -> str:
     8-bit variants are per channel)."""
     if not layer.get("integer_group_scales"):
         return str(layer["group_size"] or "channel")
-    parts = [f"{layer['group_size']} int"] if set(layer["bits"]) & set(INTEGER_GROUP_BITS) else []
+    integer = any(config_variant_grid(layer, b)[1] for b in layer["bits"])
+    parts = [f"{layer['group_size']} int"] if integer else []
     if 8 in layer["bits"]:
         parts.append("w8 channel" if parts else "channel")
     return ", ".join(parts)

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from adatsq.calibrate.segments import SegmentMap, attach_segment_switching
+from adatsq.checkpoint.format import config_variant_grid
 from adatsq.checkpoint.shards import TensorFiles
 from adatsq.checkpoint.validate import open_checkpoint
 from adatsq.core.modules import set_module
@@ -22,16 +23,16 @@ from adatsq.models.base import ModelAdapter
 from adatsq.models.resolve import parse_dtype
 from adatsq.quant.kernels import KernelPolicy
 from adatsq.quant.linear import QuantLinear, TimestepQuantLinear, prepare_kernels, set_kernel_policy
-from adatsq.quant.scheme import ActScheme, variant_group_size
+from adatsq.quant.scheme import ActScheme
 
 
 def quantized_layer(
     name: str, layer: dict[str, Any], keys: dict[int, list[str]], files: TensorFiles, act: ActScheme
 ) -> nn.Module:
-    variants, integer = {}, layer.get("integer_group_scales", False)
+    variants = {}
     for bits in sorted(set(layer["bits"])):
         state = {key.rsplit(".", 1)[1]: files.get(key) for key in keys[bits]}
-        group = variant_group_size(layer["group_size"], integer, bits)
+        group, _ = config_variant_grid(layer, bits)
         try:
             variants[bits] = QuantLinear(
                 state.pop("qweight"), state.pop("scales"), state.pop("zeros"), state.pop("bias", None),

@@ -17,13 +17,13 @@ from typing import Any
 
 from torch import nn
 
-from adatsq.checkpoint.format import Layout, read_checkpoint_config
+from adatsq.checkpoint.format import Layout, config_variant_grid, read_checkpoint_config
 from adatsq.checkpoint.shards import TORCH_DTYPES, TensorFiles
 from adatsq.errors import CheckpointError, ConfigError
 from adatsq.models.base import ModelAdapter
 from adatsq.models.resolve import adapter_class
 from adatsq.quant.pack import packed_cols
-from adatsq.quant.scheme import ACT_BITS, INTEGER_GROUP_BITS, WEIGHT_BITS, n_groups, variant_group_size
+from adatsq.quant.scheme import ACT_BITS, WEIGHT_BITS, n_groups
 
 _VARIANT_KEY = re.compile(r"(?P<layer>.+)\.w(?P<bits>\d+)\.(?P<buffer>[a-z_]+)")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -186,9 +186,7 @@ def _tensor_error(files: TensorFiles, key: str, problem: str, allowed: str) -> C
 def _expected_buffers(layer: dict[str, Any], bits: int, buffers: dict[str, str], specs: Specs) -> dict:
     """buffer -> (allowed dtypes, shape) for one variant of a layer (lowrank rank read from lowrank_a)."""
     out, inp = layer["out_features"], layer["in_features"]
-    groups = n_groups(
-        inp, variant_group_size(layer["group_size"], layer.get("integer_group_scales", False), bits)
-    )
+    groups = n_groups(inp, config_variant_grid(layer, bits)[0])
     expected = {
         "qweight": (("U8",), (out, packed_cols(inp, bits))),
         "scales": (("F16",), (out, groups)),
@@ -221,8 +219,7 @@ def _check_variant(
             raise _tensor_error(
                 files, prefix + required, "is missing", f"every {bits}-bit variant the config lists stores it"
             )
-    integer = layer.get("integer_group_scales", False) and bits in INTEGER_GROUP_BITS
-    if ("channel_scales" in buffers) != integer:
+    if ("channel_scales" in buffers) != config_variant_grid(layer, bits)[1]:
         problem = "is present" if "channel_scales" in buffers else "is missing"
         where = "in the 2-6-bit variants of layers whose config sets integer_group_scales, nowhere else"
         raise _tensor_error(files, prefix + "channel_scales", problem, where)

@@ -14,11 +14,12 @@ from typing import Any
 
 from torch import nn
 
+from adatsq.checkpoint.format import config_variant_grid
 from adatsq.checkpoint.validate import open_checkpoint
 from adatsq.errors import CheckpointError, ConfigError
 from adatsq.export.base import TRANSFORM_BUFFERS, ExportSource, LayerExport, Selection
 from adatsq.plan.schema import UNQUANTIZED_ACT_BITS, load_plan
-from adatsq.quant.scheme import INTEGER_GROUP_BITS, WeightScheme, variant_group_size
+from adatsq.quant.scheme import WeightScheme, variant_grid
 
 
 def _selection(rows: dict[str, tuple[int, ...]], selection: Selection | None, num_segments: int, what: str):
@@ -53,11 +54,11 @@ def read_checkpoint(directory: Path, selection: Selection | None, verify: bool =
     for name, layer in config["layers"].items():
         bits = chosen.pick(rows[name])
         buffers = {key.rsplit(".", 1)[1] for key in opened.variant_keys[name][bits]}
-        group = variant_group_size(layer["group_size"], layer.get("integer_group_scales", False), bits)
+        group, integer = config_variant_grid(layer, bits)
         layers[name] = LayerExport(
             name, bits, rows[name], group, layer["symmetric"], config["activation"]["bits"],
             layer["in_features"], layer["out_features"], tuple(b for b in TRANSFORM_BUFFERS if b in buffers),
-            "channel_scales" in buffers,
+            integer,
         )  # fmt: skip
     denoiser = opened.adapter.denoiser()
     linears = [n for n, m in denoiser.named_modules() if isinstance(m, nn.Linear) and n not in layers]
@@ -86,11 +87,10 @@ def read_plan(path: Path, selection: Selection | None, weight: WeightScheme | No
     for name, row in plan.layers.items():
         act = plan.act_bits_of(name)
         bits = chosen.pick(row)
+        group, integer = variant_grid(weight.group_size, weight.integer_group_scales, bits)
         layers[name] = LayerExport(
-            name, bits, row, variant_group_size(weight.group_size, weight.integer_group_scales, bits),
-            weight.symmetric,
-            None if act == UNQUANTIZED_ACT_BITS else act,
-            integer_group_scales=weight.integer_group_scales and bits in INTEGER_GROUP_BITS,
+            name, bits, row, group, weight.symmetric, None if act == UNQUANTIZED_ACT_BITS else act,
+            integer_group_scales=integer,
         )  # fmt: skip
     return ExportSource(
         kind="plan",

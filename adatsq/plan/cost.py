@@ -13,7 +13,7 @@ import numpy as np
 
 from adatsq.errors import PlanError
 from adatsq.plan.schema import ACT_BITS, BUDGET_KINDS, SUPPORTED_BITS, Budget, LayerInfo
-from adatsq.quant.scheme import INTEGER_GROUP_BITS, n_groups, variant_group_size
+from adatsq.quant.scheme import n_groups, variant_grid
 
 SCALE_BYTES = 2  # one fp16 scale per (group, output channel)
 ZERO_BYTES = 1  # one uint8 zero point per (group, output channel)
@@ -29,9 +29,9 @@ def variant_bytes(layer: LayerInfo, bits: int) -> int:
     per-row scale of integer group scales (whose 8-bit variants are per channel); bias is not counted.
     """
     packed = layer.out_features * -(-layer.in_features * int(bits) // 8)
-    group = variant_group_size(layer.group_size, layer.integer_group_scales, int(bits))
+    group, integer = variant_grid(layer.group_size, layer.integer_group_scales, int(bits))
     overhead = n_groups(layer.in_features, group) * layer.out_features * (SCALE_BYTES + ZERO_BYTES)
-    if layer.integer_group_scales and int(bits) in INTEGER_GROUP_BITS:
+    if integer:
         overhead += layer.out_features * SCALE_BYTES
     return packed + overhead
 

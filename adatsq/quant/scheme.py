@@ -58,7 +58,7 @@ class WeightScheme:
     group_size: int | None = 128
     symmetric: bool = True
     # group scales = per-channel scale x small integer (module docstring); a plan's 8-bit variants are
-    # then per channel (`variant_group_size`)
+    # then per channel (`variant_grid`)
     integer_group_scales: bool = False
 
     def __post_init__(self) -> None:
@@ -109,19 +109,22 @@ def n_groups(in_features: int, group_size: int | None) -> int:
     return 1 if group_size is None else -(-in_features // group_size)
 
 
-def variant_group_size(group_size: int | None, integer_group_scales: bool, bits: int) -> int | None:
-    """The group size of one bit-width's variant. Under integer group scales an 8-bit variant has one
-    scale per row, the integer grid with s2 = 1 (no larger multiple of an 8-bit code fits int8), so
-    every variant of a plan runs the int8 kernels."""
-    return None if integer_group_scales and bits not in INTEGER_GROUP_BITS else group_size
+def variant_grid(group_size: int | None, integer_group_scales: bool, bits: int) -> tuple[int | None, bool]:
+    """(group size, integer group scales) of one bit-width's variant of a layer with these settings.
+
+    Under integer group scales the 2-6-bit variants use them and an 8-bit variant has one scale per
+    row, the integer grid with s2 = 1 (no larger multiple of an 8-bit code fits int8), so every variant
+    of a plan runs the int8 kernels. The one rule: solve, load, validate, inspect, export, plan bytes."""
+    integer = integer_group_scales and bits in INTEGER_GROUP_BITS
+    return (None if integer_group_scales and not integer else group_size), integer
 
 
 def variant_scheme(
     bits: int, group_size: int | None, symmetric: bool, integer_group_scales: bool
 ) -> WeightScheme:
     """The WeightScheme of one bit-width's variant of a layer quantized with these settings."""
-    integer = integer_group_scales and bits in INTEGER_GROUP_BITS
-    return WeightScheme(bits, variant_group_size(group_size, integer_group_scales, bits), symmetric, integer)
+    group, integer = variant_grid(group_size, integer_group_scales, bits)
+    return WeightScheme(bits, group, symmetric, integer)
 
 
 def group_scale_limit(bits: int, symmetric: bool) -> int:

@@ -76,10 +76,11 @@ def _fold_groups_(w: Tensor, layer: torch.nn.Module, group_scale: Tensor | None,
 
     In planar order slot i holds columns j * k + i, so each group's gs columns are gs / k adjacent ones
     in every slot (`codes_per_byte` allows k > 1 only for whole groups that are multiples of k). Group-wise
-    the work is q * s2 - z * s2 in uint8 (exact: the true value lies in int8, and uint8 wraps modulo
-    256 as two's complement does) against [out, in / k] planes of s2 and z * s2 expanded once per call
-    into one scratch buffer: broadcasting [out, groups, 1] over 32-wide groups ran 5x slower (3072 x 12288,
-    2 threads: 11.7 ms against 0.6 per pass on the planes, after 1.8 ms per plane to expand).
+    weights reach the int8 path only on integer group scales (dispatch), so `group_scale` is given; the
+    work is q * s2 - z * s2 in uint8 (exact: the true value lies in int8, and uint8 wraps modulo 256 as
+    two's complement does) against [out, in / k] planes of s2 and z * s2, expanded per call into one
+    scratch buffer. Broadcasting [out, groups, 1] over 32-wide groups instead took 5.2 + 6.5 ms per call
+    at 3072 x 12288 on 2 threads, against about 1.8 ms per plane to expand and 2.2 ms per pass on it.
     """
     zeros = layer.zeros.view(torch.int8)
     rows, cols = w.shape
@@ -89,11 +90,11 @@ def _fold_groups_(w: Tensor, layer: torch.nn.Module, group_scale: Tensor | None,
     gs, ng = layer.group_size, zeros.shape[1]
     whole = cols // gs
     codes = w.view(torch.uint8)
-    scale = torch.ones_like(layer.zeros) if group_scale is None else group_scale.view(torch.uint8)
+    scale = group_scale.view(torch.uint8)
     offset = layer.zeros * scale  # z * s2 <= 15 * 15: fits uint8
     body = codes.view(rows, k, whole * gs // k) if k > 1 else codes[:, : whole * gs].view(rows, 1, whole * gs)
+    plane = scratch_matrix(rows, whole * gs // k, torch.uint8, w.device, "group-plane")
     for factor, op in ((scale, body.mul_), (offset, body.sub_)):
-        plane = scratch_matrix(rows, whole * gs // k, torch.uint8, w.device, "group-plane")
         plane.view(rows, whole, gs // k).copy_(factor[:, :whole, None].expand(rows, whole, gs // k))
         op(plane[:, None, :])
     if whole < ng:  # a partial last group (column order only)
