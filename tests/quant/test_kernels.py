@@ -19,6 +19,7 @@ from adatsq.quant.kernels import (
     actquant,
     choose_kernel,
     compiled,
+    forward,
     int8_matmul,
     int_mm_rules,
     layouts,
@@ -330,7 +331,6 @@ def test_casting_a_model_keeps_the_quantization_grid():
 @pytest.mark.parametrize("bits, dtype", [(8, torch.float32), (4, torch.bfloat16)])
 def test_long_inputs_run_in_row_chunks_with_the_same_result(monkeypatch, bits, dtype):
     """Rows are independent (per-token codes): chunking the `_int_mm` matmul changes no bit of the output."""
-    from adatsq.quant.kernels import forward
 
     layer = _layer(bits, None, False, 8)
     set_kernel_policy(layer, KernelPolicy(onednn=False))  # the CPU `_int_mm` path is the one chunked
@@ -414,6 +414,30 @@ def test_planar_weights_and_codes_are_one_permutation_of_the_columns(bits, k_in,
         )
     assert layer.prepare(torch.float32) == "int8-unpack-per-call" and layer._kernel_state.planar == planar
     assert _rel_diff(layer(x), layer.reference_forward(x)) < TOL[torch.float32]
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(4, None), (2, None), (4, 20)])
+def test_per_call_unpacking_takes_the_cheaper_column_order_same_integers(monkeypatch, bits, group_size):
+    """Planar order while the weight is the larger operand (rows < 2 x out_features), natural column order
+    past it (the activations' strided division then costs more than interleaving the weight's slots); the
+    int32 sums are the same integers either way, so the outputs are equal bit for bit."""
+    scheme = WeightScheme(bits, group_size, False, integer_group_scales=group_size is not None)
+    qw = rtn(torch.randn(OUT, IN), scheme)
+    layer = QuantLinear.from_quantized(qw, torch.randn(OUT), ActScheme(8))
+    assert layer.prepare(torch.float32) == "int8-unpack-per-call" and layer._kernel_state.planar == 8 // bits
+    orders = []
+    for name in ("planar_int8_weight", "int8_weight"):
+        original = getattr(forward, name)
+        monkeypatch.setattr(forward, name, lambda *a, n=name, f=original, **k: orders.append(n) or f(*a, **k))
+    few, many = torch.randn(2 * OUT - 1, IN), torch.randn(2 * OUT, IN)
+    y_few, y_many = layer(few), layer(many)
+    assert orders == ["planar_int8_weight", "int8_weight"]
+    for x, y in ((few, y_few), (many, y_many)):
+        assert _rel_diff(y, layer.reference_forward(x)) < TOL[torch.float32]
+    monkeypatch.setattr(forward, "PLANAR_ROWS_PER_OUTPUT", 0.0)  # every call in natural order
+    assert torch.equal(layer(few), y_few) and orders[-1] == "int8_weight"
+    monkeypatch.setattr(forward, "PLANAR_ROWS_PER_OUTPUT", float("inf"))  # every call planar
+    assert torch.equal(layer(many), y_many) and orders[-1] == "planar_int8_weight"
 
 
 @pytest.mark.skipif(not compiled.available(), reason="torch.compile needs a C++ compiler")
@@ -503,7 +527,6 @@ def test_per_call_unpacks_share_one_buffer_and_each_layer_gets_its_own_weight():
 def test_per_call_dequantization_is_the_reference_weight_bit_for_bit(dtype):
     """dequant-per-call writes (q - z) * s in place into the shared buffer: the same bits as
     `dequantized_weight` for every bit-width, per channel, exact and partial groups."""
-    from adatsq.quant.kernels import forward
 
     for bits, group_size in itertools.product(WEIGHT_BITS, (None, 20, 32)):
         layer = _layer(bits, group_size, False, None, seed=bits)

@@ -25,17 +25,24 @@ from adatsq.quant.kernels.scratch import scratch_matrix
 from adatsq.quant.pack import unpack
 
 
-def int8_weight(layer: torch.nn.Module, group_scale: Tensor | None = None) -> Tensor:
+def int8_weight(
+    layer: torch.nn.Module, group_scale: Tensor | None = None, out: Tensor | None = None
+) -> Tensor:
     """int8 [out, in] weight codes, zero point folded where it fits: q - z (bits < 8) or q - 128 (8 bits),
     times the integer group scale s2 (`integer_group_scale`) when the layer has one: s2 * (q - z).
 
     For bits < 8 both q and z are below 128, so q - z lies in [-127, 127] (and s2 * (q - z) too, as
     QuantLinear checks); 8-bit codes need the fixed offset 128 (see `zero_correction` for asymmetric ones).
+    `out`: an int8 [out, in] tensor to write into (bits < 8; every element is written).
     """
-    codes = unpack(layer.qweight, layer.bits, layer.in_features)
     if layer.bits == 8:
+        codes = unpack(layer.qweight, layer.bits, layer.in_features)
         return torch.bitwise_xor(codes, 128).view(torch.int8)
-    return _fold_groups_(codes.view(torch.int8).clone(), layer, group_scale, 1)
+    if out is None:
+        codes = unpack(layer.qweight, layer.bits, layer.in_features).clone()
+    else:
+        codes = unpack(layer.qweight, layer.bits, layer.in_features, out=out.view(torch.uint8))
+    return _fold_groups_(codes.view(torch.int8), layer, group_scale, 1)
 
 
 def codes_per_byte(bits: int, in_features: int, group_size: int | None = None) -> int:
@@ -136,7 +143,7 @@ class KernelState:
     name: str
     key: tuple
     rules: IntMMRules
-    planar: int = 1  # > 1: int8-unpack-per-call unpacks into planar column order (`planar_int8_weight`)
+    planar: int = 1  # > 1: int8-unpack-per-call may unpack in planar column order (`forward.column_order`)
     compiled: bool = False  # KernelPolicy.compiled on a CPU layer (`compiled_codes`, `compiled_fake`)
     weight: Tensor | None = None
     col_scale: Tensor | None = None
@@ -155,9 +162,9 @@ class KernelState:
 
     @property
     def compiled_codes(self) -> bool:
-        """Whether the int8 codes come from the compiled loop: column order only (planar codes stay
+        """Whether the int8 codes of column-order calls come from the compiled loop (planar codes stay
         eager, where the division writes their order at no cost; inductor's gather ran 2x slower)."""
-        return self.compiled and self.integer and self.planar == 1
+        return self.compiled and self.integer
 
     @property
     def compiled_fake(self) -> bool:
