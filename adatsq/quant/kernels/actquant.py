@@ -57,10 +57,11 @@ def _shared(x: Tensor, kind: Any, compute: Callable[[Tensor], Any]) -> Any:
 def int8_codes(x: Tensor, planar: int = 1, compiled: bool = False) -> tuple[Tensor, Tensor]:
     """(int8 codes [M, K], float32 scales [M, 1]) of x's rows: `activation_codes(x, 8, planar)`.
 
-    compiled (column order only, `KernelState.compiled_codes`): by the torch.compile'd loop
-    (compiled.py), the same values, so shared with eager results.
+    compiled (`KernelState.compiled_codes`): by the torch.compile'd loop (compiled.py), the same
+    values, so shared with eager results; planar codes stay eager, where the division writes their
+    order at no cost.
     """
-    if compiled:
+    if compiled and planar == 1:
         return _shared(x, ("int8", planar), lambda t: compiled_codes(t.reshape(-1, t.shape[-1])))
     return _shared(x, ("int8", planar), lambda t: _int8_codes(t, planar))
 

@@ -39,7 +39,7 @@ def int8_linear(x: Tensor, layer: torch.nn.Module, state: KernelState) -> Tensor
     """
     lead, n = x.shape[:-1], layer.out_features
     order = column_order(state, x.numel() // x.shape[-1], n)
-    codes, sx = int8_codes(x, order, state.compiled_codes and order == 1)
+    codes, sx = int8_codes(x, order, state.compiled_codes)
     w = state.weight
     if w is None:  # weights stay packed: unpack to int8 now, O(N*K) against the O(M*N*K) matmul
         w = pad_weight(_unpacked_int8(layer, state, order), state.rules)

@@ -38,10 +38,8 @@ def int8_weight(
     if layer.bits == 8:
         codes = unpack(layer.qweight, layer.bits, layer.in_features)
         return torch.bitwise_xor(codes, 128).view(torch.int8)
-    if out is None:
-        codes = unpack(layer.qweight, layer.bits, layer.in_features).clone()
-    else:
-        codes = unpack(layer.qweight, layer.bits, layer.in_features, out=out.view(torch.uint8))
+    target = None if out is None else out.view(torch.uint8)
+    codes = unpack(layer.qweight, layer.bits, layer.in_features, out=target).contiguous()
     return _fold_groups_(codes.view(torch.int8), layer, group_scale, 1)
 
 
