@@ -16,7 +16,7 @@ import torch
 from adatsq.core.allocator import retain_freed_memory
 tuned = retain_freed_memory()
 faults = []
-for _ in range(4):
+for _ in range(6):
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     tensors = [torch.ones(3 << 20) for _ in range(8)]  # 8 x 12 MiB freed together, as a layer's temporaries
     del tensors
@@ -37,7 +37,11 @@ def test_freed_tensors_are_reused_without_page_faults():
     tuned, system = _probe(), _probe(ADATSQ_ALLOCATOR="system")
     assert tuned["tuned"] is True and system["tuned"] is False
     pages = 8 * (12 << 20) // 4096  # what one round touches
-    assert max(tuned["faults"][1:]) < pages / 100  # only the first round faults its pages in
+    # The first round faults its pages in; after it the freed heap is reused. Once in a while (about 1
+    # run in 6 here) a small allocation lands in a freed block and the second round carves one block
+    # from fresh memory: the heap then holds nine blocks, and every round after that faults none.
+    assert sum(tuned["faults"][1:]) < pages / 8 + pages / 100
+    assert max(tuned["faults"][2:]) < pages / 100
     # glibc's defaults trim the freed heap top: the second round faults every page in again (later
     # rounds depend on how its thresholds adapted)
     assert system["faults"][1] > pages / 2
